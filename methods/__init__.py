@@ -1,0 +1,1 @@
+"""Built-in pruning methods. Installed as `prunebench.methods`; each module registers itself."""

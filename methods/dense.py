@@ -1,0 +1,18 @@
+"""The dense baseline: prunes nothing, so every grid has a reference row."""
+from dataclasses import dataclass
+
+from prunebench.registry import Capabilities, PruneReport, Pruner, register
+
+
+@register
+class Dense(Pruner):
+    name = "dense"
+    summary = "no pruning: the dense reference model"
+    capabilities = Capabilities(patterns=("unstructured",), needs_calibration=False)
+
+    @dataclass
+    class Config:
+        pass
+
+    def prune(self, model, ctx):
+        return PruneReport()

@@ -1,0 +1,25 @@
+"""Magnitude pruning: keep the largest |W|.
+
+As the baseline of the Wanda paper (Sun et al. 2023): one threshold over the whole matrix by
+default (scope "layer"); "0.5@row" compares within each output row; N:M along the input dimension.
+"""
+from dataclasses import dataclass
+
+from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
+from prunebench.sparsity import mask_from_scores
+
+
+@register
+class Magnitude(LayerwisePruner):
+    name = "magnitude"
+    aliases = ("mag",)
+    summary = "keep the largest |W| (one threshold per matrix, Wanda-paper protocol)"
+    capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)
+    default_scope = "layer"
+
+    @dataclass
+    class Config:
+        pass
+
+    def prune_linear(self, weight, stats, spec, ctx):
+        return LinearResult(mask=mask_from_scores(weight.abs(), spec))

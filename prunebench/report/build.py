@@ -1,0 +1,46 @@
+"""`prunebench report`: records on disk -> tables and plots under the results directory."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ..errors import UserError
+from ..records import load_records, records_frame
+from .plots import write_plots
+from .tables import build_paper_report, cells_frame, paper_layout, paper_reference_frame, render_latex
+
+log = logging.getLogger("prunebench")
+REPORT_DIR = "report"
+
+
+def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = False) -> str:
+    """Write every table and plot; return what `--format` asks to print.
+
+    Corrupt or foreign files in records/ are named on stderr and skipped, never fatal.
+    """
+    out = Path(out_dir) if out_dir else Path(results_dir) / REPORT_DIR
+    if paper:
+        text = build_paper_report(None, out / "paper")
+        if fmt == "csv":
+            return cells_frame(paper_reference_frame()).to_csv(index=False)
+        if fmt == "latex":
+            return render_latex(paper_layout(paper_reference_frame()))
+        return text
+    records, skipped = load_records(results_dir)
+    for path, reason in skipped:
+        log.warning("skipped unreadable record %s: %s", path, reason)
+    if not records:
+        raise UserError(f"no records under {Path(results_dir) / 'records'}",
+                        hint="run `prunebench run` first, or pass --results DIR")
+    df = records_frame(records)
+    failed = df[df["status"] != "ok"]
+    for _, row in failed.iterrows():
+        log.warning("failed cell not tabled: %s | %s | %s: %s", row["model"], row["method"], row["sparsity_label"], row["error"])
+    text = build_paper_report(df, out)
+    plots = write_plots(df, out)
+    log.info("wrote tables and %d plot(s) under %s", len(plots), out)
+    if fmt == "csv":
+        return cells_frame(df).to_csv(index=False)
+    if fmt == "latex":
+        return render_latex(paper_layout(df))
+    return text

@@ -1,0 +1,209 @@
+"""Plots from run records: average accuracy and perplexity against sparsity, per-task bars.
+
+Every figure is drawn on its own Figure with an Agg canvas attached inside the function: nothing
+touches pyplot or the process-wide backend, so importing this module (or plotting from a
+notebook that uses another backend) changes no global state. Files are written atomically.
+Accuracies in the input are fractions; the plots show percent.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from prunebench.report._atomic import atomic_path
+from prunebench.report.paper import (
+    PERCENT,
+    method_display_name,
+    model_display_name,
+    task_display_name,
+)
+from prunebench.report.tables import (
+    DEFAULT_PATTERN,
+    DENSE_LABEL,
+    average_accuracy,
+    collapse_duplicate_cells,
+    format_sparsity_label,
+    method_order,
+    model_order,
+    ok_rows,
+    ppl_datasets,
+    resolve_tasks,
+    sparsity_label_order,
+)
+
+DEFAULT_FORMATS = ("png",)
+LINE_FIGURE_SIZE = (5.0, 3.6)
+BAR_FIGURE_SIZE = (7.5, 3.6)
+DPI = 150
+# Perplexities of heavily pruned models span orders of magnitude; past this max / min ratio a
+# linear axis squashes the good methods into one line.
+LOG_SCALE_RATIO = 10.0
+BAR_GROUP_WIDTH = 0.8
+
+
+def _new_figure(size: tuple[float, float]):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+IMAGE_SUFFIXES = {".png", ".pdf", ".svg"}
+
+
+def _target(path: str | os.PathLike, file_format: str) -> Path:
+    """`path` with the format's suffix. Appended rather than swapped: model names carry dots
+    ("Llama-3.2-1B") that Path.with_suffix would take for a suffix."""
+    base = Path(path)
+    if base.suffix.lower() in IMAGE_SUFFIXES:
+        base = base.with_suffix("")
+    return base.parent / f"{base.name}.{file_format}"
+
+
+def _save(figure, path: str | os.PathLike, formats: Sequence[str]) -> list[Path]:
+    written = []
+    for file_format in formats:
+        target = _target(path, file_format)
+        with atomic_path(target) as temporary:
+            # The temporary name ends in ".tmp", so the format must be given explicitly.
+            figure.savefig(temporary, format=file_format, dpi=DPI)
+        written.append(target)
+    return written
+
+
+def _model_rows(df: pd.DataFrame, model: str) -> pd.DataFrame:
+    frame = collapse_duplicate_cells(ok_rows(df))
+    return frame[frame["model"].astype(str).str.lower() == str(model).lower()]
+
+
+def _nominal_sparsity(row: pd.Series) -> float:
+    """Fraction of weights removed by the row's target: N:M keeps N of every M."""
+    match = re.fullmatch(r"(\d+):(\d+)", str(row["pattern"]))
+    if match:
+        return 1.0 - int(match.group(1)) / int(match.group(2))
+    return float(row["sparsity"])
+
+
+def _plot_against_sparsity(rows: pd.DataFrame, values: pd.Series, ylabel: str, title: str,
+                           path: str | os.PathLike, formats: Sequence[str],
+                           log_when_spread: bool) -> list[Path]:
+    figure = _new_figure(LINE_FIGURE_SIZE)
+    axes = figure.add_subplot()
+    rows = rows.assign(_value=values).dropna(subset=["_value"])
+    dense = rows[rows["sparsity_label"] == DENSE_LABEL]
+    for _, row in dense.iterrows():
+        axes.axhline(row["_value"], linestyle="--", color="gray", label="Dense")
+    pruned = rows[rows["sparsity_label"] != DENSE_LABEL]
+    for method in sorted(pruned["method"].unique(), key=method_order):
+        mine = pruned[pruned["method"] == method]
+        unstructured = mine[mine["pattern"] == DEFAULT_PATTERN].sort_values("sparsity")
+        if len(unstructured):
+            axes.plot(unstructured["sparsity"] * PERCENT, unstructured["_value"], marker="o",
+                      label=method_display_name(method))
+        for _, row in mine[mine["pattern"] != DEFAULT_PATTERN].iterrows():
+            axes.scatter([_nominal_sparsity(row) * PERCENT], [row["_value"]], marker="s",
+                         label=f"{method_display_name(method)} ({row['pattern']})")
+    positive = rows["_value"][rows["_value"] > 0]
+    if log_when_spread and len(positive) and positive.max() / positive.min() > LOG_SCALE_RATIO:
+        axes.set_yscale("log")
+    axes.set_xlabel("sparsity (%)")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize="medium")
+    axes.grid(alpha=0.3)
+    if len(rows):
+        axes.legend(fontsize="small")
+    return _save(figure, path, formats)
+
+
+def plot_accuracy_vs_sparsity(df: pd.DataFrame, model: str, path: str | os.PathLike, *,
+                              tasks: Sequence[str] | None = None,
+                              formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
+    """Average accuracy (%) against sparsity for one model: a line per method, dense dashed.
+    Rows without task cells use their published average (paper rows). Returns the files."""
+    rows = _model_rows(df, model)
+    values = average_accuracy(rows, resolve_tasks(rows, tasks)) * PERCENT
+    return _plot_against_sparsity(rows, values, "average accuracy (%)",
+                                  model_display_name(model), path, formats, log_when_spread=False)
+
+
+def plot_perplexity_vs_sparsity(df: pd.DataFrame, model: str, path: str | os.PathLike, *,
+                                dataset: str | None = None,
+                                formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
+    """Perplexity against sparsity for one model (log axis when values spread widely)."""
+    rows = _model_rows(df, model)
+    datasets = ppl_datasets(rows)
+    dataset = dataset or (datasets[0] if datasets else None)
+    column = f"ppl_{dataset}"
+    values = rows[column] if column in rows.columns else pd.Series(math.nan, index=rows.index)
+    return _plot_against_sparsity(rows, values.astype(float), f"perplexity ({dataset})",
+                                  model_display_name(model), path, formats, log_when_spread=True)
+
+
+def plot_task_bars(df: pd.DataFrame, model: str, sparsity_label: str, path: str | os.PathLike, *,
+                   tasks: Sequence[str] | None = None,
+                   formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
+    """Per-task accuracy (%) bars for one model at one sparsity: a bar per method (dense
+    included), grouped by task, plus the average."""
+    rows = _model_rows(df, model)
+    rows = rows[(rows["sparsity_label"] == sparsity_label) | (rows["sparsity_label"] == DENSE_LABEL)]
+    rows = rows.iloc[sorted(range(len(rows)), key=lambda i: method_order(rows["method"].iat[i]))]
+    tasks = resolve_tasks(rows, tasks)
+    groups = [task_display_name(task) for task in tasks] + ["Avg"]
+    averages = average_accuracy(rows, tasks, use_published=False)
+    # Rows published as PPL / Avg only have no bars to draw; leaving them out keeps the groups
+    # free of empty slots.
+    rows, averages = rows[averages.notna()], averages[averages.notna()]
+    figure = _new_figure(BAR_FIGURE_SIZE)
+    axes = figure.add_subplot()
+    width = BAR_GROUP_WIDTH / max(len(rows), 1)
+    for position, (index, row) in enumerate(rows.iterrows()):
+        heights = [row.get(f"acc_{task}", math.nan) * PERCENT for task in tasks] + [averages[index] * PERCENT]
+        offsets = [group + (position - (len(rows) - 1) / 2) * width for group in range(len(groups))]
+        axes.bar(offsets, heights, width=width, label=method_display_name(row["method"]))
+    axes.set_xticks(range(len(groups)), groups)
+    axes.set_ylabel("accuracy (%)")
+    axes.set_title(f"{model_display_name(model)}, {format_sparsity_label(sparsity_label)}",
+                   fontsize="medium")
+    axes.grid(axis="y", alpha=0.3)
+    if len(rows):
+        axes.legend(fontsize="small")
+    return _save(figure, path, formats)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._]+", "-", str(text)).strip("-")
+
+
+def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike, *,
+                tasks: Sequence[str] | None = None,
+                formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
+    """Every plot for every model in the records, under `out_dir`; returns the files written."""
+    frame = collapse_duplicate_cells(ok_rows(df))
+    out = Path(out_dir)
+    written: list[Path] = []
+    for model in sorted(frame["model"].unique(), key=model_order):
+        rows = frame[frame["model"] == model]
+        name = _slug(model)
+        model_tasks = resolve_tasks(rows, tasks)
+        has_accuracy = average_accuracy(rows, model_tasks).notna().any()
+        if has_accuracy:
+            written += plot_accuracy_vs_sparsity(rows, model, out / f"accuracy_vs_sparsity__{name}",
+                                                 tasks=tasks, formats=formats)
+        for dataset in ppl_datasets(rows):
+            written += plot_perplexity_vs_sparsity(
+                rows, model, out / f"perplexity_vs_sparsity__{dataset}__{name}", dataset=dataset,
+                formats=formats)
+        measured = average_accuracy(rows, model_tasks, use_published=False).notna()
+        labels = sorted({label for label in rows.loc[measured, "sparsity_label"] if label != DENSE_LABEL},
+                        key=sparsity_label_order)
+        for label in labels:
+            written += plot_task_bars(rows, model, label, out / f"task_accuracy__{name}__{_slug(label)}",
+                                      tasks=tasks, formats=formats)
+    return written

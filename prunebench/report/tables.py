@@ -1,0 +1,869 @@
+"""Tables from run records: the paper's main-table layout, gains over baselines, perplexity
+tables and a per-cell CSV export.
+
+Input: a DataFrame of run records, one row per cell (see prunebench.records), or the paper's
+reference data (prunebench.report.paper.paper_reference_frame), which uses the same columns.
+Accuracies are fractions in every DataFrame this module reads or returns, except the frames that
+mirror a rendered table (`layout_frame`, `gain_table`, `summarize_gains`), which hold percent
+points as printed. Only rows with status "ok" are tabled. Dense rows belong to every sparsity
+block.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+from tabulate import tabulate
+
+from prunebench.report._atomic import write_text_atomic
+from prunebench.report.paper import (
+    PAPER_HEADLINE_GAIN,
+    PAPER_MODEL_IDS,
+    PAPER_PPL_DATASET,
+    PAPER_SOURCE,
+    PAPER_TASKS,
+    PERCENT,
+    SIBLING_STUDY_SOURCE,
+    method_display_name,
+    model_display_name,
+    paper_reference_frame,
+    task_display_name,
+)
+
+# Methods in the paper's row order; anything else follows alphabetically.
+METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt", "admm", "leap")
+LAYERWISE_BASELINES = ("magnitude", "wanda", "sparsegpt", "admm")
+LEARNED_METHODS = ("leap",)
+# The paper's headline compares LEAP with ADMM alone; BEST_LAYERWISE compares with the best of
+# the layer-wise baselines present in each setting.
+PAPER_BASELINE = "admm"
+BEST_LAYERWISE = "best-layerwise"
+
+DENSE_LABEL = "dense"
+DEFAULT_PATTERN = "unstructured"
+DISPLAY_DECIMALS = 2
+NOT_AVAILABLE = "-"
+# Sparsity targets closer than this are the same target (labels come from floats).
+SPARSITY_MATCH_TOLERANCE = 1e-6
+# A value printed with two decimals stands for anything within half a unit of its last digit.
+PRINTED_HALF_UNIT = 0.5 * 10 ** -DISPLAY_DECIMALS
+# A published average computed from unrounded accuracies, then rounded, can differ from the mean
+# of the rounded cells by up to one half unit from the cells plus one from its own rounding.
+AVG_ROUNDING_SLACK = 2 * PRINTED_HALF_UNIT
+
+
+@dataclass(frozen=True)
+class Marker:
+    """A footnote marker: its symbol in markdown / CSV, its LaTeX form and what it means."""
+    symbol: str
+    latex: str
+    meaning: str
+
+
+AVG_INCONSISTENT = Marker(
+    "*", r"$^{*}$",
+    "the published Avg cannot come from its printed cells, even allowing for rounding; "
+    "the table shows the mean of the cells")
+AVG_ROUNDING = Marker(
+    "°", r"$^{\circ}$",
+    "the published Avg differs from the mean of its printed cells by one unit in the last "
+    "digit, within the rounding of the cells; the table shows the mean of the cells")
+AVG_PARTIAL = Marker("†", r"$^{\dagger}$", "Avg over the tasks present only")
+AVG_PUBLISHED_ONLY = Marker(
+    "‡", r"$^{\ddagger}$", "task cells not published; Avg as published")
+SIBLING_STUDY = Marker(
+    "§", r"$^{\S}$", "row reported by OPTIMA, a sibling study of the same group with the same "
+    "dense rows, not by the LEAP paper")
+MARKERS = (AVG_INCONSISTENT, AVG_ROUNDING, AVG_PARTIAL, AVG_PUBLISHED_ONLY, SIBLING_STUDY)
+
+
+# ----------------------------------------------------------------------------- rounding, labels
+
+def round_printed(value: float, decimals: int = DISPLAY_DECIMALS) -> float:
+    """Round half up, as a person printing a table would, immune to binary representation noise
+    (44.885 stored as 44.88499999 still rounds to 44.89)."""
+    denoised = Decimal(f"{value:.9f}")
+    return float(denoised.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP))
+
+
+def format_number(value: float | None, decimals: int = DISPLAY_DECIMALS) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return NOT_AVAILABLE
+    if math.isinf(value):
+        return "inf"
+    return f"{round_printed(value, decimals):.{decimals}f}"
+
+
+def format_sparsity_label(label: str) -> str:
+    """"0.5" -> "50%", "2:4" -> "2:4", "dense" -> "dense"."""
+    try:
+        return f"{float(label) * PERCENT:g}%"
+    except ValueError:
+        return label
+
+
+def sparsity_label_order(label: str) -> tuple:
+    """Sort key: dense, then unstructured targets ascending, then N:M patterns, then the rest."""
+    if label == DENSE_LABEL:
+        return (0, 0.0, label)
+    try:
+        return (1, float(label), label)
+    except ValueError:
+        pass
+    match = re.fullmatch(r"(\d+):(\d+)", label)
+    if match:
+        kept, group = int(match.group(1)), int(match.group(2))
+        return (2, 1.0 - kept / group, label)
+    return (3, 0.0, label)
+
+
+def method_order(method: str) -> tuple:
+    if method in METHOD_ORDER:
+        return (METHOD_ORDER.index(method), "")
+    return (len(METHOD_ORDER), method)
+
+
+def model_order(model_id: str) -> tuple:
+    """The paper's models in the paper's order, then every other model alphabetically."""
+    paper_ids = [model.lower() for model in PAPER_MODEL_IDS.values()]
+    if str(model_id).lower() in paper_ids:
+        return (paper_ids.index(str(model_id).lower()), "")
+    return (len(paper_ids), str(model_id).lower())
+
+
+# ----------------------------------------------------------------------------- the records frame
+
+def _derive_sparsity_label(row: pd.Series) -> str:
+    if row["method"] == "dense":
+        return DENSE_LABEL
+    pattern = str(row.get("pattern", DEFAULT_PATTERN))
+    if pattern != DEFAULT_PATTERN:
+        return pattern
+    return f"{float(row['sparsity']):g}"
+
+
+def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows that may be tabled (status "ok"), with `pattern` and `sparsity_label` filled in
+    and every dense row labelled "dense"."""
+    frame = df.copy()
+    if "status" in frame.columns:
+        frame = frame[frame["status"].fillna("ok") == "ok"].copy()
+    if "pattern" not in frame.columns:
+        frame["pattern"] = DEFAULT_PATTERN
+    frame["pattern"] = frame["pattern"].fillna(DEFAULT_PATTERN)
+    if "sparsity" not in frame.columns:
+        frame["sparsity"] = math.nan
+    if frame.empty:
+        frame["sparsity_label"] = pd.Series(dtype=str)
+        return frame.reset_index(drop=True)
+    derived = frame.apply(_derive_sparsity_label, axis=1)
+    if "sparsity_label" in frame.columns:
+        labels = frame["sparsity_label"].astype("object")
+        frame["sparsity_label"] = labels.where(labels.notna(), derived).astype(str)
+    else:
+        frame["sparsity_label"] = derived
+    frame.loc[frame["method"] == "dense", "sparsity_label"] = DENSE_LABEL
+    return frame.reset_index(drop=True)
+
+
+def _present(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame.columns and frame[column].notna().any()
+
+
+def accuracy_tasks(df: pd.DataFrame) -> list[str]:
+    """Every task with at least one accuracy value: paper tasks in paper order, then the rest."""
+    tasks = [column[len("acc_"):] for column in df.columns
+             if column.startswith("acc_") and _present(df, column)]
+    return [task for task in PAPER_TASKS if task in tasks] + sorted(
+        task for task in tasks if task not in PAPER_TASKS)
+
+
+def resolve_tasks(df: pd.DataFrame, tasks: Sequence[str] | None = None) -> list[str]:
+    """The accuracy columns of the paper layout: the given tasks; else the paper's six tasks
+    whenever any of them was measured (missing ones show as "-"); else every measured task."""
+    if tasks is not None:
+        return list(tasks)
+    measured = accuracy_tasks(df)
+    if any(task in PAPER_TASKS for task in measured):
+        return list(PAPER_TASKS)
+    return measured
+
+
+def ppl_datasets(df: pd.DataFrame) -> list[str]:
+    """Every perplexity dataset with at least one value, WikiText-2 (the paper's) first."""
+    datasets = sorted(
+        column[len("ppl_"):] for column in df.columns
+        if column.startswith("ppl_") and not column.endswith("_seqlen") and _present(df, column))
+    return sorted(datasets, key=lambda name: (name != PAPER_PPL_DATASET, name))
+
+
+def ppl_seqlens(df: pd.DataFrame, dataset: str) -> list[int]:
+    column = f"ppl_{dataset}_seqlen"
+    if column not in df.columns:
+        return []
+    values = df.loc[df[f"ppl_{dataset}"].notna(), column].dropna()
+    return sorted({int(value) for value in values})
+
+
+def average_accuracy(df: pd.DataFrame, tasks: Sequence[str] | None = None,
+                     use_published: bool = True) -> pd.Series:
+    """Per row: the plain mean of the task accuracies present (fractions). Rows without any task
+    cell fall back to `published_avg` when `use_published` (paper rows published as PPL / Avg)."""
+    tasks = resolve_tasks(df, tasks)
+    columns = [f"acc_{task}" for task in tasks if f"acc_{task}" in df.columns]
+    means = df[columns].mean(axis=1, skipna=True) if columns else pd.Series(math.nan, index=df.index)
+    if use_published and "published_avg" in df.columns:
+        means = means.where(means.notna(), df["published_avg"])
+    return means
+
+
+def collapse_duplicate_cells(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per (model, method, pattern, sparsity label). Repeated records of a cell (seeds,
+    reruns) are averaged, never silently dropped; `n_records` counts them."""
+    keys = ["model", "method", "pattern", "sparsity_label"]
+    if frame.empty:
+        return frame.assign(n_records=pd.Series(dtype=int))
+    numeric = [c for c in frame.columns if c not in keys and pd.api.types.is_numeric_dtype(frame[c])]
+    other = [c for c in frame.columns if c not in keys and c not in numeric]
+    grouped = frame.groupby(keys, sort=False, dropna=False)
+    collapsed = grouped[numeric].mean() if numeric else grouped.size().to_frame("n_records")[[]]
+    if other:
+        collapsed = collapsed.join(grouped[other].first())
+    collapsed["n_records"] = grouped.size()
+    return collapsed.reset_index()
+
+
+def _is_dense(row: pd.Series) -> bool:
+    return row["sparsity_label"] == DENSE_LABEL
+
+
+def _value(row: pd.Series | None, column: str) -> float | None:
+    if row is None or column not in row.index:
+        return None
+    value = row[column]
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+# ----------------------------------------------------------------------------- paper references
+
+class PaperIndex:
+    """Looks up the published row with the same model, method and sparsity as a record."""
+
+    def __init__(self, reference: pd.DataFrame):
+        self._rows: dict[tuple[str, str], list[pd.Series]] = {}
+        for _, row in ok_rows(reference).iterrows():
+            key = (str(row["model"]).lower(), row["method"])
+            self._rows.setdefault(key, []).append(row)
+
+    def match(self, row: pd.Series) -> pd.Series | None:
+        candidates = self._rows.get((str(row["model"]).lower(), row["method"]), [])
+        for candidate in candidates:
+            if _is_dense(row) and _is_dense(candidate):
+                return candidate
+            same_pattern = row["pattern"] == candidate["pattern"]
+            target, published = _value(row, "sparsity"), _value(candidate, "sparsity")
+            if (not _is_dense(row) and same_pattern and target is not None and published is not None
+                    and abs(target - published) < SPARSITY_MATCH_TOLERANCE):
+                return candidate
+        return None
+
+
+# ----------------------------------------------------------------------------- the paper layout
+
+@dataclass
+class TableCell:
+    """One printed number, in display units (percent points for accuracies), with the paper's
+    value at the same model / method / sparsity when there is one."""
+    value: float | None
+    paper: float | None = None
+    markers: tuple[Marker, ...] = ()
+
+
+@dataclass
+class TableRow:
+    model_id: str
+    method: str
+    sparsity_label: str
+    source: str | None
+    method_markers: tuple[Marker, ...]
+    cells: dict[str, TableCell]
+    n_records: int = 1
+
+    @property
+    def model(self) -> str:
+        return model_display_name(self.model_id)
+
+    @property
+    def method_name(self) -> str:
+        return method_display_name(self.method)
+
+
+@dataclass
+class TableBlock:
+    sparsity_label: str
+    rows: list[TableRow]
+
+    @property
+    def title(self) -> str:
+        if self.sparsity_label == DENSE_LABEL:
+            return "Dense models"
+        return f"{format_sparsity_label(self.sparsity_label)} sparsity"
+
+
+@dataclass
+class Footnote:
+    marker: Marker | None
+    text: str
+
+
+@dataclass
+class PaperLayout:
+    """The paper's main table: blocks of rows (model x method) per sparsity, columns PPL, tasks,
+    Avg, plus footnotes. Built by `paper_layout`, rendered by `render_markdown`, `render_latex`
+    and `layout_frame`."""
+    blocks: list[TableBlock]
+    columns: list[str]
+    tasks: list[str]
+    ppl_dataset: str | None
+    ppl_seqlens: list[int]
+    with_paper: bool
+    footnotes: list[Footnote] = field(default_factory=list)
+
+    def flagged_rows(self, marker: Marker = AVG_INCONSISTENT) -> list[TableRow]:
+        """Rows whose Avg carries `marker`, each once (dense rows repeat across blocks)."""
+        seen, flagged = set(), []
+        for block in self.blocks:
+            for row in block.rows:
+                key = (row.model_id, row.method, row.sparsity_label)
+                if marker in row.cells["Avg"].markers and key not in seen:
+                    seen.add(key)
+                    flagged.append(row)
+        return flagged
+
+
+PPL_COLUMN = "PPL"
+AVG_COLUMN = "Avg"
+
+
+def _average_cell(row: pd.Series, tasks: list[str], paper_row: pd.Series | None,
+                  notes: list[Footnote], row_name: str) -> TableCell:
+    values = [_value(row, f"acc_{task}") for task in tasks]
+    present = [value * PERCENT for value in values if value is not None]
+    published = _value(row, "published_avg")
+    published = None if published is None else published * PERCENT
+    paper_avg = _value(paper_row, "published_avg")
+    paper_avg = None if paper_avg is None else paper_avg * PERCENT
+
+    if not present:
+        if published is None:
+            return TableCell(None, paper_avg)
+        return TableCell(published, paper_avg, (AVG_PUBLISHED_ONLY,))
+    mean = sum(present) / len(present)
+    if len(present) < len(tasks):
+        notes.append(Footnote(AVG_PARTIAL, f"{row_name}: Avg over {len(present)} of "
+                                           f"{len(tasks)} tasks."))
+        return TableCell(mean, paper_avg, (AVG_PARTIAL,))
+    if published is None:
+        return TableCell(mean, paper_avg)
+    # Compare as printed: two decimals each side.
+    printed_difference = abs(round_printed(mean) - round_printed(published))
+    if printed_difference <= PRINTED_HALF_UNIT:
+        return TableCell(mean, paper_avg)
+    marker = AVG_INCONSISTENT if abs(mean - published) > AVG_ROUNDING_SLACK else AVG_ROUNDING
+    notes.append(Footnote(marker, f"{row_name}: published Avg {format_number(published)}, "
+                                  f"mean of its {len(tasks)} cells {format_number(mean)}."))
+    return TableCell(mean, paper_avg, (marker,))
+
+
+def _table_row(row: pd.Series, tasks: list[str], ppl_dataset: str | None,
+               paper_row: pd.Series | None, notes: list[Footnote]) -> TableRow:
+    label = format_sparsity_label(row["sparsity_label"])
+    row_name = f"{model_display_name(row['model'])} {method_display_name(row['method'])}, {label}"
+    cells: dict[str, TableCell] = {}
+    if ppl_dataset is not None:
+        # The paper's perplexities are WikiText-2 ones; any other dataset has no paper value.
+        paper_ppl = _value(paper_row, f"ppl_{ppl_dataset}") if ppl_dataset == PAPER_PPL_DATASET else None
+        cells[PPL_COLUMN] = TableCell(_value(row, f"ppl_{ppl_dataset}"), paper_ppl)
+    for task in tasks:
+        value = _value(row, f"acc_{task}")
+        paper_value = _value(paper_row, f"acc_{task}")
+        cells[task_display_name(task)] = TableCell(
+            None if value is None else value * PERCENT,
+            None if paper_value is None else paper_value * PERCENT)
+    cells[AVG_COLUMN] = _average_cell(row, tasks, paper_row, notes, row_name)
+    source = row.get("source") if isinstance(row.get("source"), str) else None
+    method_markers = (SIBLING_STUDY,) if source == SIBLING_STUDY_SOURCE else ()
+    return TableRow(row["model"], row["method"], row["sparsity_label"], source, method_markers,
+                    cells, int(row.get("n_records", 1)))
+
+
+def _row_sort_key(row: pd.Series) -> tuple:
+    return (model_order(row["model"]), method_order(row["method"]))
+
+
+def _dedupe_notes(notes: Iterable[Footnote]) -> list[Footnote]:
+    seen, unique = set(), []
+    for note in notes:
+        key = (note.marker, note.text)
+        if key not in seen:
+            seen.add(key)
+            unique.append(note)
+    return unique
+
+
+def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
+                 ppl_dataset: str | None = None,
+                 reference: pd.DataFrame | None = None) -> PaperLayout:
+    """Arrange records as the paper's main table.
+
+    One block per sparsity label (dense rows repeated in every block), rows ordered by model and
+    then METHOD_ORDER, columns PPL (`ppl_dataset`, default WikiText-2 when measured), the tasks
+    (default: the paper's six) and Avg, the plain mean of the task cells. With `reference` (the
+    paper's data), every cell also carries the published value of the same model, method and
+    sparsity.
+    """
+    frame = collapse_duplicate_cells(ok_rows(df))
+    tasks = resolve_tasks(frame, tasks)
+    datasets = ppl_datasets(frame)
+    if ppl_dataset is None:
+        ppl_dataset = datasets[0] if datasets else None
+    columns = ([PPL_COLUMN] if ppl_dataset else []) + [task_display_name(t) for t in tasks] + [AVG_COLUMN]
+    index = PaperIndex(reference) if reference is not None else None
+    notes: list[Footnote] = []
+
+    ordered = frame.iloc[sorted(range(len(frame)), key=lambda i: _row_sort_key(frame.iloc[i]))] \
+        if not frame.empty else frame
+    dense = [row for _, row in ordered.iterrows() if _is_dense(row)]
+    labels = sorted({row["sparsity_label"] for _, row in ordered.iterrows() if not _is_dense(row)},
+                    key=sparsity_label_order) or ([DENSE_LABEL] if dense else [])
+
+    blocks = []
+    for label in labels:
+        block_rows = dense + [row for _, row in ordered.iterrows() if row["sparsity_label"] == label
+                              and not _is_dense(row)]
+        block_rows.sort(key=_row_sort_key)
+        rows = [_table_row(row, tasks, ppl_dataset, index.match(row) if index else None, notes)
+                for row in block_rows]
+        blocks.append(TableBlock(label, rows))
+
+    for block in blocks:
+        for row in block.rows:
+            if row.n_records > 1:
+                notes.append(Footnote(None, f"{row.model} {row.method_name}, "
+                                            f"{format_sparsity_label(row.sparsity_label)}: mean of "
+                                            f"{row.n_records} records."))
+    if any(SIBLING_STUDY in row.method_markers for block in blocks for row in block.rows):
+        notes.append(Footnote(SIBLING_STUDY, SIBLING_STUDY.meaning + "."))
+    if any(AVG_PUBLISHED_ONLY in row.cells[AVG_COLUMN].markers for block in blocks for row in block.rows):
+        notes.append(Footnote(AVG_PUBLISHED_ONLY, AVG_PUBLISHED_ONLY.meaning + "."))
+    for marker in (AVG_INCONSISTENT, AVG_ROUNDING):
+        if any(note.marker is marker for note in notes):
+            notes.insert(0, Footnote(marker, marker.meaning + ":"))
+    notes.sort(key=lambda note: MARKERS.index(note.marker) if note.marker in MARKERS else len(MARKERS))
+
+    seqlens = ppl_seqlens(frame, ppl_dataset) if ppl_dataset else []
+    return PaperLayout(blocks, columns, tasks, ppl_dataset, seqlens, index is not None,
+                       _dedupe_notes(notes))
+
+
+def _format_cell(cell: TableCell, with_paper: bool, latex: bool = False) -> str:
+    text = format_number(cell.value)
+    text += "".join(marker.latex if latex else marker.symbol for marker in cell.markers)
+    if with_paper and cell.paper is not None:
+        text += f" ({format_number(cell.paper)})"
+    return text
+
+
+def _ppl_description(layout: PaperLayout) -> str:
+    if layout.ppl_dataset is None:
+        return "no perplexity measured"
+    window = (", ".join(str(length) for length in layout.ppl_seqlens) + "-token windows"
+              if layout.ppl_seqlens else "window length not stated")
+    return f"PPL: {layout.ppl_dataset} ({window})"
+
+
+def layout_caption(layout: PaperLayout) -> str:
+    caption = f"{_ppl_description(layout)}; accuracies in percent; Avg = plain mean of the task cells."
+    if layout.with_paper:
+        caption += " Cells read ours (paper) where the paper published the same model, method and sparsity"
+        if layout.ppl_dataset != PAPER_PPL_DATASET:
+            caption += f" (paper perplexities are {PAPER_PPL_DATASET}, so PPL has none here)"
+        caption += "."
+    return caption
+
+
+def _footnote_line(note: Footnote, latex: bool = False) -> str:
+    if note.marker is None:
+        return note.text
+    symbol = note.marker.latex if latex else note.marker.symbol
+    return f"{symbol} {note.text}"
+
+
+def _block_rows(block: TableBlock, layout: PaperLayout, latex: bool = False) -> list[list[str]]:
+    escape = _latex_escape if latex else (lambda text: text)
+    rows = []
+    for row in block.rows:
+        method = escape(row.method_name) + "".join(
+            marker.latex if latex else marker.symbol for marker in row.method_markers)
+        rows.append([escape(row.model), method] + [
+            _format_cell(row.cells[column], layout.with_paper, latex) for column in layout.columns])
+    return rows
+
+
+def render_markdown(layout: PaperLayout, heading_level: int = 3) -> str:
+    """The layout as github markdown: one table per sparsity block, then the footnotes."""
+    headers = ["Model", "Method"] + layout.columns
+    parts = [layout_caption(layout), ""]
+    for block in layout.blocks:
+        parts.append(f"{'#' * heading_level} {block.title}")
+        parts.append("")
+        parts.append(tabulate(_block_rows(block, layout), headers=headers, tablefmt="github",
+                              disable_numparse=True,
+                              colalign=["left", "left"] + ["right"] * len(layout.columns)))
+        parts.append("")
+    if not layout.blocks:
+        parts.append("No ok records to table.")
+        parts.append("")
+    for note in layout.footnotes:
+        parts.append(f"- {_footnote_line(note)}")
+    return "\n".join(parts).rstrip() + "\n"
+
+
+_LATEX_SPECIALS = {"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+                   "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                   "\\": r"\textbackslash{}"}
+
+
+def _latex_escape(text: str) -> str:
+    return "".join(_LATEX_SPECIALS.get(character, character) for character in str(text))
+
+
+def render_latex(layout: PaperLayout) -> str:
+    """The layout as one booktabs table, sparsity blocks separated by a spanning header."""
+    n_columns = 2 + len(layout.columns)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             rf"\caption{{{_latex_escape(layout_caption(layout))}}}",
+             r"\begin{tabular}{ll" + "r" * len(layout.columns) + "}", r"\toprule",
+             " & ".join(["Model", "Method"] + [_latex_escape(c) for c in layout.columns]) + r" \\"]
+    for block in layout.blocks:
+        lines.append(r"\midrule")
+        lines.append(rf"\multicolumn{{{n_columns}}}{{c}}{{{_latex_escape(block.title)}}} \\")
+        lines.append(r"\midrule")
+        for cells in _block_rows(block, layout, latex=True):
+            lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    for note in layout.footnotes:
+        lines.append(r"\par\footnotesize " + _latex_escape_footnote(note))
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def _latex_escape_footnote(note: Footnote) -> str:
+    text = _latex_escape(note.text)
+    return f"{note.marker.latex} {text}" if note.marker else text
+
+
+def layout_frame(layout: PaperLayout) -> pd.DataFrame:
+    """The layout as a flat table for CSV: one row per printed row, values rounded as printed
+    (percent points for accuracies), markers in `avg_flags` / `method_flags`, and `paper_<column>`
+    beside every column when the layout carries paper values."""
+    records = []
+    for block in layout.blocks:
+        for row in block.rows:
+            record = {"sparsity_label": block.sparsity_label, "model": row.model_id,
+                      "model_name": row.model, "method": row.method, "source": row.source}
+            for column in layout.columns:
+                cell = row.cells[column]
+                record[column] = None if cell.value is None else round_printed(cell.value)
+                if layout.with_paper:
+                    record[f"paper_{column}"] = None if cell.paper is None else round_printed(cell.paper)
+            record["avg_flags"] = "".join(m.symbol for m in row.cells[AVG_COLUMN].markers)
+            record["method_flags"] = "".join(m.symbol for m in row.method_markers)
+            records.append(record)
+    return pd.DataFrame(records)
+
+
+# ----------------------------------------------------------------------------- gains
+
+def _baseline_methods(baseline: str | Sequence[str]) -> tuple[str, ...]:
+    if isinstance(baseline, str):
+        return LAYERWISE_BASELINES if baseline == BEST_LAYERWISE else (baseline,)
+    return tuple(baseline)
+
+
+def _baseline_name(baseline: str | Sequence[str]) -> str:
+    if isinstance(baseline, str):
+        return "best layer-wise baseline" if baseline == BEST_LAYERWISE else method_display_name(baseline)
+    return "best of " + ", ".join(method_display_name(m) for m in baseline)
+
+
+def _comparable_averages(learned: pd.Series, baseline: pd.Series, tasks: list[str],
+                         prefer_published_avg: bool) -> tuple[float, float, str] | None:
+    """Both rows' averages over the same footing (fractions), and what that footing is."""
+    learned_published, baseline_published = (_value(learned, "published_avg"),
+                                             _value(baseline, "published_avg"))
+    both_published = learned_published is not None and baseline_published is not None
+    if prefer_published_avg and both_published:
+        return learned_published, baseline_published, "published Avg"
+    common = [task for task in tasks if _value(learned, f"acc_{task}") is not None
+              and _value(baseline, f"acc_{task}") is not None]
+    if common:
+        learned_mean = sum(_value(learned, f"acc_{t}") for t in common) / len(common)
+        baseline_mean = sum(_value(baseline, f"acc_{t}") for t in common) / len(common)
+        return learned_mean, baseline_mean, f"mean of {len(common)} tasks"
+    if both_published:
+        return learned_published, baseline_published, "published Avg"
+    return None
+
+
+def gain_table(df: pd.DataFrame, learned_methods: Sequence[str] = LEARNED_METHODS,
+               baseline: str | Sequence[str] = PAPER_BASELINE, tasks: Sequence[str] | None = None,
+               prefer_published_avg: bool = True) -> pd.DataFrame:
+    """Average-accuracy gain of each learned method over a baseline, per model and sparsity.
+
+    `baseline`: a method name (default "admm", the paper's headline comparison), BEST_LAYERWISE
+    (the best of LAYERWISE_BASELINES present in each setting) or a list of methods (their best).
+    Averages are compared on one footing: the published averages when both rows have one and
+    `prefer_published_avg` (that is how the paper computed its headline), else the mean over the
+    tasks both rows measured. Returns percent points: columns method, model, model_name,
+    sparsity_label, pattern, avg, baseline, baseline_avg, gain, basis.
+    """
+    frame = collapse_duplicate_cells(ok_rows(df))
+    tasks = resolve_tasks(frame, tasks)
+    candidates = _baseline_methods(baseline)
+    records = []
+    for _, learned in frame[frame["method"].isin(learned_methods)].iterrows():
+        if _is_dense(learned):
+            continue
+        same_setting = frame[(frame["model"] == learned["model"])
+                             & (frame["pattern"] == learned["pattern"])
+                             & (frame["sparsity_label"] == learned["sparsity_label"])
+                             & (frame["method"].isin(candidates))]
+        best = None
+        for _, base in same_setting.iterrows():
+            averages = _comparable_averages(learned, base, tasks, prefer_published_avg)
+            if averages is not None and (best is None or averages[1] > best[1][1]):
+                best = (base, averages)
+        if best is None:
+            continue
+        base, (learned_avg, baseline_avg, basis) = best
+        records.append({
+            "method": learned["method"], "model": learned["model"],
+            "model_name": model_display_name(learned["model"]),
+            "sparsity_label": learned["sparsity_label"], "pattern": learned["pattern"],
+            "avg": learned_avg * PERCENT, "baseline": base["method"],
+            "baseline_avg": baseline_avg * PERCENT,
+            "gain": (learned_avg - baseline_avg) * PERCENT, "basis": basis,
+        })
+    columns = ["method", "model", "model_name", "sparsity_label", "pattern", "avg", "baseline",
+               "baseline_avg", "gain", "basis"]
+    gains = pd.DataFrame(records, columns=columns)
+    if gains.empty:
+        return gains
+    order = sorted(range(len(gains)), key=lambda i: (
+        method_order(gains["method"].iat[i]), sparsity_label_order(gains["sparsity_label"].iat[i]),
+        model_order(gains["model"].iat[i])))
+    return gains.iloc[order].reset_index(drop=True)
+
+
+ALL_SETTINGS = "all"
+
+
+def summarize_gains(gains: pd.DataFrame) -> pd.DataFrame:
+    """Mean gain per learned method, per sparsity label and over all settings ("all")."""
+    records = []
+    for method in sorted(gains["method"].unique(), key=method_order):
+        mine = gains[gains["method"] == method]
+        for label in sorted(mine["sparsity_label"].unique(), key=sparsity_label_order):
+            subset = mine[mine["sparsity_label"] == label]
+            records.append({"method": method, "sparsity_label": label,
+                            "n_settings": len(subset), "mean_gain": subset["gain"].mean()})
+        records.append({"method": method, "sparsity_label": ALL_SETTINGS,
+                        "n_settings": len(mine), "mean_gain": mine["gain"].mean()})
+    return pd.DataFrame(records, columns=["method", "sparsity_label", "n_settings", "mean_gain"])
+
+
+def _signed(value: float) -> str:
+    return f"{round_printed(value):+.{DISPLAY_DECIMALS}f}"
+
+
+def render_gains_markdown(gains: pd.DataFrame, baseline: str | Sequence[str] = PAPER_BASELINE,
+                          published_headline: dict[str, float] | None = None,
+                          learned_methods: Sequence[str] = LEARNED_METHODS) -> str:
+    """The per-setting gains and one summary line per learned method (percent points)."""
+    if gains.empty:
+        learned = " or ".join(method_display_name(method) for method in learned_methods)
+        return f"No setting has results for both {learned} and {_baseline_name(baseline)}.\n"
+    rows = [[row.model_name, format_sparsity_label(row.sparsity_label),
+             method_display_name(row.method), format_number(row.avg),
+             method_display_name(row.baseline), format_number(row.baseline_avg), _signed(row.gain),
+             row.basis] for row in gains.itertuples()]
+    headers = ["Model", "Sparsity", "Method", "Avg", "Baseline", "Baseline Avg", "Gain", "Basis"]
+    parts = [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
+                      colalign=["left", "left", "left", "right", "left", "right", "right", "left"]),
+             ""]
+    summary = summarize_gains(gains)
+    for method in summary["method"].unique():
+        mine = summary[summary["method"] == method].set_index("sparsity_label")
+        overall = mine.loc[ALL_SETTINGS]
+        per_label = ", ".join(f"{_signed(mine.loc[label, 'mean_gain'])} at {format_sparsity_label(label)}"
+                              for label in mine.index if label != ALL_SETTINGS)
+        line = (f"{method_display_name(method)} minus {_baseline_name(baseline)}: mean "
+                f"{_signed(overall['mean_gain'])} points over {int(overall['n_settings'])} "
+                f"(model, sparsity) settings ({per_label}).")
+        parts.append(line)
+    if published_headline:
+        per_label = ", ".join(f"{_signed(value)} at {format_sparsity_label(label)}"
+                              for label, value in published_headline.items() if label != ALL_SETTINGS)
+        parts.append(f"Published headline: {_signed(published_headline[ALL_SETTINGS])} "
+                     f"({per_label}).")
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------------- perplexity, cells
+
+def perplexity_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Per perplexity dataset: rows model x method, one column per sparsity label (dense rows
+    repeat their value in every column, as they belong to every block)."""
+    frame = collapse_duplicate_cells(ok_rows(df))
+    tables = {}
+    for dataset in ppl_datasets(frame):
+        column = f"ppl_{dataset}"
+        rows = frame[frame[column].notna()]
+        labels = sorted({label for label in rows["sparsity_label"] if label != DENSE_LABEL},
+                        key=sparsity_label_order) or [DENSE_LABEL]
+        records = []
+        keys = sorted({(row["model"], row["method"]) for _, row in rows.iterrows()},
+                      key=lambda key: (model_order(key[0]), method_order(key[1])))
+        for model, method in keys:
+            mine = rows[(rows["model"] == model) & (rows["method"] == method)]
+            record = {"model": model, "method": method}
+            for label in labels:
+                match = mine if method == "dense" else mine[mine["sparsity_label"] == label]
+                record[label] = float(match[column].iloc[0]) if len(match) else math.nan
+            records.append(record)
+        tables[dataset] = pd.DataFrame(records, columns=["model", "method"] + labels)
+    return tables
+
+
+def render_perplexity_markdown(tables: dict[str, pd.DataFrame], df: pd.DataFrame,
+                               heading_level: int = 3) -> str:
+    frame = ok_rows(df)
+    parts = []
+    for dataset, table in tables.items():
+        seqlens = ppl_seqlens(frame, dataset)
+        window = (", ".join(map(str, seqlens)) + "-token windows") if seqlens else "window length not stated"
+        parts.append(f"{'#' * heading_level} Perplexity: {dataset} ({window})")
+        parts.append("")
+        labels = [c for c in table.columns if c not in ("model", "method")]
+        rows = [[model_display_name(r["model"]), method_display_name(r["method"])]
+                + [format_number(r[label]) for label in labels] for _, r in table.iterrows()]
+        parts.append(tabulate(rows, headers=["Model", "Method"] + [format_sparsity_label(l) for l in labels],
+                              tablefmt="github", disable_numparse=True,
+                              colalign=["left", "left"] + ["right"] * len(labels)))
+        parts.append("")
+    return "\n".join(parts)
+
+
+IDENTITY_COLUMNS = ["model", "family", "method", "sparsity", "pattern", "sparsity_label",
+                    "achieved_sparsity"]
+
+
+def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per ok cell (records as they are, fractions): identity columns, every
+    `ppl_<dataset>` (+ `_seqlen`), every `acc_<task>` (+ `stderr_<task>`), and `avg`: the mean of
+    the paper-task accuracies present in the row or, if it has none, of all its accuracies."""
+    frame = ok_rows(df)
+    ppl_columns = []
+    for dataset in ppl_datasets(frame):
+        ppl_columns.append(f"ppl_{dataset}")
+        if f"ppl_{dataset}_seqlen" in frame.columns:
+            ppl_columns.append(f"ppl_{dataset}_seqlen")
+    tasks = accuracy_tasks(frame)
+    acc_columns = [f"acc_{task}" for task in tasks]
+    stderr_columns = [f"stderr_{task}" for task in tasks if f"stderr_{task}" in frame.columns]
+    paper_columns = [f"acc_{task}" for task in PAPER_TASKS if f"acc_{task}" in acc_columns]
+    if acc_columns:
+        paper_mean = frame[paper_columns].mean(axis=1) if paper_columns else pd.Series(math.nan, index=frame.index)
+        frame["avg"] = paper_mean.where(paper_mean.notna(), frame[acc_columns].mean(axis=1))
+    else:
+        frame["avg"] = math.nan
+    extra = [c for c in ("published_avg", "source") if c in frame.columns]
+    columns = [c for c in IDENTITY_COLUMNS if c in frame.columns] + ppl_columns + acc_columns \
+        + stderr_columns + ["avg"] + extra
+    frame = frame[columns]
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    order = sorted(range(len(frame)), key=lambda i: (
+        model_order(frame["model"].iat[i]), sparsity_label_order(frame["sparsity_label"].iat[i]),
+        method_order(frame["method"].iat[i])))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def _csv_text(frame: pd.DataFrame) -> str:
+    return frame.to_csv(index=False, lineterminator="\n")
+
+
+def write_cells_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    return write_text_atomic(path, _csv_text(cells_frame(df)))
+
+
+# ----------------------------------------------------------------------------- the report
+
+MAIN_TABLE_STEM = "main_table"
+REPORT_MARKDOWN = "report.md"
+GAINS_CSV = "gains.csv"
+PERPLEXITY_CSV = "perplexity.csv"
+CELLS_CSV = "cells.csv"
+
+
+def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLike | None = None,
+                       *, tasks: Sequence[str] | None = None,
+                       learned_methods: Sequence[str] = LEARNED_METHODS,
+                       baseline: str | Sequence[str] = PAPER_BASELINE) -> str:
+    """The paper's tables as markdown text.
+
+    With `df` None, the tables are rebuilt from the paper's published numbers alone (what
+    `prunebench report --paper` shows); with records, they table the records with the paper's
+    numbers beside every matching cell. With `out_dir`, also writes report.md, main_table.md /
+    .tex / .csv, gains.csv, perplexity.csv and cells.csv there, each atomically.
+    """
+    paper_only = df is None
+    reference = paper_reference_frame()
+    frame = reference if paper_only else df
+    layout = paper_layout(frame, tasks=tasks, reference=None if paper_only else reference)
+    gains = gain_table(frame, learned_methods=learned_methods, baseline=baseline, tasks=tasks)
+    headline = (PAPER_HEADLINE_GAIN if paper_only and tuple(learned_methods) == LEARNED_METHODS
+                and baseline == PAPER_BASELINE else None)
+    ppl = perplexity_tables(frame)
+
+    title = (f"# LEAP paper tables, rebuilt from the published numbers of {PAPER_SOURCE}"
+             if paper_only else "# prunebench results in the LEAP paper's layout")
+    main_markdown = render_markdown(layout)
+    sections = [title, "", "## Main table", "", main_markdown,
+                f"## Average-accuracy gain over {_baseline_name(baseline)} (points)", "",
+                render_gains_markdown(gains, baseline, headline, learned_methods)]
+    if ppl:
+        sections += ["## Perplexity", "", render_perplexity_markdown(ppl, frame)]
+    text = "\n".join(sections).rstrip() + "\n"
+
+    if out_dir is not None:
+        out = Path(out_dir)
+        write_text_atomic(out / REPORT_MARKDOWN, text)
+        write_text_atomic(out / f"{MAIN_TABLE_STEM}.md", main_markdown)
+        write_text_atomic(out / f"{MAIN_TABLE_STEM}.tex", render_latex(layout))
+        write_text_atomic(out / f"{MAIN_TABLE_STEM}.csv", _csv_text(layout_frame(layout)))
+        write_text_atomic(out / GAINS_CSV, _csv_text(gains))
+        ppl_long = pd.concat([table.assign(dataset=name) for name, table in ppl.items()],
+                             ignore_index=True) if ppl else pd.DataFrame(columns=["dataset"])
+        write_text_atomic(out / PERPLEXITY_CSV, _csv_text(ppl_long))
+        write_text_atomic(out / CELLS_CSV, _csv_text(cells_frame(frame)))
+    return text

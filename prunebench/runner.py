@@ -1,0 +1,268 @@
+"""Grid -> cells -> records.
+
+Cells are independent: each restores the dense weights, prunes, measures and evaluates, and
+writes one record atomically.  Resume is keyed on the records alone: a cell whose key already
+has an "ok" record is skipped.  A failing cell writes a "failed" record and the grid goes on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import platform
+import resource
+import subprocess
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__, registry
+from .config import DENSE, CellSpec, GridSpec
+from .data import WindowSpec, calibration_windows, eval_tokens
+from .evaluate.perplexity import perplexity
+from .models import all_prunable, load_model, restore_prunable, snapshot_prunable
+from .progress import progress_bar
+from .records import SCHEMA_VERSION, atomic_write_json, load_records, record_path
+from .registry import PruneContext
+from .sparsity import measure_sparsity
+
+log = logging.getLogger("prunebench")
+
+OFF_TARGET_PP = 0.5  # a cell whose achieved sparsity is further than this (in points) is flagged
+
+
+@dataclass
+class RunSummary:
+    total: int = 0
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    records: list = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool = True,
+             only_keys: set | None = None) -> RunSummary:
+    results_dir = Path(results_dir)
+    cells = grid.cells()
+    if only_keys is not None:
+        cells = [c for c in cells if c.key in only_keys]
+    existing, _ = load_records(results_dir)
+    done = {r["key"] for r in existing if r.get("status") == "ok"}
+    summary = RunSummary(total=len(cells))
+    todo = [c for c in cells if force or c.key not in done]
+    summary.skipped = len(cells) - len(todo)
+    if summary.skipped:
+        log.info("%d of %d cells already have ok records: skipped (--force redoes them)", summary.skipped, len(cells))
+    bar = progress_bar(total=len(todo), desc="cells", enabled=progress, unit="cell", leave=True, position=0)
+    by_model: dict[str, list[CellSpec]] = {}
+    for cell in todo:
+        by_model.setdefault(cell.model, []).append(cell)
+    for model_id, model_cells in by_model.items():
+        session = ModelSession(model_id, grid)
+        for cell in model_cells:
+            bar.set_description(f"cells [{cell.label}]")
+            record = run_cell(cell, session, grid, results_dir, progress=progress)
+            summary.records.append(record)
+            if record["status"] == "ok":
+                summary.ok += 1
+            else:
+                summary.failed += 1
+                log.error("cell failed: %s: %s", cell.label, record["error"])
+            bar.update(1)
+        session.close()
+    bar.close()
+    return summary
+
+
+class ModelSession:
+    """One loaded model shared by all cells of that model; dense weights restored per cell."""
+
+    def __init__(self, model_id: str, grid: GridSpec):
+        self.model_id, self.grid = model_id, grid
+        self._loaded = None
+        self._snapshot = None
+        self._eval_tokens = {}
+        self.error = None
+
+    def get(self):
+        if self._loaded is None:
+            self._loaded = load_model(self.model_id, dtype=self.grid.dtype, trust_remote_code=self.grid.trust_remote_code,
+                                      seed=self.grid.seed)
+            self._snapshot = snapshot_prunable(self._loaded.model)
+        restore_prunable(self._loaded.model, self._snapshot)
+        return self._loaded
+
+    def eval_ids(self, dataset: str):
+        if dataset not in self._eval_tokens:
+            self._eval_tokens[dataset] = eval_tokens(self._loaded.tokenizer, dataset, self.grid.data_dir)
+        return self._eval_tokens[dataset]
+
+    def close(self):
+        self._loaded = self._snapshot = None
+        self._eval_tokens.clear()
+
+
+def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir: Path, *, progress=True) -> dict:
+    record = _record_skeleton(cell, grid)
+    if grid.device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        loaded = session.get()
+        model, tokenizer = loaded.model, loaded.tokenizer
+        record["model"].update({k: loaded.info.get(k) for k in ("family", "n_params", "n_prunable", "architecture",
+                                                                 "revision", "file_sha256", "source")})
+        pruner = registry.create(cell.method, cell.method_config)
+        pruner.check_spec(cell.sparsity) if cell.method != DENSE else None
+        calibration = None
+        if pruner.capabilities.needs_calibration:
+            cs = cell.calibration
+            calibration, fingerprint = calibration_windows(
+                tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cs.seed), grid.data_dir)
+            record["calibration"] = {**dataclasses.asdict(cs), "fingerprint": fingerprint}
+        work_dir = Path(results_dir) / "work" / cell.key[:16]
+        ctx = PruneContext(sparsity=cell.sparsity, calibration=calibration, device=grid.device, seed=cell.seed,
+                           progress=progress, logger=log, registry=registry, tokenizer=tokenizer,
+                           data_dir=grid.data_dir, calibration_dataset=cell.calibration.dataset, work_dir=work_dir)
+        torch.manual_seed(cell.seed)
+        t0 = time.perf_counter()
+        report = pruner.prune(model, ctx)
+        record["timing"]["prune_s"] = round(time.perf_counter() - t0, 3)
+        record["warnings"].extend(report.warnings)
+        record["method"]["stats"] = _small(report.stats)
+        if report.stats.get("scope"):
+            record["sparsity"]["scope"] = report.stats["scope"]  # the scope the method actually used
+
+        measured = measure_sparsity((name, m.weight) for name, m in all_prunable(model).items())
+        record["sparsity"]["achieved"] = measured["overall"]
+        record["sparsity"]["per_layer"] = measured["per_layer"]
+        off = abs(measured["overall"] - cell.sparsity.target) * 100
+        if off > OFF_TARGET_PP:
+            record["warnings"].append(f"achieved sparsity {measured['overall']:.4f} is {off:.2f} points off the "
+                                      f"target {cell.sparsity.target:.4f}")
+
+        t1 = time.perf_counter()
+        record["eval"] = evaluate_cell(model, tokenizer, cell, session, grid, results_dir, record, progress)
+        record["timing"]["eval_s"] = round(time.perf_counter() - t1, 3)
+        record["status"] = "ok"
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # a failing cell is recorded and the grid goes on
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=8)
+    record["memory"] = _memory(grid.device)
+    record["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    atomic_write_json(record_path(results_dir, record), record)
+    return record
+
+
+def evaluate_cell(model, tokenizer, cell, session, grid, results_dir, record, progress) -> dict:
+    out = {"perplexity": {}, "zeroshot": {}}
+    ev = cell.eval
+    for dataset in ev.perplexity:
+        ids = session.eval_ids(dataset)
+        result = perplexity(model, ids, ev.seqlen, batch_size=ev.batch_size, device=grid.device, progress=progress,
+                            max_windows=ev.max_ppl_windows)
+        out["perplexity"][dataset] = result
+    if ev.tasks:
+        from .evaluate.zeroshot import evaluate_zeroshot, resolve_tasks
+
+        tasks = resolve_tasks(ev.tasks, data_dir=grid.data_dir)
+        lm_eval_dir = Path(results_dir) / "records" / (record_path(results_dir, record).stem + ".lm_eval")
+        results = evaluate_zeroshot(model, tokenizer, tasks, data_dir=grid.data_dir, limit=ev.limit,
+                                    batch_size=ev.batch_size, device=grid.device, output_dir=lm_eval_dir, seed=cell.seed)
+        out["lm_eval_version"] = results.pop("lm_eval_version", None)
+        out["zeroshot"] = results
+    return out
+
+
+def _record_skeleton(cell: CellSpec, grid: GridSpec) -> dict:
+    sp = cell.sparsity
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "key": cell.key,
+        "status": "running",
+        "error": None,
+        "model": {"id": cell.model, "dtype": cell.dtype},
+        "method": {"name": cell.method, "config": cell.method_config},
+        "sparsity": {"target": sp.target, "pattern": sp.pattern_name, "scope": sp.scope,
+                     "label": "dense" if cell.method == DENSE else sp.label, "achieved": None, "per_layer": {}},
+        "calibration": None,
+        "eval": {},
+        "timing": {"prune_s": None, "eval_s": None},
+        "memory": {},
+        "warnings": [],
+        "seed": cell.seed,
+        "spec": cell.identity(),
+        "env": environment(grid.device),
+    }
+
+
+def _small(stats: dict) -> dict:
+    """Keep JSON-friendly scalars and short lists from a PruneReport's stats."""
+    out = {}
+    for k, v in (stats or {}).items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and len(v) <= 10000:
+            out[k] = [x if isinstance(x, (int, float, str, bool)) else str(x) for x in v]
+        elif isinstance(v, dict) and len(v) <= 10000:
+            out[k] = _small(v)
+    return out
+
+
+def _memory(device: str) -> dict:
+    # ru_maxrss is the process high-water mark (KiB on Linux), not a per-cell figure.
+    mem = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "peak_rss_scope": "process"}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        mem["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    else:
+        mem["peak_gpu_mb"] = None
+    return mem
+
+
+_ENV_CACHE: dict = {}
+
+
+def environment(device: str) -> dict:
+    if device in _ENV_CACHE:
+        return _ENV_CACHE[device]
+    import sys
+
+    def version(mod):
+        try:
+            from importlib.metadata import version as v
+
+            return v(mod)
+        except Exception:
+            return None
+
+    env = {"prunebench": __version__, "torch": torch.__version__, "transformers": version("transformers"),
+           "lm_eval": version("lm_eval"), "python": sys.version.split()[0], "platform": platform.platform(),
+           "device": device, "cpu_threads": torch.get_num_threads(), "git_sha": _git_sha()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    _ENV_CACHE[device] = env
+    return env
+
+
+def _git_sha():
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None

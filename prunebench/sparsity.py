@@ -1,0 +1,207 @@
+"""Sparsity specs and masks: the pure tensor side of pruning.
+
+A mask is a bool tensor shaped like the weight, True where the weight is kept.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+PATTERNS = ("unstructured", "nm")
+SCOPES = ("row", "layer")  # None on a spec means "the method's own default"
+
+
+@dataclass(frozen=True)
+class SparsitySpec:
+    """What fraction of each prunable matrix to remove, and in what pattern.
+
+    unstructured: `target` of the weights are zeroed, chosen per output row (the Wanda
+    protocol) or over the whole layer.  nm: N weights are kept out of every M consecutive
+    weights along the input dimension (so the target is 1 - N/M).
+    """
+
+    target: float
+    pattern: str = "unstructured"
+    n: int = 0
+    m: int = 0
+    scope: str | None = None
+
+    def __post_init__(self):
+        if self.pattern not in PATTERNS:
+            raise UserError(f"unknown sparsity pattern {self.pattern!r}", hint=f"use one of {', '.join(PATTERNS)}")
+        if self.scope is not None and self.scope not in SCOPES:
+            raise UserError(f"unknown sparsity scope {self.scope!r}", hint=f"use one of {', '.join(SCOPES)}")
+        if self.pattern == "nm":
+            if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 1 or self.n < 0:
+                raise UserError(f"invalid N:M pattern {self.n}:{self.m}", hint="write it as N:M with 0 <= N < M, e.g. 2:4")
+            if self.n >= self.m:
+                raise UserError(f"invalid N:M pattern {self.n}:{self.m}: N must be smaller than M", hint="e.g. 2:4 keeps 2 of every 4")
+            expected = 1.0 - self.n / self.m
+            if abs(self.target - expected) > 1e-9:
+                object.__setattr__(self, "target", expected)
+        if not (isinstance(self.target, (int, float)) and math.isfinite(self.target) and 0.0 <= self.target < 1.0):
+            raise UserError(f"sparsity {self.target!r} is outside [0, 1)", hint="e.g. 0.5 for 50% unstructured, or 2:4")
+
+    @property
+    def density(self) -> float:
+        return 1.0 - self.target
+
+    @property
+    def label(self) -> str:
+        """Short, stable text form: '0.5', '0.5@layer', '2:4'."""
+        if self.pattern == "nm":
+            return f"{self.n}:{self.m}"
+        text = f"{self.target:g}"
+        return text if self.scope is None else f"{text}@{self.scope}"
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "pattern": self.pattern_name, "n": self.n, "m": self.m, "scope": self.scope}
+
+    def resolved(self, default_scope: str) -> "SparsitySpec":
+        """This spec with the method's default scope filled in where the user gave none."""
+        if self.scope is not None or self.pattern == "nm":
+            return self
+        return SparsitySpec(self.target, self.pattern, self.n, self.m, default_scope)
+
+    @property
+    def pattern_name(self) -> str:
+        return "unstructured" if self.pattern == "unstructured" else f"{self.n}:{self.m}"
+
+    @classmethod
+    def parse(cls, text) -> "SparsitySpec":
+        """'0.5' -> 50% per row, '0.5@layer' -> 50% per layer, '2:4' -> N:M, '50%' also accepted."""
+        if isinstance(text, SparsitySpec):
+            return text
+        if isinstance(text, (int, float)):
+            return cls(target=float(text))
+        s = str(text).strip()
+        nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", s)
+        if nm:
+            n, m = int(nm.group(1)), int(nm.group(2))
+            if m < 1 or n >= m:
+                raise UserError(f"invalid N:M pattern {s!r}: N must be smaller than M", hint="e.g. 2:4 keeps 2 of every 4")
+            return cls(target=1.0 - n / m, pattern="nm", n=n, m=m)
+        scope = None
+        if "@" in s:
+            s, scope = s.split("@", 1)
+        pct = s.endswith("%")
+        try:
+            value = float(s[:-1] if pct else s)
+        except ValueError:
+            raise UserError(f"cannot read sparsity {text!r}", hint="write 0.5, 50%, 0.5@layer or N:M such as 2:4") from None
+        return cls(target=value / 100.0 if pct else value, scope=scope)
+
+
+def _n_prune(count: int, fraction: float) -> int:
+    # Round to nearest so that e.g. 50% of an odd row count is as close as possible.
+    return int(round(count * fraction))
+
+
+def mask_from_scores(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
+    """Keep the highest-scoring weights of a [out, in] score matrix according to `spec`.
+
+    Ties are broken by position (stable sort), so equal inputs always give equal masks.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
+    rows, cols = scores.shape
+    s = scores.float().contiguous()
+    if spec.pattern == "nm":
+        return nm_mask(s, spec.n, spec.m)
+    mask = torch.ones(s.shape, dtype=torch.bool, device=s.device)
+    if spec.target == 0:
+        return mask
+    if spec.scope in ("row", None):
+        k = _n_prune(cols, spec.target)
+        if k == 0:
+            return mask
+        idx = torch.sort(s, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, False)
+    else:
+        k = _n_prune(rows * cols, spec.target)
+        if k == 0:
+            return mask
+        idx = torch.sort(s.flatten(), stable=True).indices[:k]
+        mask.view(-1)[idx] = False
+    return mask
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the n largest of every m consecutive input weights in each row.
+
+    A trailing group shorter than m (input width not divisible by m) keeps
+    round(n/m * its length) weights so the overall ratio stays N:M.
+    """
+    scores = scores.contiguous()
+    rows, cols = scores.shape
+    full = cols - cols % m
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if full:
+        groups = scores[:, :full].reshape(rows, full // m, m)
+        keep = torch.sort(groups, dim=-1, descending=True, stable=True).indices[..., :n]
+        gmask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+        mask[:, :full] = gmask.reshape(rows, full)
+    tail = cols - full
+    if tail:
+        k = int(round(n / m * tail))
+        if k:
+            keep = torch.sort(scores[:, full:], dim=1, descending=True, stable=True).indices[:, :k]
+            mask[:, full:] = torch.zeros(rows, tail, dtype=torch.bool, device=scores.device).scatter_(1, keep, True)
+    return mask
+
+
+def is_valid_mask(mask: torch.Tensor, spec: SparsitySpec, tol: float = 0.0) -> bool:
+    """Does `mask` satisfy `spec`'s pattern? For N:M, every full group keeps at most N."""
+    if spec.pattern == "nm":
+        rows, cols = mask.shape
+        full = cols - cols % spec.m
+        if full == 0:
+            return True
+        kept = mask[:, :full].reshape(rows, full // spec.m, spec.m).sum(-1)
+        return bool((kept <= spec.n).all())
+    sparsity = 1.0 - mask.float().mean().item()
+    if spec.scope in ("row", None):
+        per_row = 1.0 - mask.float().mean(dim=1)
+        step = 1.0 / mask.shape[1]
+        return bool(((per_row - spec.target).abs() <= max(tol, step) + 1e-9).all())
+    return abs(sparsity - spec.target) <= max(tol, 1.0 / mask.numel()) + 1e-9
+
+
+def zero_fraction(weight: torch.Tensor) -> float:
+    return float((weight == 0).sum().item()) / weight.numel()
+
+
+def measure_sparsity(named_weights) -> dict:
+    """Achieved sparsity measured from the weights themselves (exact zeros).
+
+    Returns {"overall": float, "per_layer": {name: float}, "n_weights": int, "n_zero": int}.
+    """
+    per_layer = {}
+    total = zeros = 0
+    for name, w in named_weights:
+        z = int((w == 0).sum().item())
+        per_layer[name] = z / w.numel()
+        total += w.numel()
+        zeros += z
+    return {"overall": zeros / total if total else 0.0, "per_layer": per_layer, "n_weights": total, "n_zero": zeros}
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a bool mask into uint8 (8 weights per byte, little bit order)."""
+    flat = mask.flatten().to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8) << torch.arange(8, dtype=torch.uint8)
+    return bits.sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    numel = math.prod(shape)
+    bits = (packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.flatten()[:numel].view(*shape).bool()

@@ -1,0 +1,38 @@
+import os
+
+import pytest
+
+# Tests never reach a hub and never draw progress bars.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("PRUNEBENCH_NO_PROGRESS", "1")
+
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("PRUNEBENCH_DATA_DIR", REPO.parent / "shared" / "data"))
+
+TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "opt", "gpt2")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"no shared data directory at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from prunebench.models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def calib_windows(tiny_tokenizer):
+    """Eight windows of 64 byte-tokens of real English (Lee calibration documents)."""
+    from prunebench.data import WindowSpec, calibration_windows
+
+    ids, _ = calibration_windows(tiny_tokenizer, WindowSpec("lee", 8, 64, 0))
+    return ids
