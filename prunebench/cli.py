@@ -50,6 +50,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", default=DEFAULT_RESULTS, help="results directory (default: results)")
     run.add_argument("--force", action="store_true", help="redo cells that already have ok records")
     run.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done; run nothing")
+    run.add_argument("--save-masks", action="store_true",
+                     help="write each cell's bit-packed masks (safetensors) beside its record")
+    run.add_argument("--lock-timeout", type=float, metavar="SECONDS",
+                     help="a cell claim not refreshed for this long is taken over (default 600)")
+    ex = run.add_argument_group("executor")
+    ex.add_argument("--executor", choices=["local", "slurm"], default="local",
+                    help="local: this process (default); slurm: one submitit job array per grid")
+    ex.add_argument("--slurm-partition", help="SLURM partition for the array tasks")
+    ex.add_argument("--gpus-per-cell", type=int, default=None, help="GPUs per array task (default 0)")
+    ex.add_argument("--timeout", type=int, default=None, metavar="MINUTES",
+                    help="wall time per array task; a cell that runs out is checkpointed and requeued (default 240)")
+    ex.add_argument("--array-parallelism", type=int, help="at most this many array tasks at once")
+    ex.add_argument("--cpus-per-cell", type=int, help="CPUs per array task")
+    ex.add_argument("--mem-gb", type=int, help="memory per array task (GB)")
+    ex.add_argument("--submitit-cluster", default="slurm", choices=["slurm", "local", "debug"],
+                    help="submitit backend for --executor slurm (local: subprocesses on this machine, for testing)")
+    ex.add_argument("--no-wait", action="store_true", help="submit the job array and return without waiting")
 
     lst = sub.add_parser("list", help="list methods with their capabilities and config defaults")
     _add_common(lst)
@@ -121,6 +138,25 @@ def grid_from_args(args):
     return grid_from_dict(data, where="command line")
 
 
+def executor_from_args(args):
+    from .executors import make_executor
+
+    if args.lock_timeout is not None and args.lock_timeout <= 0:
+        raise UserError(f"--lock-timeout must be positive, got {args.lock_timeout}")
+    slurm_only = {"--slurm-partition": args.slurm_partition, "--gpus-per-cell": args.gpus_per_cell,
+                  "--timeout": args.timeout, "--array-parallelism": args.array_parallelism,
+                  "--cpus-per-cell": args.cpus_per_cell, "--mem-gb": args.mem_gb}
+    if args.executor == "local":
+        given = [flag for flag, v in slurm_only.items() if v is not None] + (["--no-wait"] if args.no_wait else [])
+        if given:
+            raise UserError(f"{', '.join(given)} only apply to --executor slurm")
+        return make_executor("local")
+    return make_executor("slurm", cluster=args.submitit_cluster, partition=args.slurm_partition,
+                         gpus_per_cell=args.gpus_per_cell or 0, timeout_min=args.timeout or 240,
+                         array_parallelism=args.array_parallelism, cpus_per_cell=args.cpus_per_cell,
+                         mem_gb=args.mem_gb, wait=not args.no_wait)
+
+
 def cmd_run(args) -> int:
     from .runner import run_grid
 
@@ -133,9 +169,14 @@ def cmd_run(args) -> int:
         for c in cells:
             print(f"{'done' if c.key in done else 'todo'}  {c.key[:12]}  {c.label}")
         return 0
-    summary = run_grid(grid, args.results, force=args.force, progress=not args.quiet)
+    summary = run_grid(grid, args.results, force=args.force, progress=not args.quiet, executor=executor_from_args(args),
+                       save_masks=args.save_masks, lock_stale_s=args.lock_timeout, plugins=args.plugin)
+    busy = f", {summary.busy} left to another runner" if summary.busy else ""
     print(f"{summary.total} cells: {summary.ok} ran ok, {summary.skipped} skipped (already done), "
-          f"{summary.failed} failed; records in {Path(args.results) / 'records'}")
+          f"{summary.failed} failed{busy}; records in {Path(args.results) / 'records'}")
+    if summary.submitted:
+        print(f"{summary.submitted} cells submitted as job array {summary.job_ids[0].split('_')[0]}; "
+              f"rerun the same command (or `prunebench report`) once they finish")
     if summary.failed:
         for r in summary.records:
             if r["status"] != "ok":

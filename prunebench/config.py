@@ -80,6 +80,10 @@ class GridSpec:
 
     def cells(self) -> list["CellSpec"]:
         """Dense once per model (a cell of its own), then every method x sparsity."""
+        from .models import check_model_spec
+
+        for model in self.models:
+            check_model_spec(model)
         methods = [MethodSpec.parse(m) for m in self.methods]
         sparsities = [SparsitySpec.parse(s) for s in self.sparsities]
         cells = []

@@ -55,6 +55,26 @@ def resolve_dtype(name) -> torch.dtype:
         raise UserError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}") from None
 
 
+def check_model_spec(spec: str) -> None:
+    """Reject a model spec that cannot name anything, before any cell runs."""
+    if spec == EMBEDDED_MODEL:
+        return
+    if spec.startswith("tiny:"):
+        if spec.split(":", 1)[1] not in TINY_FAMILIES:
+            raise UserError(f"unknown tiny model family {spec.split(':', 1)[1]!r}", hint=f"use tiny:<{'|'.join(TINY_FAMILIES)}>")
+        return
+    if spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise UserError(f"GGUF file {spec!r} does not exist", hint="give the path of a .gguf file")
+        return
+    if Path(spec).is_dir():
+        return
+    parts = spec.split("/")
+    if len(parts) != 2 or not all(parts) or spec.startswith("."):
+        raise UserError(f"unknown model {spec!r}",
+                        hint=f"use {EMBEDDED_MODEL}, tiny:<{'|'.join(TINY_FAMILIES)}>, a .gguf file, a local directory or an HF id org/name")
+
+
 def load_model(spec: str, *, dtype="float32", trust_remote_code: bool = False, revision: str | None = None,
                seed: int = 0) -> LoadedModel:
     """Load a model spec (see module docstring) on CPU, in eval mode, with its tokenizer."""
@@ -80,10 +100,8 @@ def load_model(spec: str, *, dtype="float32", trust_remote_code: bool = False, r
 def _load_pretrained(spec, dtype, trust_remote_code, revision) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_spec(spec)
     local = Path(spec).is_dir()
-    if not local and ("/" not in spec or spec.startswith((".", "/"))):
-        raise UserError(f"unknown model {spec!r}",
-                        hint=f"use {EMBEDDED_MODEL}, tiny:<{'|'.join(TINY_FAMILIES)}>, a .gguf file, a local directory or an HF id org/name")
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=dtype,

@@ -23,10 +23,11 @@ import torch
 from . import __version__, registry
 from .config import DENSE, CellSpec, GridSpec
 from .data import WindowSpec, calibration_windows, eval_tokens
+from .errors import UserError
 from .evaluate.perplexity import perplexity
 from .models import all_prunable, load_model, restore_prunable, snapshot_prunable
 from .progress import progress_bar
-from .records import SCHEMA_VERSION, atomic_write_json, load_records, record_path
+from .records import SCHEMA_VERSION, atomic_write_json, load_records, read_record, record_path
 from .registry import PruneContext
 from .sparsity import measure_sparsity
 
@@ -41,6 +42,9 @@ class RunSummary:
     skipped: int = 0
     ok: int = 0
     failed: int = 0
+    busy: int = 0  # claimed by another live runner: left to it
+    submitted: int = 0  # handed to a job array and not waited for
+    job_ids: list = field(default_factory=list)
     records: list = field(default_factory=list)
 
     @property
@@ -49,7 +53,11 @@ class RunSummary:
 
 
 def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool = True,
-             only_keys: set | None = None) -> RunSummary:
+             only_keys: set | None = None, executor=None, save_masks: bool = False,
+             lock_stale_s: float | None = None, plugins=()) -> RunSummary:
+    """Run every cell without an ok record, through `executor` (default: in this process)."""
+    from .executors import LocalExecutor
+
     results_dir = Path(results_dir)
     cells = grid.cells()
     if only_keys is not None:
@@ -61,25 +69,108 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
     summary.skipped = len(cells) - len(todo)
     if summary.skipped:
         log.info("%d of %d cells already have ok records: skipped (--force redoes them)", summary.skipped, len(cells))
-    bar = progress_bar(total=len(todo), desc="cells", enabled=progress, unit="cell", leave=True, position=0)
+    executor = executor or LocalExecutor()
+    executor.run(grid, todo, results_dir, summary, force=force, progress=progress, save_masks=save_masks,
+                 lock_stale_s=lock_stale_s, plugins=plugins)
+    return summary
+
+
+# Claims this process holds, so a submitit checkpoint (preemption) can drop them before requeueing.
+_HELD_CLAIMS: set = set()
+
+
+def release_claims_held_here() -> None:
+    for claim in list(_HELD_CLAIMS):
+        claim.release()
+        _HELD_CLAIMS.discard(claim)
+
+
+def _claim_cell(cell: CellSpec, results_dir: Path, force: bool, lock_stale_s):
+    """("run", claim) | ("busy", None) | ("skipped", None): claim the cell unless someone else has it
+    or it was finished (by another runner) since the records were read."""
+    from .executors import CellLock
+
+    claim = CellLock.claim(results_dir, cell.key, lock_stale_s)
+    if claim is None:
+        return "busy", None
+    if not force and _has_ok_record(results_dir, cell):
+        claim.release()
+        return "skipped", None
+    _HELD_CLAIMS.add(claim)
+    return "run", claim
+
+
+def _release(claim) -> None:
+    claim.release()
+    _HELD_CLAIMS.discard(claim)
+
+
+def _has_ok_record(results_dir: Path, cell: CellSpec) -> bool:
+    path = record_path(results_dir, {"key": cell.key, "model": {"id": cell.model}, "method": {"name": cell.method},
+                                     "sparsity": {"label": "dense" if cell.method == DENSE else cell.sparsity.label}})
+    try:
+        return read_record(path).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
+def run_cells_in_process(grid: GridSpec, cells: list, results_dir, summary: RunSummary, *, force=False,
+                         progress=True, save_masks=False, lock_stale_s=None, plugins=()) -> None:
+    """The local executor: cells grouped by model so each model loads once (lazily: a model all
+    of whose cells are claimed elsewhere is never loaded)."""
+    results_dir = Path(results_dir)
+    bar = progress_bar(total=len(cells), desc="cells", enabled=progress, unit="cell", leave=True, position=0)
     by_model: dict[str, list[CellSpec]] = {}
-    for cell in todo:
+    for cell in cells:
         by_model.setdefault(cell.model, []).append(cell)
     for model_id, model_cells in by_model.items():
         session = ModelSession(model_id, grid)
         for cell in model_cells:
             bar.set_description(f"cells [{cell.label}]")
-            record = run_cell(cell, session, grid, results_dir, progress=progress)
-            summary.records.append(record)
-            if record["status"] == "ok":
-                summary.ok += 1
+            state, claim = _claim_cell(cell, results_dir, force, lock_stale_s)
+            if state == "busy":
+                summary.busy += 1
+                log.info("cell claimed by another runner: %s", cell.label)
+            elif state == "skipped":
+                summary.skipped += 1
             else:
-                summary.failed += 1
-                log.error("cell failed: %s: %s", cell.label, record["error"])
+                try:
+                    record = run_cell(cell, session, grid, results_dir, progress=progress, save_masks=save_masks)
+                finally:
+                    _release(claim)  # after the record is written (or on the way out of a crash)
+                summary.records.append(record)
+                if record["status"] == "ok":
+                    summary.ok += 1
+                else:
+                    summary.failed += 1
+                    log.error("cell failed: %s: %s", cell.label, record["error"])
             bar.update(1)
         session.close()
     bar.close()
-    return summary
+
+
+def run_cell_by_key(grid: GridSpec, results_dir, key: str, *, force: bool = False, progress: bool = False,
+                    save_masks: bool = False, lock_stale_s: float | None = None, plugins=()) -> dict:
+    """Run one cell of `grid` in this (fresh) process: what each array task does.
+
+    Returns {"key", "status": ok | failed | skipped | busy, "error", "record"}.
+    """
+    for plugin in plugins or ():
+        registry.load_plugin(plugin)
+    matches = [c for c in grid.cells() if c.key == key]
+    if not matches:
+        raise UserError(f"no cell with key {key[:12]} in this grid", hint="the grid changed since it was submitted")
+    cell, results_dir = matches[0], Path(results_dir)
+    state, claim = _claim_cell(cell, results_dir, force, lock_stale_s)
+    if state != "run":
+        return {"key": key, "status": state, "error": None, "record": None}
+    session = ModelSession(cell.model, grid)
+    try:
+        record = run_cell(cell, session, grid, results_dir, progress=progress, save_masks=save_masks)
+    finally:
+        _release(claim)
+        session.close()
+    return {"key": key, "status": record["status"], "error": record.get("error"), "record": record}
 
 
 class ModelSession:
@@ -110,7 +201,8 @@ class ModelSession:
         self._eval_tokens.clear()
 
 
-def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir: Path, *, progress=True) -> dict:
+def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir: Path, *, progress=True,
+             save_masks: bool = False) -> dict:
     record = _record_skeleton(cell, grid)
     if grid.device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,133 @@
+"""The runner and CLI end to end on tiny models: records, resume, failures, bad input, report."""
+import json
+import textwrap
+
+import pytest
+
+from prunebench.cli import main
+from prunebench.records import load_records
+
+TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none", "-q"]
+
+
+def run(*args):
+    return main(["run", *args])
+
+
+def _records(results):
+    recs, skipped = load_records(results)
+    return recs, skipped
+
+
+def test_grid_writes_one_record_per_cell_and_resumes(tmp_path, capsys):
+    results = tmp_path / "results"
+    args = ["--models", "tiny:llama", "--methods", "magnitude,wanda", "--sparsities", "0.5,2:4", "--results", str(results), *TINY]
+    assert run(*args) == 0
+    recs, skipped = _records(results)
+    assert not skipped and len(recs) == 5  # dense + 2 methods x 2 sparsities
+    by = {(r["method"]["name"], r["sparsity"]["label"]): r for r in recs}
+    assert set(by) == {("dense", "dense"), ("magnitude", "0.5"), ("magnitude", "2:4"), ("wanda", "0.5"), ("wanda", "2:4")}
+    for r in recs:
+        assert r["status"] == "ok"
+        assert r["eval"]["perplexity"]["lee"]["seqlen"] == 64
+        assert r["eval"]["perplexity"]["lee"]["n_tokens"] > 0
+        assert r["timing"]["prune_s"] is not None and r["memory"]["peak_rss_mb"] > 0
+        assert r["env"]["torch"] and r["model"]["n_prunable"] > 0
+    assert by[("wanda", "0.5")]["sparsity"]["achieved"] == pytest.approx(0.5, abs=1e-3)
+    assert by[("wanda", "0.5")]["sparsity"]["scope"] == "row"
+    assert by[("magnitude", "0.5")]["sparsity"]["scope"] == "layer"
+    assert by[("wanda", "0.5")]["calibration"]["fingerprint"]
+    assert by[("dense", "dense")]["sparsity"]["achieved"] == 0.0
+    mtimes = {p: p.stat().st_mtime_ns for p in (results / "records").glob("*.json")}
+    capsys.readouterr()
+    assert run(*args) == 0
+    assert "5 skipped" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in (results / "records").glob("*.json")} == mtimes
+    assert run(*args, "--force") == 0
+    assert all(p.stat().st_mtime_ns != t for p, t in mtimes.items())
+
+
+def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
+    plugin = tmp_path / "broken.py"
+    plugin.write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from prunebench.registry import Capabilities, Pruner, register
+
+        @register
+        class Broken(Pruner):
+            name = "broken_test"
+            capabilities = Capabilities(patterns=("unstructured",), needs_calibration=False)
+
+            @dataclass
+            class Config:
+                pass
+
+            def prune(self, model, ctx):
+                raise RuntimeError("deliberate failure")
+    '''))
+    results = tmp_path / "results"
+    code = run("--plugin", str(plugin), "--models", "tiny:qwen2", "--methods", "broken_test,magnitude",
+               "--sparsities", "0.5", "--results", str(results), *TINY)
+    assert code != 0
+    recs, _ = _records(results)
+    status = {r["method"]["name"]: r for r in recs}
+    assert status["broken_test"]["status"] == "failed" and "deliberate failure" in status["broken_test"]["error"]
+    assert status["magnitude"]["status"] == "ok" and status["dense"]["status"] == "ok"
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--methods", "nosuch"], "known methods"),
+    (["--models", "nosuchmodel"], "unknown model"),
+    (["--models", "tiny:nosuch"], "tiny model family"),
+    (["--sparsities", "1.0"], "outside [0, 1)"),
+    (["--sparsities", "4:4"], "N must be smaller than M"),
+    (["--sparsities", "0.5@diagonal"], "scope"),
+    (["--data-dir", "/nonexistent/dir"], "not a readable directory"),
+])
+def test_bad_input_is_one_clear_line_and_nonzero(tmp_path, capsys, args, needle):
+    results = tmp_path / "r"
+    base = {"--models": "tiny:llama", "--methods": "magnitude", "--sparsities": "0.5"}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1]
+    flat = [x for kv in base.items() for x in kv]
+    code = run(*flat, "--results", str(results), *TINY)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert any(needle in line for line in err), err
+    assert not any(p.suffix == ".tmp" for p in results.rglob("*")) if results.exists() else True
+    # a bad model is only discovered when loading; nothing else may be half-written
+    for p in (results / "records").glob("*.json") if results.exists() else []:
+        json.loads(p.read_text())
+
+
+def test_report_skips_corrupt_records_and_prints_csv(tmp_path, capsys, caplog):
+    results = tmp_path / "results"
+    assert run("--models", "tiny:gpt2", "--methods", "magnitude,wanda", "--sparsities", "0.5", "--results", str(results), *TINY) == 0
+    (results / "records" / "zz-corrupt.json").write_text('{"key": "abc", "status": "ok", ')
+    capsys.readouterr()
+    assert main(["report", "--results", str(results), "--format", "csv"]) == 0
+    captured = capsys.readouterr()
+    assert "zz-corrupt.json" in captured.err + caplog.text  # named, and skipped
+    header, *rows = captured.out.strip().splitlines()
+    cols = header.split(",")
+    for needed in ("model", "method", "sparsity", "pattern", "achieved_sparsity", "ppl_lee"):
+        assert needed in cols
+    assert len(rows) == 3
+    assert (results / "report" / "report.md").is_file()
+    assert any(p.suffix == ".png" and p.stat().st_size > 1000 for p in (results / "report").rglob("*.png"))
+
+
+def test_list_prints_methods_with_capabilities_and_defaults(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "wanda" in out and "magnitude" in out and "patterns:" in out
+
+
+def test_grid_file_rejects_unknown_keys(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("models: [tiny:llama]\nmethods: [wanda]\nsparsity: [0.5]\n")
+    assert run("--grid", str(grid), "--results", str(tmp_path / "r"), "-q") == 2
+    assert "unknown key" in capsys.readouterr().err
+    grid.write_text("models: [tiny:llama]\nmethods: [wanda]\nsparsities: ['0.5']\ncalibration: {dataset: lee, n_samples: 2, seqlen: 32}\n"
+                    "eval: {perplexity: [lee], seqlen: 32, tasks: []}\n")
+    assert run("--grid", str(grid), "--results", str(tmp_path / "r"), "-q") == 0
