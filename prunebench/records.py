@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_path
 
 SCHEMA_VERSION = 1
 RECORDS_DIR = "records"
@@ -18,22 +19,13 @@ LM_EVAL_SUFFIX = ".lm_eval.json"
 
 
 def atomic_write_text(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    """Write, fsync, then rename into place: a reader sees the old file or the new one."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return Path(path)
 
 
 def atomic_write_json(path, obj) -> Path:

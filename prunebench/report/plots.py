@@ -15,7 +15,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from prunebench.report._atomic import atomic_path
+from prunebench.atomic import atomic_path
 from prunebench.report.paper import (
     PERCENT,
     method_display_name,

@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from prunebench.report._atomic import write_text_atomic
+from prunebench.atomic import write_text_atomic
 from prunebench.report.paper import (
     PAPER_HEADLINE_GAIN,
     PAPER_MODEL_IDS,

@@ -1,4 +1,4 @@
-"""Atomic file writes for report outputs.
+"""Atomic file writes: records, reports, caches.
 
 A report is rebuilt while other processes (a notebook, a second `prunebench report`) may read the
 same folder, so every file is written to a temporary sibling and moved into place with
