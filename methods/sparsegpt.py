@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prunebench.errors import UserError
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
 from prunebench.sparsity import SparsitySpec, nm_mask
 
@@ -59,7 +60,8 @@ def prepare_hessian(hessian: torch.Tensor, weight: torch.Tensor):
     dead = diag == 0
     if dead.any():
         # The feature is always zero on the calibration data: its weights cannot influence the
-        # output, so they are zeroed and H_ii = 1 keeps the matrix invertible (paper, Sec. 3).
+        # output, so they are zeroed and H_ii = 1 keeps the matrix invertible (as the authors'
+        # reference implementation does).
         idx = dead.nonzero().squeeze(1)
         H[idx, idx] = 1.0
         W[:, dead] = 0.0
@@ -99,7 +101,7 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_retries
             return U, pd, warnings
         tried.append(pd)
         if attempt < max_retries:
-            nxt = pd * growth if pd > 0 else 1e-6  # percdamp 0 cannot grow geometrically
+            nxt = pd * growth if pd > 0 else 0.01  # from 0, restart at the paper's 1%
             warnings.append(f"sparsegpt: Cholesky failed with percdamp={pd:g} (dampening {pd * mean_diag:.4g}); "
                             f"retrying with percdamp={nxt:g} (dampening {nxt * mean_diag:.4g})")
             pd = nxt
@@ -206,12 +208,17 @@ class SparseGPT(LayerwisePruner):
         percdamp: float = 0.01  # paper: 1% of the mean Hessian diagonal
         max_damp_retries: int = 5  # ours: each retry multiplies percdamp by 10, and is reported
 
+    def __init__(self, config=None, **overrides):
+        super().__init__(config, **overrides)
+        cfg = self.config
+        if cfg.blocksize < 1 or cfg.percdamp < 0 or cfg.max_damp_retries < 0:
+            raise UserError("sparsegpt: need blocksize >= 1, percdamp >= 0 and max_damp_retries >= 0, got "
+                            f"{cfg.blocksize}, {cfg.percdamp}, {cfg.max_damp_retries}")
+
     def prune_linear(self, weight, stats, spec, ctx):
         if stats is None or stats.hessian is None:
             raise ValueError("sparsegpt needs the Hessian X^T X of the layer inputs (statistics='hessian')")
         cfg = self.config
-        if cfg.blocksize < 1:
-            raise ValueError(f"blocksize must be >= 1, got {cfg.blocksize}")
         if spec.target == 0:
             return LinearResult(mask=torch.ones_like(weight, dtype=torch.bool))
         H, W, _dead = prepare_hessian(stats.hessian.to(weight.device), weight)

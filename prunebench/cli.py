@@ -78,6 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", choices=["md", "csv", "latex"], default="md", help="what to print to stdout")
     rep.add_argument("--paper", action="store_true", help="rebuild the LEAP paper's tables from its published numbers")
     rep.add_argument("--out", help="where to write tables and plots (default: the results directory)")
+
+    exp = sub.add_parser("export", help="write a cell's pruned model as an HF checkpoint (needs run --save-masks)")
+    _add_common(exp)
+    exp.add_argument("--results", default=DEFAULT_RESULTS)
+    exp.add_argument("--key", help="the cell's key (a unique prefix is enough)")
+    exp.add_argument("--model", help="or pick the cell by model, method and sparsity label")
+    exp.add_argument("--method")
+    exp.add_argument("--sparsity", help="sparsity label as in the record: 0.5, 0.5@layer, 2:4")
+    exp.add_argument("--out", required=True, help="output directory for the checkpoint")
+
+    ev = sub.add_parser("eval", help="evaluate a model with saved masks applied (no pruning)")
+    _add_common(ev)
+    ev.add_argument("--masks", required=True, help="a *.masks.safetensors file written by run --save-masks")
+    ev.add_argument("--model", help="model spec (default: the one recorded in the masks file)")
+    ev.add_argument("--ppl", default="lee", help="comma-separated perplexity datasets (default: lee)")
+    ev.add_argument("--seqlen", type=int, default=2048, help="evaluation window length")
+    ev.add_argument("--max-windows", type=int, help="evaluate at most this many windows per dataset")
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--data-dir", help="local copies of the standard data files")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--dtype", help="default: the dtype recorded in the masks file")
+    ev.add_argument("--json", action="store_true", help="print the results as JSON")
     return parser
 
 
@@ -97,7 +119,8 @@ def main(argv=None) -> int:
         for plugin in getattr(args, "plugin", []) or []:
             added = registry.load_plugin(plugin)
             log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
-        return {"run": cmd_run, "list": cmd_list, "report": cmd_report}[args.command](args)
+        return {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export,
+                "eval": cmd_eval}[args.command](args)
     except UserError as exc:
         print(f"prunebench: error: {exc}", file=sys.stderr)
         return 2
@@ -152,7 +175,8 @@ def executor_from_args(args):
             raise UserError(f"{', '.join(given)} only apply to --executor slurm")
         return make_executor("local")
     return make_executor("slurm", cluster=args.submitit_cluster, partition=args.slurm_partition,
-                         gpus_per_cell=args.gpus_per_cell or 0, timeout_min=args.timeout or 240,
+                         gpus_per_cell=args.gpus_per_cell or 0,
+                         timeout_min=240 if args.timeout is None else args.timeout,
                          array_parallelism=args.array_parallelism, cpus_per_cell=args.cpus_per_cell,
                          mem_gb=args.mem_gb, wait=not args.no_wait)
 
@@ -208,6 +232,37 @@ def cmd_report(args) -> int:
 
     text = build_report(args.results, out_dir=args.out, fmt=args.format, paper=args.paper)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .artifacts import export_checkpoint
+
+    out = export_checkpoint(args.results, args.out, key=args.key, model=args.model, method=args.method,
+                            sparsity=args.sparsity)
+    print(f"wrote {out} (HF checkpoint, safetensors) and {out / 'sparsity_report.json'}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .artifacts import load_masked_model
+    from .data import eval_tokens
+    from .evaluate.perplexity import perplexity
+
+    if args.seqlen < 2:
+        raise UserError(f"--seqlen must be at least 2, got {args.seqlen}")
+    loaded, meta = load_masked_model(args.masks, args.model, dtype=args.dtype)
+    loaded.model.to(args.device)
+    results = {}
+    for dataset in _csv(args.ppl) or []:
+        ids = eval_tokens(loaded.tokenizer, dataset, args.data_dir)
+        results[dataset] = perplexity(loaded.model, ids, args.seqlen, batch_size=args.batch_size, device=args.device,
+                                      progress=not args.quiet, max_windows=args.max_windows)
+    if args.json:
+        print(json.dumps({"masks": args.masks, "model": args.model or meta["model"], "perplexity": results}, indent=2))
+    else:
+        for dataset, r in results.items():
+            print(f"{dataset}: perplexity {r['value']:.4f} ({r['n_windows']} windows of {r['seqlen']})")
     return 0
 
 

@@ -253,7 +253,11 @@ class SubmititExecutor:
             import submitit
         except ImportError:
             raise UserError("the slurm executor needs submitit", hint="pip install 'prunebench[slurm]'") from None
-        executor = submitit.AutoExecutor(folder=str(results_dir / "slurm_logs" / "%j"), cluster=self.cluster)
+        try:
+            executor = submitit.AutoExecutor(folder=str(results_dir / "slurm_logs" / "%j"), cluster=self.cluster)
+        except RuntimeError as exc:  # submitit: 'Could not detect "srun"...'
+            raise UserError(f"cannot use the {self.cluster} cluster: {exc}",
+                            hint="run on a SLURM login node, or pass --submitit-cluster local to try it here") from None
         params = {"name": "prunebench", "timeout_min": self.timeout_min, "gpus_per_node": self.gpus_per_cell or 0,
                   "cpus_per_task": self.cpus_per_cell, "mem_gb": self.mem_gb,
                   "slurm_partition": self.partition, "slurm_array_parallelism": self.array_parallelism}

@@ -239,6 +239,10 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         if off > OFF_TARGET_PP:
             record["warnings"].append(f"achieved sparsity {measured['overall']:.4f} is {off:.2f} points off the "
                                       f"target {cell.sparsity.target:.4f}")
+        if save_masks and cell.method != DENSE:
+            from .artifacts import save_cell_masks
+
+            record["artifacts"] = save_cell_masks(model, results_dir, record, dense_snapshot=session._snapshot)
 
         t1 = time.perf_counter()
         record["eval"] = evaluate_cell(model, tokenizer, cell, session, grid, results_dir, record, progress)
