@@ -29,9 +29,8 @@ Where we differ from the reference code, on purpose:
     (the gradual schedule is dead code there); we apply the schedule as the paper describes;
   * its N:M branch hard-codes groups of 4 keeping 2 and a 50 % target, so any N:M silently
     becomes 2:4 (4:8 included); we honour the requested N:M, with the same gradual filling;
-  * it runs 20 ADMM iterations in all and re-selects the mask before each of the first 15; we
-    run `iterations` after each of the `mask_steps` mask updates (iterations=1, final_iterations=5
-    gives the reference code's schedule);
+  * (not a difference) like the reference code we run 20 ADMM iterations in all and re-select
+    the mask before each of the first 15;
   * once the mask is final we keep iterating with the mask frozen (`final_iterations`), so the
     weights converge to the masked least-squares optimum instead of stopping part-way.
 """
@@ -148,9 +147,13 @@ def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, spec: Optional[Spars
                mask_steps: int = 15, iterations: int = 20, final_iterations: int = 100):
     """ADMM pruning of one [out, in] weight; returns (new_weight, keep_mask), float32.
 
-    Either `spec` (choose the mask gradually, then refine it frozen) or `mask` (only the
-    frozen-mask weight update: `final_iterations` iterations from the dense weights).
+    Either `spec`: `iterations` ADMM iterations, the mask re-chosen on |W + U| before each of the
+    first `mask_steps` along the cubic schedule (the reference code's schedule), then
+    `final_iterations` more with the mask frozen; or `mask`: only the frozen-mask weight update,
+    `iterations + final_iterations` iterations from the dense weights.
     """
+    if mask_steps > iterations:
+        raise ValueError(f"admm: mask_steps ({mask_steps}) cannot exceed iterations ({iterations})")
     Hn, Wn, norm = normalise_inputs(hessian, weight)
     solver = AdmmSolver(Hn, Wn, percdamp=percdamp, rho=rho)
     del Hn
@@ -159,13 +162,15 @@ def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, spec: Optional[Spars
             raise ValueError("admm_prune needs a sparsity spec or a mask")
         if mask_steps <= 0:
             mask = select_mask(solver.scores(), spec, spec.target)  # one-shot Wanda-score mask
-        for step in range(1, mask_steps + 1):
-            mask = select_mask(solver.scores(), spec, cubic_sparsity(spec.target, step, mask_steps))
-            solver.iterate(mask, iterations)
+        for it in range(iterations):
+            if it < mask_steps:
+                mask = select_mask(solver.scores(), spec, cubic_sparsity(spec.target, it + 1, mask_steps))
+            solver.iterate(mask, 1)
     else:
         mask = mask.to(device=Wn.device, dtype=torch.bool)
         if mask.shape != Wn.shape:
             raise ValueError(f"mask {tuple(mask.shape)} does not match weight {tuple(Wn.shape)}")
+        solver.iterate(mask, iterations)
     solver.iterate(mask, final_iterations)
     return solver.sparse(mask) / norm.unsqueeze(0), mask
 
@@ -187,7 +192,7 @@ class ADMM(LayerwisePruner):
         percdamp: float = 0.1  # reference code: dampening 0.1 x mean diagonal of the normalised H
         rho: float = 1.0  # reference code: ADMM penalty 1 (meaningful because H_n has a unit diagonal)
         mask_steps: int = 15  # reference code: 15 mask updates along the cubic schedule
-        iterations: int = 20  # ADMM iterations after each mask update (the reference code: 1; see above)
+        iterations: int = 20  # reference code: 20 ADMM iterations in all, the mask chosen in the first 15
         final_iterations: int = 100  # ours: frozen-mask iterations after the last mask update; from the
         # dense weights (mask_from) they reach the float32 floor of the masked optimum in ~75 on
         # SmolLM2 layers, so 100 leaves a margin
