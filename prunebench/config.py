@@ -60,7 +60,8 @@ class EvalSpec:
     seqlen: int = 2048
     tasks: list = field(default_factory=list)  # lm-eval task names or presets; [] = none
     limit: Optional[int] = None  # documents per zero-shot task (quick runs)
-    batch_size: int = 1
+    batch_size: int = 1  # perplexity windows per forward
+    zeroshot_batch_size: int = 16  # lm-eval requests per forward (set on HFLM)
     max_ppl_windows: Optional[int] = None
 
 
@@ -136,9 +137,12 @@ class CellSpec:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()
 
     @property
+    def sparsity_label(self) -> str:
+        return "dense" if self.method == DENSE else self.sparsity.label
+
+    @property
     def label(self) -> str:
-        sp = "dense" if self.method == DENSE else self.sparsity.label
-        return f"{self.model} | {self.method} | {sp}"
+        return f"{self.model} | {self.method} | {self.sparsity_label}"
 
 
 # ---------------------------------------------------------------------------------------------

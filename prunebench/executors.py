@@ -305,7 +305,7 @@ def _count(summary, outcome: dict, cell) -> None:
     elif status == "failed":
         summary.records.append({"key": cell.key, "status": "failed", "error": outcome.get("error"),
                                 "model": {"id": cell.model}, "method": {"name": cell.method},
-                                "sparsity": {"label": "dense" if cell.method == "dense" else cell.sparsity.label}})
+                                "sparsity": {"label": cell.sparsity_label}})
 
 
 def make_executor(name: str, **options):

@@ -46,11 +46,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-")[:60] or "x"
 
 
-def record_path(results_dir, record: dict) -> Path:
+def cell_record_path(results_dir, model_id: str, method: str, sparsity_label: str, key: str) -> Path:
     """results/records/<model>__<method>__<sparsity>__<key12>.json: readable and unique."""
-    name = "__".join([_slug(record["model"]["id"]), _slug(record["method"]["name"]),
-                      _slug(record["sparsity"]["label"]), record["key"][:12]])
+    name = "__".join([_slug(model_id), _slug(method), _slug(sparsity_label), key[:12]])
     return Path(results_dir) / RECORDS_DIR / f"{name}.json"
+
+
+def record_path(results_dir, record: dict) -> Path:
+    return cell_record_path(results_dir, record["model"]["id"], record["method"]["name"], record["sparsity"]["label"],
+                            record["key"])
 
 
 def record_files(results_dir) -> list[Path]:

@@ -27,7 +27,7 @@ from .errors import UserError
 from .evaluate.perplexity import perplexity
 from .models import all_prunable, load_model, restore_prunable, snapshot_prunable
 from .progress import progress_bar
-from .records import SCHEMA_VERSION, atomic_write_json, load_records, read_record, record_path
+from .records import SCHEMA_VERSION, atomic_write_json, cell_record_path, load_records, read_record, record_path
 from .registry import PruneContext
 from .sparsity import measure_sparsity
 
@@ -106,8 +106,7 @@ def _release(claim) -> None:
 
 
 def _has_ok_record(results_dir: Path, cell: CellSpec) -> bool:
-    path = record_path(results_dir, {"key": cell.key, "model": {"id": cell.model}, "method": {"name": cell.method},
-                                     "sparsity": {"label": "dense" if cell.method == DENSE else cell.sparsity.label}})
+    path = cell_record_path(results_dir, cell.model, cell.method, cell.sparsity_label, cell.key)
     try:
         return read_record(path).get("status") == "ok"
     except (OSError, ValueError):
@@ -212,7 +211,8 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         record["model"].update({k: loaded.info.get(k) for k in ("family", "n_params", "n_prunable", "architecture",
                                                                  "revision", "file_sha256", "source")})
         pruner = registry.create(cell.method, cell.method_config)
-        pruner.check_spec(cell.sparsity) if cell.method != DENSE else None
+        if cell.method != DENSE:
+            pruner.check_spec(cell.sparsity)
         calibration = None
         if pruner.capabilities.needs_calibration:
             cs = cell.calibration
@@ -274,7 +274,8 @@ def evaluate_cell(model, tokenizer, cell, session, grid, results_dir, record, pr
         tasks = resolve_tasks(ev.tasks, data_dir=grid.data_dir)
         lm_eval_dir = Path(results_dir) / "records" / (record_path(results_dir, record).stem + ".lm_eval")
         results = evaluate_zeroshot(model, tokenizer, tasks, data_dir=grid.data_dir, limit=ev.limit,
-                                    batch_size=ev.batch_size, device=grid.device, output_dir=lm_eval_dir, seed=cell.seed)
+                                    batch_size=ev.zeroshot_batch_size, device=grid.device, output_dir=lm_eval_dir,
+                                    seed=cell.seed)
         out["lm_eval_version"] = results.pop("lm_eval_version", None)
         out["zeroshot"] = results
     return out
@@ -290,7 +291,7 @@ def _record_skeleton(cell: CellSpec, grid: GridSpec) -> dict:
         "model": {"id": cell.model, "dtype": cell.dtype},
         "method": {"name": cell.method, "config": cell.method_config},
         "sparsity": {"target": sp.target, "pattern": sp.pattern_name, "scope": sp.scope,
-                     "label": "dense" if cell.method == DENSE else sp.label, "achieved": None, "per_layer": {}},
+                     "label": cell.sparsity_label, "achieved": None, "per_layer": {}},
         "calibration": None,
         "eval": {},
         "timing": {"prune_s": None, "eval_s": None},

@@ -14,9 +14,8 @@ import torch.nn.functional as F
 from ..progress import progress_bar
 
 
-def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int = 1, device="cpu",
-               progress: bool = True, max_windows: int | None = None) -> dict:
-    """Returns {"value", "seqlen", "n_windows", "n_tokens"}; n_tokens counts predicted tokens."""
+def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """[n, seqlen] non-overlapping windows of the id stream; a trailing partial window is dropped."""
     if seqlen < 2:
         raise ValueError("seqlen must be at least 2")
     n_windows = token_ids.numel() // seqlen
@@ -24,7 +23,14 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int =
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
         raise ValueError(f"the evaluation text ({token_ids.numel()} tokens) is shorter than one window of {seqlen}")
-    windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
+    return token_ids[: n_windows * seqlen].view(n_windows, seqlen)
+
+
+def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int = 1, device="cpu",
+               progress: bool = True, max_windows: int | None = None) -> dict:
+    """Returns {"value", "seqlen", "n_windows", "n_tokens"}; n_tokens counts predicted tokens."""
+    windows = eval_windows(token_ids, seqlen, max_windows)
+    n_windows = windows.shape[0]
     total_nll = 0.0
     total_tokens = 0
     was_training = model.training
@@ -73,14 +79,8 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
     from ..layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
     from ..models import find_blocks
 
-    if seqlen < 2:
-        raise ValueError("seqlen must be at least 2")
-    n_windows = token_ids.numel() // seqlen
-    if max_windows:
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise ValueError(f"the evaluation text ({token_ids.numel()} tokens) is shorter than one window of {seqlen}")
-    windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
+    windows = eval_windows(token_ids, seqlen, max_windows)
+    n_windows = windows.shape[0]
     prefix, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
