@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..records import load_records, records_frame
-from .plots import write_plots
+from .plots import plot_heldout_curves, write_plots
 from .tables import build_paper_report, cells_frame, paper_layout, paper_reference_frame, render_latex
 
 log = logging.getLogger("prunebench")
@@ -38,6 +38,7 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
         log.warning("failed cell not tabled: %s | %s | %s: %s", row["model"], row["method"], row["sparsity_label"], row["error"])
     text = build_paper_report(df, out)
     plots = write_plots(df, out)
+    plots += plot_heldout_curves(records, out / "heldout_vs_steps")
     log.info("wrote tables and %d plot(s) under %s", len(plots), out)
     if fmt == "csv":
         return cells_frame(df).to_csv(index=False)

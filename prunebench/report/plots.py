@@ -207,3 +207,35 @@ def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike, *,
             written += plot_task_bars(rows, model, label, out / f"task_accuracy__{name}__{_slug(label)}",
                                       tasks=tasks, formats=formats)
     return written
+
+
+def plot_heldout_curves(records: Sequence[dict], path: str | os.PathLike, *,
+                        formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
+    """Held-out perplexity of the current hard mask against training steps, for every record whose
+    method stored such a curve (LEAP: method.stats.curves.heldout_step / heldout_ppl).  Step 0 is
+    the prior's mask.  Returns [] when no record has a curve."""
+    curves = []
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        stats = (record.get("method") or {}).get("stats") or {}
+        curve = stats.get("curves") or {}
+        steps, ppl = curve.get("heldout_step") or [], curve.get("heldout_ppl") or []
+        if steps and len(steps) == len(ppl):
+            label = (f"{model_display_name(record['model']['id'])} {method_display_name(record['method']['name'])} "
+                     f"{format_sparsity_label(record['sparsity']['label'])}")
+            curves.append((label, steps, ppl))
+    if not curves:
+        return []
+    figure = _new_figure(LINE_FIGURE_SIZE)
+    axes = figure.add_subplot()
+    for label, steps, ppl in sorted(curves):
+        axes.plot(steps, ppl, marker="o", label=label)
+    axes.set_xlabel("training step (0 = prior mask)")
+    axes.set_ylabel("held-out perplexity, hard mask")
+    values = [v for _, _, ppl in curves for v in ppl if v and math.isfinite(v)]
+    if values and max(values) / max(min(values), 1e-9) > LOG_SCALE_RATIO:
+        axes.set_yscale("log")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    return _save(figure, path, formats)
