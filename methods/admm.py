@@ -199,8 +199,8 @@ class ADMM(LayerwisePruner):
         # floor (synthetic correlated layer, 60%).  From the dense weights (mask_from: 20 + 40
         # frozen iterations) SmolLM2 layers were within ~1e-5 of the floor after 50-75.
         # Users ask for "Wanda mask + ADMM update": take the mask from another layer-wise method
-        # (built with mask_from_config) and run only the final_iterations frozen-mask update;
-        # mask_steps and iterations are then unused.
+        # (built with mask_from_config) and run only the frozen-mask weight update from the dense
+        # weights (iterations + final_iterations iterations; mask_steps is then unused).
         mask_from: Optional[str] = None
         mask_from_config: dict = field(default_factory=dict)
 

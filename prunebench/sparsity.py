@@ -105,7 +105,7 @@ def _n_prune(count: int, fraction: float) -> int:
 def mask_from_scores(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
     """Keep the highest-scoring weights of a [out, in] score matrix according to `spec`.
 
-    Ties are broken by position (stable sort), so equal inputs always give equal masks.
+    Ties are broken by position, as a stable sort would, so equal inputs always give equal masks.
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be 2-D [out, in], got shape {tuple(scores.shape)}")
@@ -113,22 +113,29 @@ def mask_from_scores(scores: torch.Tensor, spec: SparsitySpec) -> torch.Tensor:
     s = scores.float().contiguous()
     if spec.pattern == "nm":
         return nm_mask(s, spec.n, spec.m)
-    mask = torch.ones(s.shape, dtype=torch.bool, device=s.device)
     if spec.target == 0:
-        return mask
+        return torch.ones(s.shape, dtype=torch.bool, device=s.device)
     if spec.scope in ("row", None):
-        k = _n_prune(cols, spec.target)
-        if k == 0:
-            return mask
-        idx = torch.sort(s, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, idx, False)
-    else:
-        k = _n_prune(rows * cols, spec.target)
-        if k == 0:
-            return mask
-        idx = torch.sort(s.flatten(), stable=True).indices[:k]
-        mask.view(-1)[idx] = False
-    return mask
+        return _keep_all_but_lowest(s, _n_prune(cols, spec.target))
+    return _keep_all_but_lowest(s.reshape(1, -1), _n_prune(rows * cols, spec.target)).view(rows, cols)
+
+
+def _keep_all_but_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, drop the k lowest scores; ties at the threshold go in column order.
+
+    The same result as a stable ascending sort, in O(n): a selection (kthvalue) instead of a full
+    sort, which matters for methods that re-select masks many times (ADMM: 15 per layer).
+    """
+    keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return keep
+    if k >= scores.shape[1]:
+        return ~keep
+    threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < threshold
+    at = scores == threshold
+    still_needed = k - below.sum(dim=1, keepdim=True)
+    return ~(below | (at & (at.cumsum(dim=1) <= still_needed)))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -75,3 +75,19 @@ def test_pack_roundtrip_and_measure():
     m = measure_sparsity([("a", w), ("b", torch.zeros(2, 2))])
     assert m["per_layer"]["b"] == 1.0
     assert m["overall"] == pytest.approx(((~mask).sum().item() + 4) / (143 + 4))
+
+
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_selection_equals_a_stable_sort_even_with_ties(scope):
+    torch.manual_seed(3)
+    for scores in (torch.randint(0, 4, (9, 12)).float(), torch.randn(6, 40)):
+        for target in (0.25, 0.5, 0.6):
+            spec = SparsitySpec(target, scope=scope)
+            expected = torch.ones_like(scores, dtype=torch.bool)
+            if scope == "layer":
+                k = round(scores.numel() * target)
+                expected.view(-1)[torch.sort(scores.flatten(), stable=True).indices[:k]] = False
+            else:
+                k = round(scores.shape[1] * target)
+                expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], False)
+            assert torch.equal(mask_from_scores(scores, spec), expected)
