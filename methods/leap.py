@@ -411,6 +411,17 @@ class Leap(Pruner):
     # -- the loop -------------------------------------------------------------------------------
 
     def prune(self, model, ctx) -> PruneReport:
+        # As tau falls the sampled masks saturate: M(1 - M) and the AdamW second moments underflow
+        # into denormal floats, which x86 CPUs process ~10-100x slower (measured here: steps went
+        # from 3.5 s to 27 s).  Flushing them to zero changes nothing that matters numerically.
+        flushed = torch.set_flush_denormal(True)
+        try:
+            return self._prune(model, ctx)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)  # the process default
+
+    def _prune(self, model, ctx) -> PruneReport:
         self.check_spec(ctx.sparsity)
         c = self.config
         spec = ctx.sparsity
