@@ -14,6 +14,15 @@ SHARED_DATA = Path(os.environ.get("PRUNEBENCH_DATA_DIR", REPO.parent / "shared" 
 
 TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "opt", "gpt2")
 
+# Six quick cells (2 tiny models x dense, magnitude 0.5, wanda 0.5) for multi-process tests.
+SIX_CELL_GRID_YAML = """\
+models: [tiny:llama, tiny:qwen2]
+methods: [magnitude, wanda]
+sparsities: ["0.5"]
+calibration: {dataset: lee, n_samples: 4, seqlen: 64}
+eval: {perplexity: [lee], seqlen: 64, tasks: [], max_ppl_windows: 16}
+"""
+
 
 @pytest.fixture(scope="session")
 def data_dir():

@@ -14,13 +14,7 @@ from pathlib import Path
 from prunebench.executors import CellLock, locks_dir
 from prunebench.records import load_records, record_files
 
-GRID_YAML = """\
-models: [tiny:llama, tiny:qwen2]
-methods: [magnitude, wanda]
-sparsities: ["0.5"]
-calibration: {dataset: lee, n_samples: 4, seqlen: 64}
-eval: {perplexity: [lee], seqlen: 64, tasks: [], max_ppl_windows: 16}
-"""
+from conftest import SIX_CELL_GRID_YAML as GRID_YAML  # noqa: E402
 N_CELLS = 6  # 2 models x (dense, magnitude 0.5, wanda 0.5)
 
 

@@ -13,13 +13,7 @@ from prunebench.config import grid_from_dict  # noqa: E402
 from prunebench.executors import CellTask, SubmititExecutor, locks_dir  # noqa: E402
 from prunebench.records import load_records  # noqa: E402
 
-GRID_YAML = """\
-models: [tiny:llama, tiny:qwen2]
-methods: [magnitude, wanda]
-sparsities: ["0.5"]
-calibration: {dataset: lee, n_samples: 4, seqlen: 64}
-eval: {perplexity: [lee], seqlen: 64, tasks: [], max_ppl_windows: 16}
-"""
+from conftest import SIX_CELL_GRID_YAML as GRID_YAML  # noqa: E402
 
 
 def _env():
