@@ -143,6 +143,16 @@ def grid_from_args(args):
     data = dataclasses.asdict(grid)
     overrides = {"models": _csv(args.models), "methods": _csv(args.methods), "sparsities": _csv(args.sparsities),
                  "data_dir": args.data_dir, "device": args.device, "dtype": args.dtype, "seed": args.seed}
+    if overrides["methods"] is not None:
+        # A method named on the command line keeps the config the grid gives it (e.g. the
+        # embedded preset's CPU-sized LEAP), so `--methods leap,admm` stays on that grid's budget.
+        from . import registry
+
+        configured = {}
+        for entry in data["methods"]:
+            if isinstance(entry, dict):
+                configured[registry.resolve(entry["name"])] = entry
+        overrides["methods"] = [configured.get(registry.resolve(n), n) for n in overrides["methods"]]
     for k, v in overrides.items():
         if v is not None:
             data[k] = v

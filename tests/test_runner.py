@@ -131,3 +131,13 @@ def test_grid_file_rejects_unknown_keys(tmp_path, capsys):
     grid.write_text("models: [tiny:llama]\nmethods: [wanda]\nsparsities: ['0.5']\ncalibration: {dataset: lee, n_samples: 2, seqlen: 32}\n"
                     "eval: {perplexity: [lee], seqlen: 32, tasks: []}\n")
     assert run("--grid", str(grid), "--results", str(tmp_path / "r"), "-q") == 0
+
+
+def test_methods_flag_keeps_the_presets_method_config(capsys):
+    """`--methods leap` on the embedded preset means the preset's CPU-sized LEAP, not the paper's."""
+    from prunebench.cli import build_parser, grid_from_args
+
+    args = build_parser().parse_args(["run", "--methods", "leap,wanda"])
+    grid = grid_from_args(args)
+    leap = next(c for c in grid.cells() if c.method == "leap")
+    assert leap.method_config["preset"] == "embedded" and leap.method_config["steps"] < 2000
