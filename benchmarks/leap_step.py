@@ -17,7 +17,6 @@ import time
 import torch
 
 from prunebench.models import all_prunable, load_model
-from prunebench.sparsity import SparsitySpec
 
 import importlib
 
