@@ -229,6 +229,9 @@ class ADMM(LayerwisePruner):
             # resolve with the source's default scope (e.g. per row for Wanda), not ADMM's.
             self.default_scope = source.default_scope
 
+    def uses_methods(self) -> tuple:
+        return (self.config.mask_from,) if self.config.mask_from else ()
+
     def prune_linear(self, weight, stats, spec, ctx):
         if stats is None or stats.hessian is None:
             raise ValueError("admm needs the Hessian X^T X of the layer inputs (statistics='hessian')")

@@ -372,6 +372,9 @@ class Leap(Pruner):
             if self.tau_start <= 0 or self.tau_end <= 0:
                 raise UserError("tau must stay positive", hint="e.g. tau_start=4 tau_end=0.05")
 
+    def uses_methods(self) -> tuple:
+        return (self.config.prior_method,) if self.config.prior_method else ()
+
     # -- helpers --------------------------------------------------------------------------------
 
     def schedule(self, step: int) -> dict:

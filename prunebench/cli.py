@@ -18,14 +18,24 @@ def _csv(text):
     return [s.strip() for s in str(text).split(",") if s.strip()] if text is not None else None
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line with a hint (not the usage block), exit 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"prunebench: error: {message} (hint: see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
 def _add_common(p):
     p.add_argument("--plugin", action="append", default=[], metavar="FILE",
                    help="a Python file that registers extra methods (repeatable)")
+    p.add_argument("--replace", action="append", default=[], metavar="NAME",
+                   help="let a plugin take this built-in method's name (its records then carry the plugin's identity)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prunebench", description="Benchmark LLM pruning methods on one footing.")
+    parser = OneLineParser(prog="prunebench", description="Benchmark LLM pruning methods on one footing.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a grid of model x method x sparsity cells")
@@ -38,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--calibration", help="calibration dataset: lee, c4, wikitext2, redpajama")
     run.add_argument("--n-samples", type=int, help="calibration windows")
     run.add_argument("--seqlen", type=int, help="calibration and evaluation window length")
-    run.add_argument("--ppl", help="comma-separated perplexity datasets (lee, wikitext2, c4)")
+    run.add_argument("--ppl", help="comma-separated perplexity datasets (lee, wikitext2, c4) or text paths "
+                                   "(a .txt file, or a folder of .txt files)")
+    run.add_argument("--encoding", help="encoding of text files named by path (default utf-8)")
+    run.add_argument("--max-ppl-windows", type=int, help="score at most this many perplexity windows per dataset")
     run.add_argument("--tasks", help="zero-shot tasks: paper, wanda, embedded, none, or lm-eval names")
     run.add_argument("--limit", type=int, help="documents per zero-shot task (quick runs)")
     run.add_argument("--batch-size", type=int, help="evaluation batch size")
@@ -68,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="submitit backend for --executor slurm (local: subprocesses on this machine, for testing)")
     ex.add_argument("--no-wait", action="store_true", help="submit the job array and return without waiting")
 
+    chk = sub.add_parser("check", help="run the conformance suite on methods (a plugin's, with --plugin)")
+    _add_common(chk)
+    chk.add_argument("--methods", help="comma-separated methods (default: those the --plugin files register, "
+                                       "or every registered method)")
+    chk.add_argument("--families", help="comma-separated tiny families (default: all of "
+                                        "llama, qwen2, gemma3, mistral, opt, gpt2)")
+
     lst = sub.add_parser("list", help="list methods with their capabilities and config defaults")
     _add_common(lst)
     lst.add_argument("--json", action="store_true")
@@ -92,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(ev)
     ev.add_argument("--masks", required=True, help="a *.masks.safetensors file written by run --save-masks")
     ev.add_argument("--model", help="model spec (default: the one recorded in the masks file)")
-    ev.add_argument("--ppl", default="lee", help="comma-separated perplexity datasets (default: lee)")
+    ev.add_argument("--ppl", default="lee", help="comma-separated perplexity datasets or text paths (default: lee)")
+    ev.add_argument("--encoding", default="utf-8", help="encoding of text files named by path")
     ev.add_argument("--seqlen", type=int, default=2048, help="evaluation window length")
     ev.add_argument("--max-windows", type=int, help="evaluate at most this many windows per dataset")
     ev.add_argument("--batch-size", type=int, default=1)
@@ -100,6 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--dtype", help="default: the dtype recorded in the masks file")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    rp = sub.add_parser("reproduce", help="compare a fresh run with a reference run (exit 1 on a real difference)")
+    rp.add_argument("--fresh", required=True, help="the fresh run's results directory")
+    rp.add_argument("--reference", default=DEFAULT_RESULTS, help="the reference results directory (default: results)")
+    rp.add_argument("--tolerance-ppl", type=float, metavar="X", help="relative perplexity tolerance (default 1e-3)")
+    rp.add_argument("--tolerance-acc", type=float, metavar="X", help="absolute accuracy tolerance (default: exact)")
+    rp.add_argument("--require-identical-masks", action="store_true", help="a cell whose masks differ fails too")
+    rp.add_argument("--write-reference-report", action="store_true",
+                    help="also write reproduction.{json,md} into the reference's report dir")
     return parser
 
 
@@ -116,17 +146,31 @@ def main(argv=None) -> int:
             os.environ["PRUNEBENCH_NO_PROGRESS"] = "1"
         from . import registry
 
+        registry.allow_replacing(getattr(args, "replace", []) or [])
         for plugin in getattr(args, "plugin", []) or []:
             added = registry.load_plugin(plugin)
-            log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
-        return {"run": cmd_run, "list": cmd_list, "report": cmd_report, "export": cmd_export,
-                "eval": cmd_eval}[args.command](args)
+            args.plugin_methods = getattr(args, "plugin_methods", []) + added
+            if not getattr(args, "quiet", False):
+                log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
+        return {"run": cmd_run, "check": cmd_check, "list": cmd_list, "report": cmd_report, "export": cmd_export,
+                "eval": cmd_eval, "reproduce": cmd_reproduce}[args.command](args)
     except UserError as exc:
-        print(f"prunebench: error: {exc}", file=sys.stderr)
+        print(f"prunebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prunebench: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not a user mistake: still one line, the traceback on request
+        if os.environ.get("PRUNEBENCH_DEBUG"):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"prunebench: internal error: {type(exc).__name__}: {first} "
+              f"(hint: rerun with PRUNEBENCH_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 3
+
+
+_EXAMPLES = {"--models": "--models smollm2-135m", "--methods": "--methods wanda,sparsegpt",
+             "--sparsities": "--sparsities 0.5,2:4"}
 
 
 def grid_from_args(args):
@@ -141,6 +185,9 @@ def grid_from_args(args):
     import dataclasses
 
     data = dataclasses.asdict(grid)
+    for flag, value in (("--models", args.models), ("--methods", args.methods), ("--sparsities", args.sparsities)):
+        if value is not None and not _csv(value):
+            raise UserError(f"{flag} {value!r} names nothing", hint=f"give a comma-separated list, e.g. {_EXAMPLES[flag]}")
     overrides = {"models": _csv(args.models), "methods": _csv(args.methods), "sparsities": _csv(args.sparsities),
                  "data_dir": args.data_dir, "device": args.device, "dtype": args.dtype, "seed": args.seed}
     if overrides["methods"] is not None:
@@ -158,16 +205,13 @@ def grid_from_args(args):
             data[k] = v
     if args.no_dense:
         data["include_dense"] = False
-    cal = {"dataset": args.calibration, "n_samples": args.n_samples, "seqlen": args.seqlen}
+    cal = {"dataset": args.calibration, "n_samples": args.n_samples, "seqlen": args.seqlen, "encoding": args.encoding}
     data["calibration"].update({k: v for k, v in cal.items() if v is not None})
-    ev = {"seqlen": args.seqlen, "perplexity": _csv(args.ppl), "limit": args.limit, "batch_size": args.batch_size}
+    ev = {"seqlen": args.seqlen, "perplexity": _csv(args.ppl), "limit": args.limit, "batch_size": args.batch_size,
+          "encoding": args.encoding, "max_ppl_windows": args.max_ppl_windows}
     if args.tasks is not None:
         ev["tasks"] = [] if args.tasks.strip().lower() in ("", "none") else _csv(args.tasks)
     data["eval"].update({k: v for k, v in ev.items() if v is not None})
-    if data.get("data_dir"):
-        from .data import _check_data_dir
-
-        _check_data_dir(data["data_dir"])
     return grid_from_dict(data, where="command line")
 
 
@@ -194,16 +238,21 @@ def executor_from_args(args):
 def cmd_run(args) -> int:
     from .runner import run_grid
 
+    from .validate import check_grid, check_results_dir
+
     grid = grid_from_args(args)
-    cells = grid.cells()  # validates methods, patterns and configs before anything runs
+    executor = executor_from_args(args)
+    cells = check_grid(grid)  # everything checkable before a model loads
     if args.dry_run:
         from .records import load_records
 
+        if Path(args.results).exists():
+            check_results_dir(args.results, create=False)
         done = {r["key"] for r in load_records(args.results)[0] if r.get("status") == "ok"}
         for c in cells:
             print(f"{'done' if c.key in done else 'todo'}  {c.key[:12]}  {c.label}")
         return 0
-    summary = run_grid(grid, args.results, force=args.force, progress=not args.quiet, executor=executor_from_args(args),
+    summary = run_grid(grid, args.results, force=args.force, progress=not args.quiet, executor=executor,
                        save_masks=args.save_masks, lock_stale_s=args.lock_timeout, plugins=args.plugin)
     busy = f", {summary.busy} left to another runner" if summary.busy else ""
     print(f"{summary.total} cells: {summary.ok} ran ok, {summary.skipped} skipped (already done), "
@@ -217,6 +266,27 @@ def cmd_run(args) -> int:
                 print(f"  failed: {r['model']['id']} | {r['method']['name']} | {r['sparsity']['label']}: {r['error']}",
                       file=sys.stderr)
     return summary.exit_code
+
+
+def cmd_check(args) -> int:
+    from . import registry
+    from .conformance import check_method
+    from .models import TINY_FAMILIES
+
+    families = _csv(args.families) or list(TINY_FAMILIES)
+    unknown = [f for f in families if f not in TINY_FAMILIES]
+    if unknown:
+        raise UserError(f"unknown tiny family {unknown[0]!r}", hint=f"use {', '.join(TINY_FAMILIES)}")
+    methods = [registry.resolve(m) for m in _csv(args.methods)] if args.methods else \
+        (getattr(args, "plugin_methods", None) or [m for m in registry.available() if m != "dense"])
+    outcomes = []
+    for method in methods:
+        for outcome in check_method(method, families=families):
+            print(outcome.line(), flush=True)
+            outcomes.append(outcome)
+    passed = sum(o.ok for o in outcomes)
+    print(f"{passed} of {len(outcomes)} checks passed ({', '.join(methods)} on tiny {', '.join(families)})")
+    return 0 if outcomes and passed == len(outcomes) else 1
 
 
 def cmd_list(args) -> int:
@@ -239,7 +309,12 @@ def cmd_list(args) -> int:
 
 def cmd_report(args) -> int:
     from .report.build import build_report
+    from .validate import check_results_dir
 
+    if not args.paper:
+        check_results_dir(args.results, create=False)
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a file, not a directory", hint="give a directory for the report")
     text = build_report(args.results, out_dir=args.out, fmt=args.format, paper=args.paper)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 0
@@ -247,7 +322,11 @@ def cmd_report(args) -> int:
 
 def cmd_export(args) -> int:
     from .artifacts import export_checkpoint
+    from .validate import check_results_dir
 
+    check_results_dir(args.results, create=False)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UserError(f"--out {args.out!r} is a file, not a directory", hint="give a new or empty directory")
     out = export_checkpoint(args.results, args.out, key=args.key, model=args.model, method=args.method,
                             sparsity=args.sparsity)
     print(f"wrote {out} (HF checkpoint, safetensors) and {out / 'sparsity_report.json'}")
@@ -259,21 +338,59 @@ def cmd_eval(args) -> int:
     from .data import eval_tokens
     from .evaluate.perplexity import perplexity
 
+    from .data import _check_data_dir, check_dataset_name
+    from .validate import check_device
+
     if args.seqlen < 2:
         raise UserError(f"--seqlen must be at least 2, got {args.seqlen}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise UserError(f"--max-windows must be 1 or more, got {args.max_windows}", hint="leave it out to score every window")
+    datasets = _csv(args.ppl) or []
+    if not datasets:
+        raise UserError("--ppl names no dataset", hint="e.g. --ppl lee or --ppl path/to/text.txt")
+    if args.data_dir:
+        _check_data_dir(args.data_dir)
+    for dataset in datasets:
+        check_dataset_name(dataset, "a perplexity dataset")
+    check_device(args.device)
+    if not Path(args.masks).is_file():
+        raise UserError(f"masks file {args.masks!r} does not exist", hint="run with --save-masks first")
+    if args.model is not None:
+        from .models import check_model_spec
+
+        check_model_spec(args.model)
     loaded, meta = load_masked_model(args.masks, args.model, dtype=args.dtype)
+    from .models import max_positions
+
+    limit = max_positions(args.model or meta["model"])
+    if limit is not None and args.seqlen > limit:
+        raise UserError(f"--seqlen {args.seqlen} exceeds the model's position limit of {limit}", hint=f"use --seqlen {limit} or less")
     loaded.model.to(args.device)
     results = {}
-    for dataset in _csv(args.ppl) or []:
-        ids = eval_tokens(loaded.tokenizer, dataset, args.data_dir)
+    for dataset in datasets:
+        ids = eval_tokens(loaded.tokenizer, dataset, args.data_dir, encoding=args.encoding)
         results[dataset] = perplexity(loaded.model, ids, args.seqlen, batch_size=args.batch_size, device=args.device,
                                       progress=not args.quiet, max_windows=args.max_windows)
     if args.json:
         print(json.dumps({"masks": args.masks, "model": args.model or meta["model"], "perplexity": results}, indent=2))
     else:
         for dataset, r in results.items():
-            print(f"{dataset}: perplexity {r['value']:.4f} ({r['n_windows']} windows of {r['seqlen']})")
+            value = "diverged" if r.get("value") is None else f"{r['value']:.4f}"
+            print(f"{dataset}: perplexity {value} ({r['n_windows']} windows of {r['seqlen']})")
     return 0
+
+
+def cmd_reproduce(args) -> int:
+    from .reproduce import ACC_ABS_TOL, PPL_REL_TOL, Tolerance, reproduce
+
+    tol = Tolerance(ppl_rel=PPL_REL_TOL if args.tolerance_ppl is None else args.tolerance_ppl,
+                    acc_abs=ACC_ABS_TOL if args.tolerance_acc is None else args.tolerance_acc)
+    if tol.ppl_rel < 0 or tol.acc_abs < 0:
+        raise UserError("tolerances must not be negative")
+    return reproduce(args.fresh, args.reference, tolerance=tol, write_reference_report=args.write_reference_report,
+                     require_identical_masks=args.require_identical_masks)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ import yaml
 from . import registry
 from .errors import UserError
 from .registry import config_to_dict
+from .typecheck import check_fields
 from .sparsity import SparsitySpec
 
-SCHEMA_VERSION = 1
+# 2: keys hold content fingerprints (model file, texts, method and evaluation code) and the device.
+SCHEMA_VERSION = 2
 DENSE = "dense"
 
 
@@ -38,7 +40,13 @@ class MethodSpec:
             return cls(name=registry.resolve(value))
         if isinstance(value, dict):
             _reject_unknown(value, cls, "method")
-            return cls(name=registry.resolve(value["name"]), config=dict(value.get("config") or {}))
+            if "name" not in value:
+                raise UserError(f"method entry {value!r} has no name"[:200], hint="write {name: leap, config: {...}}")
+            config = value.get("config") or {}
+            if not isinstance(config, dict):
+                raise UserError(f"method {value['name']!r}: config must be a mapping, got {config!r}"[:200],
+                                hint="write config: {option: value}")
+            return cls(name=registry.resolve(value["name"]), config=dict(config))
         raise UserError(f"cannot read method entry {value!r}", hint="write a name or {name: ..., config: {...}}")
 
     def resolved_config(self) -> dict:
@@ -52,17 +60,19 @@ class CalibrationSpec:
     n_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    encoding: str = "utf-8"  # for a dataset named by a text path
 
 
 @dataclass
 class EvalSpec:
-    perplexity: list = field(default_factory=lambda: ["wikitext2"])
+    perplexity: list = field(default_factory=lambda: ["wikitext2"])  # dataset names or text paths
     seqlen: int = 2048
     tasks: list = field(default_factory=list)  # lm-eval task names or presets; [] = none
     limit: Optional[int] = None  # documents per zero-shot task (quick runs)
     batch_size: int = 1  # perplexity windows per forward
     zeroshot_batch_size: int = 16  # lm-eval requests per forward (set on HFLM)
     max_ppl_windows: Optional[int] = None
+    encoding: str = "utf-8"  # for perplexity text named by a path
 
 
 @dataclass
@@ -105,7 +115,12 @@ class GridSpec:
     def _cell(self, model, method, sparsity) -> "CellSpec":
         return CellSpec(model=model, method=method.name, method_config=method.resolved_config(),
                         sparsity=sparsity, calibration=self.calibration, eval=self.eval, seed=self.seed,
-                        dtype=self.dtype)
+                        dtype=self.dtype, device=self.device, data_dir=self.data_dir)
+
+
+def device_kind(device: str) -> str:
+    """The part of a device string that can change the numbers: cpu, cuda, mps (not the index)."""
+    return str(device).split(":", 1)[0].lower()
 
 
 @dataclass
@@ -118,19 +133,40 @@ class CellSpec:
     eval: EvalSpec
     seed: int
     dtype: str
+    device: str = "cpu"
+    data_dir: Optional[str] = None  # where local files are read from: not identity, their content is
 
     def identity(self) -> dict:
-        """What determines the result; hashed into the cell key.  Where files live does not."""
-        needs_calibration = registry.get(self.method).capabilities.needs_calibration
-        return {
-            "schema": SCHEMA_VERSION,
-            "model": self.model, "dtype": self.dtype,
-            "method": self.method, "method_config": self.method_config,
-            "sparsity": self.sparsity.to_dict(),
-            "calibration": dataclasses.asdict(self.calibration) if needs_calibration else None,
-            "eval": dataclasses.asdict(self.eval),
-            "seed": self.seed,
-        }
+        """Everything that changes the cell's numbers, hashed into its key: content fingerprints
+        of the model file and of the calibration and evaluation text (never a path or a dataset
+        name), the dtype, the device, the seed, and the method's and the evaluation's code."""
+        if getattr(self, "_identity", None) is None:
+            from .data import text_fingerprint
+            from .identity import evaluation_code_sha256, method_identity
+            from .models import model_fingerprint
+
+            pruner = registry.create(self.method, self.method_config)
+            calibration = None
+            if pruner.capabilities.needs_calibration:
+                cs = self.calibration
+                calibration = {**dataclasses.asdict(cs),
+                               "text_sha256": text_fingerprint(cs.dataset, "calibration", self.data_dir, cs.encoding)["sha256"]}
+            ev = self.eval
+            evaluation = {**dataclasses.asdict(ev), "code_sha256": evaluation_code_sha256(),
+                          "texts_sha256": {ds: text_fingerprint(ds, "eval", self.data_dir, ev.encoding)["sha256"]
+                                           for ds in ev.perplexity},
+                          "tasks_data": tasks_data_fingerprint(ev.tasks, self.data_dir)}
+            self._identity = {
+                "schema": SCHEMA_VERSION,
+                "model": self.model, "model_fingerprint": model_fingerprint(self.model), "dtype": self.dtype,
+                "device": device_kind(self.device),
+                "method": self.method, "method_identity": method_identity(pruner), "method_config": self.method_config,
+                "sparsity": self.sparsity.to_dict(),
+                "calibration": calibration,
+                "eval": evaluation,
+                "seed": self.seed,
+            }
+        return self._identity
 
     @property
     def key(self) -> str:
@@ -145,6 +181,35 @@ class CellSpec:
         return f"{self.model} | {self.method} | {self.sparsity_label}"
 
 
+def tasks_data_fingerprint(tasks, data_dir) -> dict:
+    """What each zero-shot task's documents are: local files by content, the embedded tasks by the
+    held-out text they are built from, hub tasks by name and lm-eval version."""
+    if not tasks:
+        return {}
+    from .evaluate import zeroshot
+
+    out = {}
+    for task in zeroshot.resolve_tasks(tasks, data_dir=data_dir):
+        if task in zeroshot.EMBEDDED_TASKS:
+            from .data import text_fingerprint
+
+            out[task] = "embedded:" + text_fingerprint("lee", "eval")["sha256"]
+        elif data_dir is not None and task in zeroshot.LOCAL_TASKS:
+            from .identity import file_sha256, sha256_json, tree_sha256
+
+            files = {}
+            for rel in zeroshot.LOCAL_TASKS[task].inputs:
+                path = Path(data_dir) / "tasks" / rel
+                if not path.exists():
+                    raise UserError(f"zero-shot task {task!r}: {path} not found in the data directory",
+                                    hint="see shared/data/MANIFEST.md for the expected layout")
+                files[rel] = tree_sha256(path) if path.is_dir() else file_sha256(path)
+            out[task] = f"local:{sha256_json(files)}@lm_eval-{zeroshot._lm_eval_version()}"
+        else:
+            out[task] = f"hub:{task}@lm_eval-{zeroshot._lm_eval_version()}"
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -157,19 +222,40 @@ def _reject_unknown(data: dict, cls, where: str) -> None:
 
 def _build(cls, data: dict, where: str):
     if not isinstance(data, dict):
-        raise UserError(f"{where} must be a mapping, got {type(data).__name__}")
+        raise UserError(f"{where} must be a mapping, got {type(data).__name__}: {data!r}"[:200],
+                        hint=f"write {where}: {{key: value, ...}} with keys {', '.join(f.name for f in dataclasses.fields(cls))}")
     _reject_unknown(data, cls, where)
+    check_fields(cls, data, where)
     return cls(**data)
 
 
+def _check_items(data: dict, where: str) -> None:
+    """The list fields hold the right kinds of items (a YAML typo gives numbers or nested lists)."""
+    kinds = {"models": (str,), "methods": (str, dict), "sparsities": (str, int, float)}
+    for name, allowed in kinds.items():
+        for item in data.get(name) or []:
+            if isinstance(item, bool) or not isinstance(item, allowed):
+                what = " or ".join({str: "a string", dict: "a mapping", int: "a number", float: "a number"}[k] for k in allowed)
+                raise UserError(f"{where}: every entry of {name} must be {what}, got {item!r}"[:200],
+                                hint={"models": "e.g. models: [smollm2-135m]", "methods": "e.g. methods: [wanda, {name: leap, config: {steps: 10}}]",
+                                      "sparsities": "e.g. sparsities: ['0.5', '2:4']"}[name])
+
+
 def grid_from_dict(data: dict, where: str = "grid") -> GridSpec:
+    if not isinstance(data, dict):
+        raise UserError(f"{where} must be a mapping of grid keys, got {type(data).__name__}",
+                        hint="a grid file looks like: models: [...], methods: [...], sparsities: [...]")
     data = dict(data)
     if "preset" in data:
+        if not isinstance(data["preset"], str):
+            raise UserError(f"{where}: preset must be a name, got {data['preset']!r}"[:200], hint=f"known presets: {', '.join(PRESETS)}")
         base = dataclasses.asdict(preset(data.pop("preset")))
         for section in ("calibration", "eval"):
             if section in data:
                 merged = dict(base[section])
                 sub = data.pop(section) or {}
+                if not isinstance(sub, dict):
+                    raise UserError(f"{where}.{section} must be a mapping, got {sub!r}"[:200])
                 _reject_unknown(sub, CalibrationSpec if section == "calibration" else EvalSpec, f"{where}.{section}")
                 merged.update(sub)
                 base[section] = merged
@@ -178,14 +264,22 @@ def grid_from_dict(data: dict, where: str = "grid") -> GridSpec:
     for required in ("models", "methods"):
         if required not in data:
             raise UserError(f"{where} has no {required!r}", hint="a grid needs models and methods (or a preset)")
+    if isinstance(data.get("eval"), dict):
+        data["eval"] = dict(data["eval"])
+        for listy in ("perplexity", "tasks"):
+            if isinstance(data["eval"].get(listy), str):
+                data["eval"][listy] = [s.strip() for s in data["eval"][listy].split(",") if s.strip()]
     data["calibration"] = _build(CalibrationSpec, data.get("calibration") or {}, f"{where}.calibration")
     data["eval"] = _build(EvalSpec, data.get("eval") or {}, f"{where}.eval")
     for listy in ("models", "methods", "sparsities"):
-        if listy in data and isinstance(data[listy], (str, int, float)):
+        if listy in data and isinstance(data[listy], (str, int, float)) and not isinstance(data[listy], bool):
             data[listy] = [s.strip() for s in str(data[listy]).split(",") if s.strip()]
+    _check_items(data, where)
     grid = _build(GridSpec, data, where)
     if not grid.models:
         raise UserError("the grid has no models", hint="--models smollm2-135m")
+    if not grid.methods and not grid.include_dense:
+        raise UserError("the grid has no methods", hint="--methods wanda,sparsegpt (see `prunebench list`)")
     return grid
 
 

@@ -13,6 +13,7 @@ by `datasets` itself).
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -79,9 +80,65 @@ def _wikitext_rows_from_raw(path: Path) -> list[str]:
         return [line if line.strip() else "" for line in f.read().splitlines(keepends=True)]
 
 
-def documents(dataset: str, split: str, data_dir=None) -> list[str]:
-    """Raw documents of a dataset split ('calibration' / 'train' or 'eval' / 'test')."""
+TEXT_SUFFIX = ".txt"
+
+
+def is_text_path(dataset: str) -> bool:
+    """A dataset named by a path: a text file, or a folder of .txt files (one document each)."""
+    return isinstance(dataset, str) and (dataset.endswith(TEXT_SUFFIX) or "/" in dataset or os.sep in dataset
+                                         or Path(dataset).exists()) and dataset not in DATASETS
+
+
+def text_files(dataset: str) -> list[Path]:
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob(f"*{TEXT_SUFFIX}") if p.is_file())
+        if not files:
+            raise UserError(f"the folder {dataset!r} holds no {TEXT_SUFFIX} files", hint="name a text file or a folder of .txt files")
+        return files
+    raise UserError(f"no such text file or folder: {dataset!r}",
+                    hint=f"name one of {', '.join(DATASETS)}, a .txt file, or a folder of .txt files")
+
+
+def _read_text_files(dataset: str, encoding: str) -> list[str]:
+    docs = []
+    for path in text_files(dataset):
+        try:
+            docs.append(path.read_text(encoding=encoding))
+        except UnicodeDecodeError as exc:
+            raise UserError(f"{path} is not valid {encoding} text (byte {exc.start})",
+                            hint="pass --encoding with the file's encoding, e.g. latin-1") from None
+        except LookupError:
+            raise UserError(f"unknown text encoding {encoding!r}", hint="e.g. utf-8, latin-1, cp1252") from None
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    return docs
+
+
+def check_dataset_name(dataset, what: str) -> None:
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise UserError(f"{what} must be a dataset name or a text path, got {dataset!r}",
+                        hint=f"use one of {', '.join(DATASETS)}, a .txt file or a folder of .txt files")
+    if dataset in DATASETS:
+        return
+    if is_text_path(dataset):
+        text_files(dataset)
+        return
+    raise UserError(f"unknown dataset {dataset!r} for {what}",
+                    hint=f"use one of {', '.join(DATASETS)}, a .txt file or a folder of .txt files")
+
+
+def documents(dataset: str, split: str, data_dir=None, encoding: str = "utf-8") -> list[str]:
+    """Raw documents of a dataset split ('calibration' / 'train' or 'eval' / 'test').
+
+    A dataset named by a path (a .txt file or a folder of them) is the user's own text: all of it,
+    for whichever role it is named in.
+    """
     role = "calibration" if split in ("calibration", "train") else "eval"
+    if is_text_path(dataset):
+        return _read_text_files(dataset, encoding)
     if dataset == "lee":
         return embedded_documents(role)
     if dataset == "wikitext2":
@@ -145,15 +202,35 @@ def encode(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eval_tokens(tokenizer, dataset: str, data_dir=None, max_tokens: int | None = None) -> torch.Tensor:
-    """The evaluation text of a dataset as one id stream (documents joined with a blank line)."""
-    docs = documents(dataset, "eval", data_dir)
+def eval_text(dataset: str, data_dir=None, encoding: str = "utf-8") -> str:
+    """The evaluation text of a dataset, exactly as it is tokenised for perplexity."""
+    docs = documents(dataset, "eval", data_dir, encoding)
     if dataset == "c4":
         # SparseGPT/Wanda protocol: the first 1100 validation documents joined with spaces
-        text = " ".join(docs[:1100])
+        return " ".join(docs[:1100])
+    return DOC_SEPARATOR.join(docs)
+
+
+@functools.lru_cache(maxsize=64)
+def text_fingerprint(dataset: str, role: str, data_dir=None, encoding: str = "utf-8") -> dict:
+    """Content fingerprint of the text a cell calibrates or evaluates on (not its name or path):
+    {"sha256", "n_documents", "n_chars"}.  Part of every cell's key."""
+    if role == "eval":
+        text, n_docs = eval_text(dataset, data_dir, encoding), len(documents(dataset, "eval", data_dir, encoding))
     else:
-        text = DOC_SEPARATOR.join(docs)
-    ids = encode(tokenizer, text)
+        docs = documents(dataset, "calibration", data_dir, encoding)
+        text, n_docs = DOC_SEPARATOR.join(docs), len(docs)
+    out = {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "n_documents": n_docs, "n_chars": len(text)}
+    if is_text_path(dataset):
+        out["files"] = [str(p) for p in text_files(dataset)][:100]
+        out["encoding"] = encoding
+    return out
+
+
+def eval_tokens(tokenizer, dataset: str, data_dir=None, max_tokens: int | None = None,
+                encoding: str = "utf-8") -> torch.Tensor:
+    """The evaluation text of a dataset as one id stream (documents joined with a blank line)."""
+    ids = encode(tokenizer, eval_text(dataset, data_dir, encoding))
     return ids[:max_tokens] if max_tokens else ids
 
 
@@ -163,6 +240,7 @@ class WindowSpec:
     n_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
+    encoding: str = "utf-8"  # for a dataset named by a text path
 
 
 def _cached(kind: str, key: dict, build):
@@ -188,11 +266,12 @@ def calibration_windows(tokenizer, spec: WindowSpec, data_dir=None) -> tuple[tor
     seqlen and a random window inside it.  Corpora of short documents (Lee) are joined into one
     stream first, with random windows drawn from the stream.
     """
-    key = {"tok": tokenizer_fingerprint(tokenizer), "spec": spec.__dict__, "data_dir": str(data_dir) if data_dir else None,
-           "v": 1}
+    # Keyed by the text's content, so other text under the same name or path is never served stale.
+    key = {"tok": tokenizer_fingerprint(tokenizer), "spec": spec.__dict__,
+           "text": text_fingerprint(spec.dataset, "calibration", data_dir, spec.encoding)["sha256"], "v": 2}
 
     def build():
-        docs = documents(spec.dataset, "calibration", data_dir)
+        docs = documents(spec.dataset, "calibration", data_dir, spec.encoding)
         rng = random.Random(spec.seed)
         windows = []
         if spec.dataset in ("c4", "redpajama"):
@@ -232,7 +311,8 @@ def stream_windows(tokenizer, dataset: str, seqlen: int, data_dir=None, max_wind
     small cycled set (LEAP.md section 6).
     """
     key = {"tok": tokenizer_fingerprint(tokenizer), "dataset": dataset, "seqlen": seqlen, "split": split,
-           "data_dir": str(data_dir) if data_dir else None, "max": max_windows, "v": 1}
+           "text": text_fingerprint(dataset, "eval" if split == "eval" else "calibration", data_dir)["sha256"],
+           "max": max_windows, "v": 2}
 
     def build():
         stream = encode(tokenizer, DOC_SEPARATOR.join(documents(dataset, split, data_dir)))

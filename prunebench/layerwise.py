@@ -156,6 +156,19 @@ def run_block(block: nn.Module, hidden: list, args, kwargs, device, activation_d
     return outs
 
 
+def _check_linear_result(name: str, result, weight: torch.Tensor) -> None:
+    """A method's answer for one matrix must be a bool keep-mask (and weights) of its shape: a
+    float mask would scale the weights instead of pruning them."""
+    mask = getattr(result, "mask", None)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"{name}: prune_linear must return a bool keep-mask, got "
+                        f"{type(mask).__name__ if not isinstance(mask, torch.Tensor) else mask.dtype}")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{name}: mask shape {tuple(mask.shape)} differs from the weight's {tuple(weight.shape)}")
+    if result.weight is not None and tuple(result.weight.shape) != tuple(weight.shape):
+        raise ValueError(f"{name}: returned weight shape {tuple(result.weight.shape)} differs from {tuple(weight.shape)}")
+
+
 def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
     """Prune every decoder linear with `pruner.prune_linear`, block by block, sequentially."""
     spec = ctx.sparsity.resolved(pruner.default_scope)
@@ -193,6 +206,7 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
             weight = weight_matrix(module).detach().to(device=device, dtype=torch.float32, copy=True).contiguous()
             result = pruner.prune_linear(weight, stats.get(name, LayerStats(n_tokens=0)), spec, ctx)
             new_weight = result.weight if result.weight is not None else weight
+            _check_linear_result(full_name, result, weight)
             mask = result.mask.to(new_weight.device)
             set_weight_matrix(module, new_weight * mask)
             report.warnings.extend(f"{full_name}: {w}" for w in result.warnings)

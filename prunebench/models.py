@@ -12,10 +12,13 @@ family name, so new families work without code here.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,8 +57,18 @@ def resolve_dtype(name) -> torch.dtype:
         raise UserError(f"unknown dtype {name!r}", hint=f"use one of {', '.join(DTYPES)}") from None
 
 
+MAX_SPEC_CHARS = 300
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
 def check_model_spec(spec: str) -> None:
     """Reject a model spec that cannot name anything, before any cell runs."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError(f"a model spec must be a non-empty string, got {spec!r}"[:200],
+                        hint=f"use {EMBEDDED_MODEL}, tiny:<{'|'.join(TINY_FAMILIES)}>, a .gguf file, a local directory or an HF id org/name")
+    if len(spec) > MAX_SPEC_CHARS:
+        raise UserError(f"model spec of {len(spec)} characters is too long to name a model ({spec[:40]}...)",
+                        hint="give a model id, a .gguf file or a directory")
     if spec == EMBEDDED_MODEL:
         return
     if spec.startswith("tiny:"):
@@ -68,8 +81,7 @@ def check_model_spec(spec: str) -> None:
         return
     if Path(spec).is_dir():
         return
-    parts = spec.split("/")
-    if len(parts) != 2 or not all(parts) or spec.startswith("."):
+    if not _HUB_ID.fullmatch(spec):
         raise UserError(f"unknown model {spec!r}",
                         hint=f"use {EMBEDDED_MODEL}, tiny:<{'|'.join(TINY_FAMILIES)}>, a .gguf file, a local directory or an HF id org/name")
 
@@ -165,11 +177,106 @@ def _load_embedded(dtype) -> LoadedModel:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+    from .identity import file_sha256 as cached_sha256
+
+    return cached_sha256(path)
+
+
+@functools.lru_cache(maxsize=32)
+def model_fingerprint(spec: str, revision: str | None = None) -> dict:
+    """What the weights are, without loading them: a content hash of the file(s), or for a hub
+    id the commit it resolves to in the local cache ("unresolved" when not cached)."""
+    check_model_spec(spec)
+    if spec == EMBEDDED_MODEL:
+        return {"kind": "embedded", "sha256": file_sha256(embedded_gguf_path())}
+    if spec.startswith("tiny:"):
+        # Random weights from a fixed seed: the architecture and the transformers version decide them.
+        from importlib.metadata import version
+
+        family = spec.split(":", 1)[1]
+        config = tiny_config(family, vocab_size=257).to_dict()
+        return {"kind": "tiny", "sha256": hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest(),
+                "transformers": version("transformers")}
+    if spec.endswith(".gguf"):
+        return {"kind": "gguf", "sha256": file_sha256(Path(spec))}
+    if Path(spec).is_dir():
+        from .identity import tree_sha256
+
+        return {"kind": "directory", "sha256": tree_sha256(spec)}
+    return {"kind": "hub", "id": spec, "revision": _cached_hub_commit(spec, revision or "main") or f"unresolved:{revision or 'main'}"}
+
+
+def _cached_hub_commit(repo_id: str, revision: str) -> str | None:
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:
+        return None
+    ref = Path(HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    try:
+        return ref.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def max_positions(spec: str) -> int | None:
+    """The model's position limit from its config (no weights loaded); None when unknown."""
+    try:
+        if spec.startswith("tiny:"):
+            config = tiny_config(spec.split(":", 1)[1], vocab_size=257)
+        elif spec == EMBEDDED_MODEL or spec.endswith(".gguf"):
+            return _gguf_context_length(embedded_gguf_path() if spec == EMBEDDED_MODEL else Path(spec))
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(spec)
+    except UserError:
+        raise
+    except Exception:  # no config reachable (offline hub id): the load itself will say so
+        return None
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+@functools.lru_cache(maxsize=8)
+def _gguf_context_length(path: Path) -> int | None:
+    """`<arch>.context_length` from a GGUF header, reading only the metadata before it (gguf's
+    own reader parses every tensor first: ~9 s for the embedded model)."""
+    import struct
+
+    def read(f, fmt):
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, f.read(size))[0]
+
+    def skip_value(f, vtype):
+        if vtype == 8:
+            f.seek(read(f, "<Q"), 1)
+        elif vtype == 9:
+            etype, count = read(f, "<I"), read(f, "<Q")
+            for _ in range(count):
+                skip_value(f, etype)
+        else:
+            f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file", hint="give a .gguf model file")
+        read(f, "<I")
+        read(f, "<Q")
+        for _ in range(read(f, "<Q")):
+            key = f.read(read(f, "<Q")).decode("utf-8", "replace")
+            vtype = read(f, "<I")
+            if key.endswith(".context_length") and vtype in _GGUF_SCALARS:
+                return int(read(f, _GGUF_SCALARS[vtype]))
+            skip_value(f, vtype)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the first lookup, so importing prunebench has no side effects.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import logging
@@ -23,6 +24,7 @@ from .errors import UserError
 from .sparsity import SparsitySpec
 
 ENTRY_POINT_GROUP = "prunebench.methods"
+log = logging.getLogger("prunebench")
 
 # Statistics a layer-wise method can ask the engine for.
 STATS_NONE = "none"
@@ -98,6 +100,8 @@ class Pruner:
     Config: ClassVar[type]
     capabilities: ClassVar[Capabilities] = Capabilities()
     summary: ClassVar[str] = ""
+    # Framework modules whose code decides this method's result (part of its identity).
+    engine_modules: ClassVar[tuple] = ()
 
     def __init__(self, config=None, **overrides):
         self.config = make_config(self.Config, config, overrides)
@@ -106,6 +110,11 @@ class Pruner:
         if spec.pattern not in self.capabilities.patterns:
             raise UserError(f"method {self.name!r} does not support the {spec.pattern_name} pattern",
                             hint=f"it supports: {', '.join(self.capabilities.patterns)}")
+
+    def uses_methods(self) -> tuple:
+        """Registered methods this configuration calls (e.g. LEAP's Wanda prior): their code is
+        part of this method's identity."""
+        return ()
 
     def prune(self, model, ctx: PruneContext) -> PruneReport:
         raise NotImplementedError
@@ -119,6 +128,7 @@ class LayerwisePruner(Pruner):
     """
 
     default_scope: ClassVar[str] = "row"  # for unstructured specs that do not name a scope
+    engine_modules: ClassVar[tuple] = ("prunebench.layerwise",)
 
     def prune_linear(self, weight: torch.Tensor, stats: LayerStats, spec: SparsitySpec,
                      ctx: PruneContext) -> LinearResult:
@@ -133,7 +143,9 @@ class LayerwisePruner(Pruner):
 
 
 def make_config(config_cls, config=None, overrides=None):
-    """Build a config dataclass from a dict or instance; unknown keys are an error."""
+    """Build a config dataclass from a dict or instance; unknown keys and wrong types are errors."""
+    from .typecheck import check_fields
+
     overrides = dict(overrides or {})
     if config is None:
         base = {}
@@ -142,14 +154,21 @@ def make_config(config_cls, config=None, overrides=None):
     elif isinstance(config, dict):
         base = dict(config)
     else:
-        raise TypeError(f"config must be a dict or {config_cls.__name__}, got {type(config).__name__}")
+        raise UserError(f"a method config must be a mapping, got {type(config).__name__}: {config!r}"[:200],
+                        hint="write config: {option: value, ...}")
     base.update(overrides)
     known = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = sorted(set(base) - known)
+    unknown = sorted(set(map(str, base)) - known)
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)} for {config_cls.__qualname__}",
                         hint=f"known options: {', '.join(sorted(known)) or 'none'}")
-    return config_cls(**base)
+    check_fields(config_cls, base, config_cls.__qualname__)
+    try:
+        return config_cls(**base)
+    except (TypeError, ValueError) as exc:  # a config's own __post_init__ validation
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"invalid {config_cls.__qualname__}: {exc}") from None
 
 
 def config_to_dict(config) -> dict:
@@ -161,28 +180,73 @@ def config_to_dict(config) -> dict:
 
 _METHODS: dict[str, type] = {}
 _ALIASES: dict[str, str] = {}
+_ORIGINS: dict[str, dict] = {}  # name -> {"kind": builtin | plugin | entry_point, ...}
 _loaded = {"builtins": False, "entry_points": False}
+# Set while a plugin file or entry point is being imported, so @register knows where a class came from.
+_importing: dict = {"origin": None}
+# Built-in names the user explicitly allowed a plugin to replace (--replace NAME).
+_replaceable: set = set()
+
+
+def allow_replacing(names) -> None:
+    """Let a plugin take these built-in names: the user asked for it explicitly."""
+    _replaceable.update(n.strip().lower() for n in names if n.strip())
+
+
+def _same_class(a: type, b: type) -> bool:
+    return a.__module__ == b.__module__ and a.__qualname__ == b.__qualname__
 
 
 def register(cls=None, *, name: str | None = None, aliases: tuple = ()):
-    """Class decorator: `@register` or `@register(name="x", aliases=("y",))`."""
+    """Class decorator: `@register` or `@register(name="x", aliases=("y",))`.
+
+    A name (or alias) that another method already holds is refused, so a plugin can never pass
+    its records off as a built-in's; the user may allow it for one name with `--replace NAME`,
+    and the records then carry the plugin's identity.
+    """
 
     def wrap(klass):
         key = (name or klass.name or "").lower()
         if not key:
-            raise ValueError(f"{klass.__name__} needs a name")
+            raise UserError(f"{klass.__name__} needs a name", hint="set name = \"...\" on the class or @register(name=...)")
         if not issubclass(klass, Pruner):
-            raise TypeError(f"{klass.__name__} must subclass prunebench.registry.Pruner")
+            raise UserError(f"{klass.__name__} must subclass prunebench.registry.Pruner")
+        origin = dict(_importing["origin"] or {"kind": "builtin"})
+        _load_builtins_for(origin)
         existing = _METHODS.get(key)
-        if existing is not None and existing.__qualname__ != klass.__qualname__:
-            raise ValueError(f"method name {key!r} is already taken by {existing.__module__}.{existing.__qualname__}")
+        replaces = False
+        if existing is not None and not _same_class(existing, klass):
+            if key in _replaceable and origin["kind"] != "builtin":
+                replaces = _ORIGINS.get(key, {}).get("kind") == "builtin"
+                log.warning("method %r: the plugin %s replaces %s.%s (--replace)", key, origin.get("file"),
+                            existing.__module__, existing.__qualname__)
+            else:
+                raise UserError(f"method name {key!r} is already taken by {existing.__module__}.{existing.__qualname__}",
+                                hint=f"give the plugin another name, or pass --replace {key} to use it instead")
+        all_aliases = [a.lower() for a in tuple(aliases) + tuple(getattr(klass, "aliases", ()))]
+        for alias in all_aliases:
+            holder = _ALIASES.get(alias, alias if alias in _METHODS else None)
+            if holder is not None and holder != key and not (holder in _replaceable and origin["kind"] != "builtin"):
+                raise UserError(f"alias {alias!r} of method {key!r} is already taken by method {holder!r}",
+                                hint="choose another alias")
         klass.name = key
         _METHODS[key] = klass
-        for alias in tuple(aliases) + tuple(getattr(klass, "aliases", ())):
-            _ALIASES[alias.lower()] = key
+        _ORIGINS[key] = {**origin, "replaces_builtin": replaces or _ORIGINS.get(key, {}).get("replaces_builtin", False)}
+        for alias in all_aliases:
+            _ALIASES[alias] = key
         return klass
 
     return wrap(cls) if cls is not None else wrap
+
+
+def _load_builtins_for(origin: dict) -> None:
+    # A plugin registers only after the built-ins are known, so a clash is always detected.
+    if origin["kind"] != "builtin":
+        _load_builtins()
+
+
+def origin(name: str) -> dict:
+    return dict(_ORIGINS.get(resolve(name), {"kind": "builtin"}))
 
 
 def _load_builtins() -> None:
@@ -191,35 +255,88 @@ def _load_builtins() -> None:
     _loaded["builtins"] = True
     import prunebench.methods as pkg
 
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"prunebench.methods.{info.name}")
+    saved, _importing["origin"] = _importing["origin"], None
+    try:
+        for info in pkgutil.iter_modules(pkg.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"prunebench.methods.{info.name}")
+    finally:
+        _importing["origin"] = saved
 
 
 def _load_entry_points() -> None:
     if _loaded["entry_points"]:
         return
     _loaded["entry_points"] = True
+    _load_builtins()
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()  # a module that registers on import, or a Pruner class
-        if isinstance(obj, type) and issubclass(obj, Pruner) and obj.name not in _METHODS:
-            register(obj, name=obj.name or ep.name)
+        dist = getattr(ep, "dist", None)
+        _importing["origin"] = {"kind": "entry_point", "package": getattr(dist, "name", None),
+                                "package_version": getattr(dist, "version", None), "entry_point": getattr(ep, "value", None)}
+        try:
+            obj = ep.load()  # a module that registers on import, or a Pruner class
+            if isinstance(obj, type) and issubclass(obj, Pruner) and not any(
+                    _same_class(obj, c) for c in _METHODS.values()):
+                register(obj, name=obj.name or ep.name)
+        except UserError:
+            raise
+        except Exception as exc:
+            raise UserError(f"entry point {ep.name!r} ({getattr(ep, 'value', '?')}) of group {ENTRY_POINT_GROUP} failed to load: "
+                            f"{type(exc).__name__}: {exc}"[:300], hint="fix or uninstall that package") from None
+        finally:
+            _importing["origin"] = None
 
 
 def load_plugin(path) -> list[str]:
-    """Import a Python file that registers methods; returns the names it added."""
+    """Import a Python file that registers methods; returns the names it added or replaced.
+
+    Errors in the file (syntax, import, anything raised at import time) are one UserError that
+    names the file and line.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"plugin file {str(path)!r} does not exist", hint="pass --plugin path/to/method.py")
-    before = set(_METHODS)
-    mod_name = f"prunebench_plugin_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(mod_name, path)
+    _load_builtins()
+    before = {k: v for k, v in _METHODS.items()}
+    resolved = path.resolve()
+    mod_name = f"prunebench_plugin_{hashlib.sha256(str(resolved).encode()).hexdigest()[:16]}"
+    spec = importlib.util.spec_from_file_location(mod_name, resolved)
+    if spec is None or spec.loader is None:
+        raise UserError(f"plugin {str(path)!r} is not a Python file", hint="pass a .py file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
-    return sorted(set(_METHODS) - before)
+    _importing["origin"] = {"kind": "plugin", "file": str(resolved)}
+    try:
+        spec.loader.exec_module(module)
+    except UserError as exc:
+        sys.modules.pop(mod_name, None)
+        raise UserError(f"plugin {path}: {exc.message}", hint=exc.hint) from None
+    except SyntaxError as exc:
+        sys.modules.pop(mod_name, None)
+        raise UserError(f"plugin {path}, line {exc.lineno}: syntax error: {exc.msg}",
+                        hint="fix the file; `python -m py_compile FILE` shows the same") from None
+    except Exception as exc:
+        sys.modules.pop(mod_name, None)
+        line = _line_in(exc, resolved)
+        where = f"plugin {path}, line {line}" if line else f"plugin {path}"
+        raise UserError(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300],
+                        hint="the file must import and register without errors") from None
+    finally:
+        _importing["origin"] = None
+    return sorted(k for k, v in _METHODS.items() if before.get(k) is not v)
+
+
+def _line_in(exc: BaseException, file: Path) -> int | None:
+    """The last traceback line that lies in `file` (where the plugin's own code failed)."""
+    import traceback
+
+    line = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if Path(frame.filename).resolve() == file:
+            line = frame.lineno
+    return line
 
 
 def available() -> list[str]:
@@ -229,6 +346,9 @@ def available() -> list[str]:
 
 
 def resolve(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise UserError(f"a method name must be a non-empty string, got {name!r}"[:200],
+                        hint=f"known methods: {', '.join(available())}")
     key = name.strip().lower()
     available()
     key = _ALIASES.get(key, key)
@@ -257,6 +377,6 @@ def describe() -> list[dict]:
             elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 defaults[f.name] = f.default_factory()  # type: ignore[misc]
         aliases = sorted(a for a, k in _ALIASES.items() if k == key)
-        out.append({"name": key, "aliases": aliases, "summary": cls.summary,
+        out.append({"name": key, "aliases": aliases, "summary": cls.summary, "origin": origin(key),
                     "capabilities": cls.capabilities.to_dict(), "defaults": defaults})
     return out

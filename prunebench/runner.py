@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import logging
+import os
 import platform
 import resource
+import shutil
 import subprocess
 import time
 import traceback
@@ -21,14 +24,17 @@ import torch
 
 from . import __version__, registry
 from .config import DENSE, CellSpec, GridSpec
-from .data import WindowSpec, calibration_windows, eval_tokens
+from .data import WindowSpec, calibration_windows, eval_tokens, text_fingerprint
+from .environment_lock import lock_fingerprint
 from .errors import UserError
 from .evaluate.perplexity import perplexity
-from .models import all_prunable, load_model, restore_prunable, snapshot_prunable
+from .models import all_prunable, load_model, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
-from .records import SCHEMA_VERSION, atomic_write_json, cell_record_path, load_records, read_record, record_path
+from .checks import SPARSITY_TOLERANCE, OutputCheckError, check_output, effective_scope
+from .records import (SCHEMA_VERSION, atomic_write_json, attempt_path, cell_record_path, load_records, read_record,
+                      record_path, sanitize_nonfinite)
 from .registry import PruneContext
-from .sparsity import measure_sparsity
+from .sparsity import measure_sparsity, pack_mask
 
 log = logging.getLogger("prunebench")
 
@@ -57,8 +63,11 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
     """Run every cell without an ok record, through `executor` (default: in this process)."""
     from .executors import LocalExecutor
 
+    from .validate import check_grid, check_results_dir
+
     results_dir = Path(results_dir)
-    cells = grid.cells()
+    cells = check_grid(grid)  # everything checkable before a model loads; nothing written yet
+    check_results_dir(results_dir, create=True)
     if only_keys is not None:
         cells = [c for c in cells if c.key in only_keys]
     existing, _ = load_records(results_dir)
@@ -191,7 +200,8 @@ class ModelSession:
 
     def eval_ids(self, dataset: str):
         if dataset not in self._eval_tokens:
-            self._eval_tokens[dataset] = eval_tokens(self._loaded.tokenizer, dataset, self.grid.data_dir)
+            self._eval_tokens[dataset] = eval_tokens(self._loaded.tokenizer, dataset, self.grid.data_dir,
+                                                     encoding=self.grid.eval.encoding)
         return self._eval_tokens[dataset]
 
     def close(self):
@@ -201,9 +211,13 @@ class ModelSession:
 
 def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir: Path, *, progress=True,
              save_masks: bool = False) -> dict:
+    """Prune, check, evaluate and record one cell.  The record says ok only after the method's
+    output passed every check in prunebench.checks; anything else is a failed record with a
+    one-line reason, and a previous ok record of the same cell is never replaced by a failure."""
     record = _record_skeleton(cell, grid)
     if grid.device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    lm_eval_tmp = None
     try:
         loaded = session.get()
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -216,8 +230,9 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         if pruner.capabilities.needs_calibration:
             cs = cell.calibration
             calibration, fingerprint = calibration_windows(
-                tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cs.seed), grid.data_dir)
-            record["calibration"] = {**dataclasses.asdict(cs), "fingerprint": fingerprint}
+                tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cs.seed, cs.encoding), grid.data_dir)
+            record["calibration"] = {**dataclasses.asdict(cs), "fingerprint": fingerprint,
+                                     "text": text_fingerprint(cs.dataset, "calibration", grid.data_dir, cs.encoding)}
         work_dir = Path(results_dir) / "work" / cell.key[:16]
         ctx = PruneContext(sparsity=cell.sparsity, calibration=calibration, device=grid.device, seed=cell.seed,
                            progress=progress, logger=log, registry=registry, tokenizer=tokenizer,
@@ -228,14 +243,20 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         record["timing"]["prune_s"] = round(time.perf_counter() - t0, 3)
         record["warnings"].extend(report.warnings)
         record["method"]["stats"] = _small(report.stats)
-        if report.stats.get("scope"):
-            record["sparsity"]["scope"] = report.stats["scope"]  # the scope the method actually used
 
-        measured = measure_sparsity((name, m.weight) for name, m in all_prunable(model).items())
+        named = [(name, weight_matrix(m)) for name, m in all_prunable(model).items()]
+        scope = None if cell.method == DENSE else effective_scope(cell.sparsity, report.stats.get("scope"))
+        if scope:
+            record["sparsity"]["scope"] = scope  # the scope the method actually used (and was checked at)
+        check_output(named, cell.sparsity, scope, dense=cell.method == DENSE)
+        measured = measure_sparsity(named)
         record["sparsity"]["achieved"] = measured["overall"]
         record["sparsity"]["per_layer"] = measured["per_layer"]
+        record["sparsity"]["mask_sha256"] = mask_fingerprint(named)
+        record["sparsity"]["checked"] = {"finite": True, "pattern": cell.sparsity.pattern_name,
+                                         "scope": scope, "tolerance": SPARSITY_TOLERANCE}
         off = abs(measured["overall"] - cell.sparsity.target) * 100
-        if off > OFF_TARGET_PP:
+        if off > OFF_TARGET_PP and cell.method != DENSE:
             record["warnings"].append(f"achieved sparsity {measured['overall']:.4f} is {off:.2f} points off the "
                                       f"target {cell.sparsity.target:.4f}")
         if save_masks and cell.method != DENSE:
@@ -244,40 +265,97 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
             record["artifacts"] = save_cell_masks(model, results_dir, record, dense_snapshot=session._snapshot)
 
         t1 = time.perf_counter()
-        record["eval"] = evaluate_cell(model, tokenizer, cell, session, grid, results_dir, record, progress)
+        lm_eval_tmp = _lm_eval_dir(results_dir, record).with_name(_lm_eval_dir(results_dir, record).name + f".tmp{os.getpid()}")
+        record["eval"] = evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_tmp, progress)
         record["timing"]["eval_s"] = round(time.perf_counter() - t1, 3)
         record["status"] = "ok"
     except KeyboardInterrupt:
         raise
+    except OutputCheckError as exc:  # the method ran, but its output is not what the cell asked for
+        record["status"] = "failed"
+        record["error"] = f"output check failed: {exc}"
     except Exception as exc:  # a failing cell is recorded and the grid goes on
         record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
         record["traceback"] = traceback.format_exc(limit=8)
     record["memory"] = _memory(grid.device)
-    record["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    atomic_write_json(record_path(results_dir, record), record)
+    record["created_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+    replaced = sanitize_nonfinite(record)
+    if replaced:
+        record["warnings"].append(f"non-finite values stored as null: {', '.join(replaced[:10])}"
+                                  + (f" and {len(replaced) - 10} more" if len(replaced) > 10 else ""))
+    write_cell_record(results_dir, record, lm_eval_tmp)
     return record
 
 
-def evaluate_cell(model, tokenizer, cell, session, grid, results_dir, record, progress) -> dict:
+def _lm_eval_dir(results_dir, record) -> Path:
+    return Path(results_dir) / "records" / (record_path(results_dir, record).stem + ".lm_eval")
+
+
+def write_cell_record(results_dir, record: dict, lm_eval_tmp: Path | None = None) -> Path:
+    """Write a finished cell's record without ever losing a good one.
+
+    ok: becomes the cell's record; the one it replaces (a previous ok of a --force rerun, or a
+    failure) moves to records/attempts/.  failed: if the cell already has an ok record, that stays
+    and the failure is kept beside it in records/attempts/ (the report shows the last attempt's
+    status); otherwise it becomes the cell's record.
+    """
+    path = record_path(results_dir, record)
+    previous = None
+    try:
+        previous = read_record(path)
+    except (OSError, ValueError):
+        pass
+    if record["status"] != "ok" and previous is not None and previous.get("status") == "ok":
+        attempt = attempt_path(results_dir, record)
+        atomic_write_json(attempt, record)
+        if lm_eval_tmp is not None and lm_eval_tmp.exists():
+            shutil.rmtree(lm_eval_tmp, ignore_errors=True)
+        return attempt
+    if previous is not None:
+        atomic_write_json(attempt_path(results_dir, previous), previous)
+    if lm_eval_tmp is not None and lm_eval_tmp.exists():
+        final = _lm_eval_dir(results_dir, record)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(lm_eval_tmp, final)
+    atomic_write_json(path, record)
+    return path
+
+
+def evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_dir, progress) -> dict:
     out = {"perplexity": {}, "zeroshot": {}}
     ev = cell.eval
     for dataset in ev.perplexity:
         ids = session.eval_ids(dataset)
         result = perplexity(model, ids, ev.seqlen, batch_size=ev.batch_size, device=grid.device, progress=progress,
                             max_windows=ev.max_ppl_windows)
+        # Which text, and which part of it, was scored.
+        result["text"] = text_fingerprint(dataset, "eval", grid.data_dir, ev.encoding)
+        result["stream_tokens"] = int(ids.numel())
+        result["scored"] = (f"the first {result['n_windows']} non-overlapping windows of {ev.seqlen} tokens: "
+                            f"tokens 0-{result['n_windows'] * ev.seqlen - 1} of {int(ids.numel())}")
         out["perplexity"][dataset] = result
     if ev.tasks:
         from .evaluate.zeroshot import evaluate_zeroshot, resolve_tasks
 
         tasks = resolve_tasks(ev.tasks, data_dir=grid.data_dir)
-        lm_eval_dir = Path(results_dir) / "records" / (record_path(results_dir, record).stem + ".lm_eval")
         results = evaluate_zeroshot(model, tokenizer, tasks, data_dir=grid.data_dir, limit=ev.limit,
                                     batch_size=ev.zeroshot_batch_size, device=grid.device, output_dir=lm_eval_dir,
                                     seed=cell.seed)
         out["lm_eval_version"] = results.pop("lm_eval_version", None)
         out["zeroshot"] = results
     return out
+
+
+def mask_fingerprint(named_weights) -> str:
+    """sha256 of which weights are zero, layer by layer in name order: equal iff the masks are."""
+    h = hashlib.sha256()
+    for name, w in sorted(named_weights, key=lambda nw: nw[0]):
+        h.update(name.encode())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(pack_mask((w != 0).cpu()).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _record_skeleton(cell: CellSpec, grid: GridSpec) -> dict:
@@ -344,7 +422,8 @@ def environment(device: str) -> dict:
 
     env = {"prunebench": __version__, "torch": torch.__version__, "transformers": version("transformers"),
            "lm_eval": version("lm_eval"), "python": sys.version.split()[0], "platform": platform.platform(),
-           "device": device, "cpu_threads": torch.get_num_threads(), "git_sha": _git_sha()}
+           "device": device, "cpu_threads": torch.get_num_threads(), "git_sha": _git_sha(),
+           "lock": lock_fingerprint()}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     _ENV_CACHE[device] = env

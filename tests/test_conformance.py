@@ -1,51 +1,52 @@
-"""Every registered pruner, on tiny models of every family: achieved sparsity, valid pattern,
-and the same masks from the same seed."""
+"""Every registered pruner, on tiny models of every family: the runner's output checks (finite
+weights, valid pattern, achieved sparsity at the reported scope) and the same masks from the same
+seed.  The checks live in prunebench.conformance, which `prunebench check --plugin FILE` runs too."""
 import pytest
-import torch
 
 from prunebench import registry
-from prunebench.models import all_prunable, load_tiny, weight_matrix
-from prunebench.registry import PruneContext
-from prunebench.sparsity import SparsitySpec, is_valid_mask
+from prunebench.conformance import check_method
 
 from conftest import TINY_FAMILIES
-
-SPECS = ("0.5", "0.6@layer", "2:4")
-# Small settings so end-to-end methods finish in seconds; layer-wise methods use their defaults.
-FAST_CONFIGS = {"leap": {"preset": "tiny"}}
 
 
 def _methods():
     return [m for m in registry.available() if m != "dense"]
 
 
-def _prune(method, family, spec, calib, seed=0):
-    loaded = load_tiny(family, seed=0)
-    pruner = registry.create(method, FAST_CONFIGS.get(method, {}))
-    ctx = PruneContext(sparsity=spec, calibration=calib, seed=seed, progress=False, registry=registry,
-                       tokenizer=loaded.tokenizer, calibration_dataset="lee")
-    torch.manual_seed(seed)
-    pruner.prune(loaded.model, ctx)
-    # weight_matrix gives [out, in] for every storage (GPT-2's Conv1D stores [in, out])
-    return {name: weight_matrix(m).detach().clone() for name, m in all_prunable(loaded.model).items()}
-
-
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("method", _methods())
 def test_conformance(method, family, calib_windows):
-    cls = registry.get(method)
-    for text in SPECS:
-        spec = SparsitySpec.parse(text)
-        if spec.pattern not in cls.capabilities.patterns:
-            continue
-        weights = _prune(method, family, spec, calib_windows)
-        resolved = spec.resolved(getattr(cls, "default_scope", "row"))
-        total = sum(w.numel() for w in weights.values())
-        zeros = sum((w == 0).sum().item() for w in weights.values())
-        if spec.pattern == "nm":
-            for name, w in weights.items():
-                assert is_valid_mask(w != 0, resolved), f"{method} {family} {text}: {name} breaks {spec.pattern_name}"
-        assert zeros / total == pytest.approx(spec.target, abs=0.005), f"{method} {family} {text}: {zeros / total:.4f}"
-        again = _prune(method, family, spec, calib_windows)
-        for name in weights:
-            assert torch.equal(weights[name] != 0, again[name] != 0), f"{method} {family} {text}: {name} not deterministic"
+    outcomes = check_method(method, families=(family,), calibration=calib_windows)
+    assert outcomes, f"{method} supports none of the conformance specs"
+    failures = [o.line() for o in outcomes if not o.ok]
+    assert not failures, "\n".join(failures)
+
+
+def test_every_config_default_passes_its_own_type_check():
+    from prunebench.registry import make_config
+
+    for name in registry.available():
+        make_config(registry.get(name).Config, {})
+
+
+def test_the_check_command_runs_the_suite_on_a_plugin(tmp_path, capsys):
+    from prunebench.cli import main
+
+    good = tmp_path / "keep_large.py"
+    good.write_text(
+        "from dataclasses import dataclass\n"
+        "from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register\n"
+        "from prunebench.sparsity import mask_from_scores\n\n"
+        "@register\nclass KeepLarge(LayerwisePruner):\n    name = 'keep_large_test'\n"
+        "    capabilities = Capabilities(patterns=('unstructured', 'nm'), needs_calibration=False, statistics=STATS_NONE)\n"
+        "    default_scope = 'layer'\n\n    @dataclass\n    class Config:\n        pass\n\n"
+        "    def prune_linear(self, weight, stats, spec, ctx):\n"
+        "        return LinearResult(mask=mask_from_scores(weight.abs(), spec))\n")
+    assert main(["check", "--plugin", str(good), "--families", "llama,gpt2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("ok   keep_large_test") == 6 and "6 of 6 checks passed" in out
+    bad = tmp_path / "keep_all.py"
+    bad.write_text(good.read_text().replace("keep_large_test", "keep_all_test").replace("KeepLarge", "KeepAll")
+                   .replace("mask_from_scores(weight.abs(), spec)", "weight != 0"))
+    assert main(["check", "--plugin", str(bad), "--families", "llama"]) == 1
+    assert "FAIL keep_all_test | tiny:llama | 2:4" in capsys.readouterr().out

@@ -53,9 +53,11 @@ def test_job_array_through_submitit_local(tmp_path, capsys):
 
 
 def test_cell_task_checkpoint_requeues_the_same_cell(tmp_path):
-    grid = grid_from_dict({"models": ["tiny:llama"], "methods": ["magnitude"], "sparsities": ["0.5"]})
+    # The key fingerprints the evaluated text, so the grid names text that is here (not the hub's).
+    data = {"models": ["tiny:llama"], "methods": ["magnitude"], "sparsities": ["0.5"], "eval": {"perplexity": ["lee"]}}
+    grid = grid_from_dict(data)
     key = grid.cells()[1].key
-    task = CellTask({"models": ["tiny:llama"], "methods": ["magnitude"]}, str(tmp_path), key, {"force": False})
+    task = CellTask(data, str(tmp_path), key, {"force": False})
     import submitit
 
     assert isinstance(task, submitit.helpers.Checkpointable)

@@ -7,7 +7,7 @@ import pytest
 from prunebench.cli import main
 from prunebench.records import load_records
 
-TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none", "-q"]
+TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none", "--max-ppl-windows", "16", "-q"]
 
 
 def run(*args):
@@ -129,7 +129,7 @@ def test_grid_file_rejects_unknown_keys(tmp_path, capsys):
     assert run("--grid", str(grid), "--results", str(tmp_path / "r"), "-q") == 2
     assert "unknown key" in capsys.readouterr().err
     grid.write_text("models: [tiny:llama]\nmethods: [wanda]\nsparsities: ['0.5']\ncalibration: {dataset: lee, n_samples: 2, seqlen: 32}\n"
-                    "eval: {perplexity: [lee], seqlen: 32, tasks: []}\n")
+                    "eval: {perplexity: [lee], seqlen: 32, tasks: [], max_ppl_windows: 16}\n")
     assert run("--grid", str(grid), "--results", str(tmp_path / "r"), "-q") == 0
 
 

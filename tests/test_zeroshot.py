@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from prunebench.errors import UserError  # noqa: E402
+from prunebench.evaluate import embedded_tasks as et  # noqa: E402
 from prunebench.evaluate import zeroshot as zs  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("PRUNEBENCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -141,7 +142,8 @@ def test_hellaswag_derived_format_is_refused_clearly():
 
 def test_resolve_tasks():
     assert zs.resolve_tasks("paper") == list(zs.PAPER_TASKS)
-    assert zs.resolve_tasks("embedded, arc_easy,arc_easy") == ["pb_lee_next_sentence", "arc_easy"]
+    assert zs.resolve_tasks("embedded, arc_easy,arc_easy") == ["pb_lee_next_word", "arc_easy"]
+    assert zs.resolve_tasks("pb_lee_next_sentence", data_dir=DATA_DIR) == ["pb_lee_next_sentence"]  # still known by name
     assert zs.resolve_tasks(["wanda", "paper"], data_dir=DATA_DIR)[:7] == list(zs.WANDA_TASKS)
     with pytest.raises(UserError, match="arc_easyy") as exc:
         zs.resolve_tasks("arc_easyy", data_dir=DATA_DIR)  # with a data dir: no slow lm-eval index lookup
@@ -150,12 +152,20 @@ def test_resolve_tasks():
         zs.resolve_tasks(" , ")
 
 
-def test_embedded_task_items():
+def _held_out_text() -> str:
     from prunebench.data import embedded_documents
 
-    docs = zs.lee_next_sentence_docs()
-    assert len(docs) == zs.LEE_MAX_ITEMS  # enough held-out sentences for the full task
-    held_out = " ".join(" ".join(zs._sentences(d)) for d in embedded_documents("eval"))
+    return " ".join(" ".join(et.sentences(d)) for d in embedded_documents("eval"))
+
+
+def _lm_eval_task(name):
+    return zs.task_manager_for([name]).load([name])["tasks"][name]
+
+
+def test_embedded_next_sentence_items():
+    docs = et.lee_next_sentence_docs()
+    assert len(docs) == et.LEE_MAX_ITEMS  # enough held-out sentences for the full task
+    held_out = _held_out_text()
     for item in docs:
         choices = item["choices"]
         assert len(choices) == 4 and len(set(choices)) == 4
@@ -163,11 +173,52 @@ def test_embedded_task_items():
         # exactly one choice continues the context inside a held-out document
         assert sum((item["context"] + " " + c) in held_out for c in choices) == 1
         assert (item["context"] + " " + gold) in held_out
-    zs.lee_next_sentence_docs.cache_clear()
-    assert zs.lee_next_sentence_docs() == docs  # deterministic
+    et.lee_next_sentence_docs.cache_clear()
+    assert et.lee_next_sentence_docs() == docs  # deterministic
     # and lm-eval builds it as a multiple-choice task from prunebench's YAML
-    task = zs.task_manager_for([zs.EMBEDDED_TASK]).load([zs.EMBEDDED_TASK])["tasks"][zs.EMBEDDED_TASK]
+    task = _lm_eval_task("pb_lee_next_sentence")
     doc = task.eval_docs[0]
+    assert task.doc_to_choice(doc) == docs[0]["choices"] and task.doc_to_target(doc) == docs[0]["label"]
+
+
+def test_embedded_next_word_items(monkeypatch):
+    import re
+
+    import prunebench.data
+
+    splits = []
+    real = prunebench.data.embedded_documents
+    monkeypatch.setattr(prunebench.data, "embedded_documents", lambda split: splits.append(split) or real(split))
+    et.lee_next_word_docs.cache_clear()
+    docs = et.lee_next_word_docs()
+    assert splits == ["eval"]  # built from the held-out documents only, never the calibration ones
+    assert len(docs) == 873  # one per eligible held-out sentence: the size the stderr (<= 1.7) and timing assume
+    held_out = [et.sentences(d) for d in real("eval")]
+    seen = set()
+    for item in docs:
+        choices, context = item["choices"], item["context"]
+        assert len(choices) == et.NEXT_WORD_CHOICES and len({c.lower() for c in choices}) == len(choices)
+        assert all(re.fullmatch(r"[A-Za-z]+", c) for c in choices)
+        # the context is the start of held-out sentence i of document d, and the gold its next word
+        _, d, i, start = item["id"].split("-")
+        d, i, start = int(d), int(i), int(start)
+        sentence, gold = held_out[d][i], choices[item["label"]]
+        assert context == sentence[:start].rstrip() and len(context.split()) >= et.NEXT_WORD_MIN_PREFIX_WORDS
+        assert re.match(re.escape(gold) + r"(?![A-Za-z])", sentence[start:])
+        # distractors are words of *other* held-out documents
+        for c in choices:
+            if c != gold:
+                assert any(re.search(rf"(?<!\S){c}(?![A-Za-z])", " ".join(sents))
+                           for od, sents in enumerate(held_out) if od != d)
+        seen.add((d, i))
+    assert len(seen) == len(docs)  # at most one item per sentence
+    assert 0.2 < sum(it["label"] == 0 for it in docs) / len(docs) < 0.3  # gold position uniform
+    et.lee_next_word_docs.cache_clear()
+    assert et.lee_next_word_docs() == docs  # deterministic
+    task = _lm_eval_task("pb_lee_next_word")
+    assert len(task.eval_docs) == len(docs)
+    doc = task.eval_docs[0]
+    assert task.doc_to_text(doc) == docs[0]["context"]
     assert task.doc_to_choice(doc) == docs[0]["choices"] and task.doc_to_target(doc) == docs[0]["label"]
 
 
@@ -198,7 +249,7 @@ def test_evaluate_zeroshot_end_to_end(tmp_path):
     out = zs.evaluate_zeroshot(model, tokenizer, ["arc_easy", "embedded"], data_dir=DATA_DIR, limit=5,
                                batch_size=4, output_dir=tmp_path)
     assert out["lm_eval_version"]
-    for task, source in (("arc_easy", "local"), ("pb_lee_next_sentence", "embedded")):
+    for task, source in (("arc_easy", "local"), (zs.EMBEDDED_TASK, "embedded")):
         r = out[task]
         assert r["metric"] == "acc" and r["n"] == 5 and r["source"] == source
         assert 0.0 <= r["value"] <= 1.0
@@ -210,4 +261,5 @@ def test_evaluate_zeroshot_end_to_end(tmp_path):
 def test_evaluate_zeroshot_embedded_without_data_dir():
     model, tokenizer = _tiny_model()
     out = zs.evaluate_zeroshot(model, tokenizer, "embedded", limit=5, batch_size=8)
-    assert out["pb_lee_next_sentence"]["n"] == 5 and 0.0 <= out["pb_lee_next_sentence"]["value"] <= 1.0
+    assert "pb_lee_next_sentence" not in out  # the preset is the next-word task alone
+    assert out[zs.EMBEDDED_TASK]["n"] == 5 and 0.0 <= out[zs.EMBEDDED_TASK]["value"] <= 1.0

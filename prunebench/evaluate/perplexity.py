@@ -3,9 +3,15 @@
 The evaluation text's documents are joined with "\\n\\n", tokenised once, cut into
 non-overlapping windows of `seqlen` tokens (a trailing partial window is dropped), and the
 perplexity is exp of the mean next-token negative log-likelihood over every predicted token.
+
+Every result also keeps the summed NLL of each window (`window_nll`, in window order) so that two
+cells scored on the same windows can be compared with a paired bootstrap
+(prunebench.report.uncertainty). A model whose mean NLL is not finite has diverged: its result
+says so (`"value": None, "diverged": True`) and holds no NaN / inf, so the record stays valid JSON.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -26,13 +32,43 @@ def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None =
     return token_ids[: n_windows * seqlen].view(n_windows, seqlen)
 
 
+# 6 significant digits: a window's NLL sum is a few hundred to a few thousand nats, so the
+# stored sums lose < 1e-6 relative, far below any difference a bootstrap can resolve.
+WINDOW_NLL_DIGITS = 6
+
+
+def windows_fingerprint(windows: torch.Tensor) -> str:
+    """Hash of the scored token ids: two results with the same fingerprint saw the same windows."""
+    return hashlib.sha256(windows.to("cpu", torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(f"{x:.{WINDOW_NLL_DIGITS}g}") if math.isfinite(x) else None
+
+
+def _finish(window_nll: list[float], windows: torch.Tensor, **extra) -> dict:
+    """The result dict shared by `perplexity` and `perplexity_streamed`."""
+    n_windows, seqlen = windows.shape
+    window_tokens = seqlen - 1
+    total_tokens = n_windows * window_tokens
+    # fsum of the unrounded sums: the exact total; any non-finite window makes the mean non-finite.
+    finite = all(math.isfinite(x) for x in window_nll)
+    mean_nll = math.fsum(window_nll) / total_tokens if finite else math.nan
+    # exp overflows past ~709 nats/token: not representable either, so it counts as diverged.
+    value = math.exp(mean_nll) if math.isfinite(mean_nll) and mean_nll < 700 else None
+    return {"value": value, "diverged": value is None, "seqlen": seqlen, "n_windows": n_windows,
+            "n_tokens": total_tokens, "window_tokens": window_tokens,
+            "window_nll": [_finite_or_none(x) for x in window_nll],
+            "windows_fingerprint": windows_fingerprint(windows), **extra}
+
+
 def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int = 1, device="cpu",
                progress: bool = True, max_windows: int | None = None) -> dict:
-    """Returns {"value", "seqlen", "n_windows", "n_tokens"}; n_tokens counts predicted tokens."""
+    """Returns {"value", "diverged", "seqlen", "n_windows", "n_tokens", "window_tokens", "window_nll",
+    "windows_fingerprint"}; n_tokens counts predicted tokens, window_nll[i] is window i's summed NLL."""
     windows = eval_windows(token_ids, seqlen, max_windows)
     n_windows = windows.shape[0]
-    total_nll = 0.0
-    total_tokens = 0
+    window_nll: list[float] = []
     was_training = model.training
     model.eval()
     bar = progress_bar(total=n_windows, desc=f"perplexity @{seqlen}", enabled=progress, unit="win")
@@ -41,15 +77,12 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int =
             batch = windows[start:start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits.float()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                  reduction="sum")
-            total_nll += nll.item()
-            total_tokens += batch[:, 1:].numel()
+                                  reduction="none")
+            window_nll += nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
             bar.update(batch.shape[0])
     bar.close()
     model.train(was_training)
-    mean_nll = total_nll / total_tokens
-    value = math.exp(mean_nll) if mean_nll < 700 else float("inf")
-    return {"value": value, "seqlen": seqlen, "n_windows": n_windows, "n_tokens": total_tokens}
+    return _finish(window_nll, windows)
 
 
 class _Replay(torch.nn.Module):
@@ -84,7 +117,7 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
     prefix, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
+    window_nll: list[float] = []
     bar = progress_bar(total=n_windows, desc=f"perplexity @{seqlen} (streamed)", enabled=progress, unit="win")
     with torch.no_grad():
         for start in range(0, n_windows, chunk_windows):
@@ -114,8 +147,8 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
                 for w in chunk:
                     batch = w.unsqueeze(0).to(device)
                     logits = model(input_ids=batch, use_cache=False).logits.float()
-                    total_nll += F.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="sum").item()
-                    total_tokens += seqlen - 1
+                    nll = F.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="none")
+                    window_nll.append(nll.double().sum().item())
                     bar.update(1)
             finally:
                 for i, b in enumerate(originals):
@@ -124,6 +157,4 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
                     m.to(dev)
     bar.close()
     model.train(was_training)
-    mean_nll = total_nll / total_tokens
-    value = math.exp(mean_nll) if mean_nll < 700 else float("inf")
-    return {"value": value, "seqlen": seqlen, "n_windows": n_windows, "n_tokens": total_tokens, "streamed": True}
+    return _finish(window_nll, windows, streamed=True)

@@ -9,9 +9,10 @@ Three sources of task documents, one code path (lm-eval's own tasks and metrics)
   task YAML ``include``s lm-eval's own YAML and overrides just dataset_path / dataset_kwargs and
   the split names. Prompts, choices, targets, process_docs and metrics stay lm-eval's, and the
   task keeps its lm-eval name, so local and hub results are directly comparable;
-* the embedded task ``pb_lee_next_sentence`` (tasks/pb_lee_next_sentence.yaml): pick the true
-  next sentence among four, built from the held-out Lee documents gensim ships. No network,
-  no data dir.
+* prunebench's embedded tasks (embedded_tasks.py, tasks/pb_lee_*.yaml), built from the held-out
+  Lee documents gensim ships: ``pb_lee_next_word`` (the ``embedded`` preset: pick the true next
+  word among four) and ``pb_lee_next_sentence`` (pick the true next sentence among four). No
+  network, no data dir.
 
 Every task is scored with metric ``acc`` (not acc_norm), as the LEAP paper does; MMLU is
 reported as lm-eval's ``mmlu`` group value.
@@ -27,8 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import random
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -36,17 +35,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
+from .embedded_tasks import (lee_next_sentence_dataset, lee_next_sentence_docs,  # noqa: F401  (re-exported)
+                             lee_next_word_dataset, lee_next_word_docs)
 
 log = logging.getLogger("prunebench")
 
 METRIC = "acc"
 PAPER_TASKS = ("mmlu", "piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa")  # LEAP paper
 WANDA_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")  # Wanda paper
-EMBEDDED_TASK = "pb_lee_next_sentence"
-EMBEDDED_TASKS = (EMBEDDED_TASK,)
-PRESETS = {"paper": PAPER_TASKS, "wanda": WANDA_TASKS, "embedded": EMBEDDED_TASKS}
+# prunebench's own tasks (embedded_tasks.py). The embedded preset runs the next-word task alone:
+# 873 items, stderr <= 1.7 points, ~21 s per cell on 2 cores (the old 80-item task, stderr ~5.5,
+# took ~23 s); pb_lee_next_sentence stays runnable by name for comparison with older records.
+EMBEDDED_TASK = "pb_lee_next_word"
+EMBEDDED_TASKS = (EMBEDDED_TASK, "pb_lee_next_sentence")
+PRESETS = {"paper": PAPER_TASKS, "wanda": WANDA_TASKS, "embedded": (EMBEDDED_TASK,)}
 
-TASKS_DIR = Path(__file__).parent / "tasks"  # prunebench's own task YAMLs (the embedded task)
+TASKS_DIR = Path(__file__).parent / "tasks"  # prunebench's own task YAMLs (the embedded tasks)
 RESULTS_FILE = "lm_eval_results.json"
 # Bootstrap is only used for stderrs of non-mean metrics (e.g. lambada's perplexity); acc's
 # stderr is analytic. lm-eval's default of 100k resamples costs minutes on CPU for nothing here.
@@ -408,62 +412,6 @@ def prepare_local_task(task: str, data_dir) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# The embedded task: next sentence of a held-out Lee document
-
-# Sized for the 30-minute embedded demo (11 cells on 2 CPU cores): 80 items x 4 choices cost
-# about 20 s per cell on SmolLM2-135M; the stderr is about 5 points, so read differences
-# smaller than ~10 points as noise (every record carries the stderr).
-LEE_MAX_ITEMS = 80
-LEE_CONTEXT_SENTENCES = 1
-LEE_SEED = 1234         # fixed: the task is part of the benchmark, not of a run
-LEE_MIN_CHARS, LEE_MAX_CHARS = 25, 300
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[\"'A-Z0-9])")
-
-
-def _sentences(doc: str) -> list[str]:
-    doc = re.sub(r"\s+", " ", doc).strip()
-    return [s.strip() for s in _SENTENCE_END.split(doc) if s.strip()]
-
-
-def _lee_eval_documents() -> list[str]:
-    from ..data import embedded_documents
-
-    return embedded_documents("eval")  # disjoint from the calibration documents
-
-
-@functools.lru_cache(maxsize=1)
-def lee_next_sentence_docs() -> tuple[dict, ...]:
-    """The items of pb_lee_next_sentence: context, 4 choices (one gold), label. Deterministic."""
-    docs = [_sentences(d) for d in _lee_eval_documents()]
-    ok = lambda s: LEE_MIN_CHARS <= len(s) <= LEE_MAX_CHARS  # noqa: E731
-    candidates = [(d, i) for d, sents in enumerate(docs) for i in range(1, len(sents)) if ok(sents[i])]
-    rng = random.Random(LEE_SEED)
-    rng.shuffle(candidates)
-    chosen = sorted(candidates[:LEE_MAX_ITEMS])
-    pool = [(d, s) for d, sents in enumerate(docs) for s in sents if ok(s)]
-    items = []
-    for d, i in chosen:
-        gold = docs[d][i]
-        distractors: list[str] = []
-        while len(distractors) < 3:  # sentences of *other* held-out documents
-            od, s = pool[rng.randrange(len(pool))]
-            if od != d and s != gold and s not in distractors:
-                distractors.append(s)
-        label = rng.randrange(4)
-        choices = distractors[:label] + [gold] + distractors[label:]
-        context = " ".join(docs[d][max(0, i - LEE_CONTEXT_SENTENCES):i])
-        items.append({"id": f"lee-{d}-{i}", "context": context, "choices": choices, "label": label})
-    return tuple(items)
-
-
-def lee_next_sentence_dataset(**_metadata):
-    """lm-eval `custom_dataset` hook for pb_lee_next_sentence (lm-eval passes task metadata)."""
-    import datasets
-
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(list(lee_next_sentence_docs()))})
-
-
-# ---------------------------------------------------------------------------------------------
 # Running lm-eval
 
 @functools.lru_cache(maxsize=8)
@@ -523,8 +471,43 @@ def _float_or_none(v):
         return None
 
 
+def _leaf_items(samples: list[dict], metric: str) -> str | None:
+    """One leaf task's logged samples -> '0'/'1' per document in doc_id order; None when the
+    metric is not a per-document 0/1 (then no paired comparison is possible)."""
+    if not samples:
+        return None
+    first_filter = samples[0].get("filter")
+    by_doc = {}
+    for s in samples:
+        if s.get("filter") == first_filter and "doc_id" in s:
+            by_doc.setdefault(int(s["doc_id"]), s.get(metric))
+    bits = []
+    for doc_id in sorted(by_doc):
+        v = by_doc[doc_id]
+        if isinstance(v, bool) or (isinstance(v, (int, float)) and v in (0, 1)):
+            bits.append("1" if v else "0")
+        else:
+            return None
+    return "".join(bits)
+
+
+def _per_item(results: dict, leaves: list[str], metric: str) -> tuple[str, list[list]] | None:
+    """Per-document correctness of a task (leaves concatenated in sorted name order) and
+    [[leaf, n], ...]; None when lm-eval logged no usable samples for one of the leaves."""
+    samples = results.get("samples") or {}
+    parts = []
+    for leaf in sorted(leaves):
+        bits = _leaf_items(samples.get(leaf), metric)
+        if bits is None:
+            return None
+        parts.append((leaf, bits))
+    return "".join(b for _, b in parts), [[leaf, len(b)] for leaf, b in parts]
+
+
 def summarize(results: dict, tasks: Sequence[str], *, sources: dict | None = None) -> dict:
-    """prunebench's view of an lm-eval results dict: {task: {metric, value, stderr, n, version}}."""
+    """prunebench's view of an lm-eval results dict: {task: {metric, value, stderr, n, version}},
+    plus `per_item` ('0'/'1' per document, doc_id order) when lm-eval logged samples, and for a
+    group task `per_item_tasks` ([[leaf, n], ...], the order of the leaves in `per_item`)."""
     res, nsamp = results["results"], results.get("n-samples", {})
     groups = results.get("group_subtasks", {})
     out: dict = {}
@@ -534,9 +517,17 @@ def summarize(results: dict, tasks: Sequence[str], *, sources: dict | None = Non
         if f"{metric},none" not in r:  # a task without acc (only possible for arbitrary lm-eval tasks)
             metric = next(k.split(",")[0] for k in r if "," in k and "_stderr" not in k)
             log.warning("zero-shot task %s has no %r metric; reporting %r", t, METRIC, metric)
-        n = sum(int(nsamp[leaf]["effective"]) for leaf in _leaf_tasks(t, groups) if leaf in nsamp)
+        leaves = _leaf_tasks(t, groups)
+        n = sum(int(nsamp[leaf]["effective"]) for leaf in leaves if leaf in nsamp)
         out[t] = {"metric": metric, "value": float(r[f"{metric},none"]), "stderr": _float_or_none(r.get(f"{metric}_stderr,none")),
                   "n": n, "version": results.get("versions", {}).get(t)}
+        items = _per_item(results, leaves, metric) if results.get("samples") else None
+        if items is not None and len(items[0]) == n:  # a count mismatch would pair the wrong documents
+            out[t]["per_item"] = items[0]
+            if leaves != [t]:
+                out[t]["per_item_tasks"] = items[1]
+        elif results.get("samples"):
+            log.warning("zero-shot task %s: no per-item %r in lm-eval's samples; no interval for it", t, metric)
         if sources:
             out[t]["source"] = sources.get(t)
     out["lm_eval_version"] = _lm_eval_version()
@@ -549,6 +540,9 @@ def _write_results_json(output_dir, results: dict) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_FILE
+    # The logged samples hold every document and response (megabytes for MMLU); the record keeps
+    # the per-item correctness, so the file keeps only the aggregates.
+    results = {k: v for k, v in results.items() if k != "samples"}
     text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
     fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS_FILE}.", suffix=".tmp", dir=out)
     try:
@@ -580,8 +574,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] | str, *, data_dir=
                       max_length: int | None = None) -> dict:
     """Zero-shot accuracy of an in-memory causal LM with lm-eval.
 
-    Returns {task: {"metric": "acc", "value", "stderr", "n", "version", "source"}, ...,
-    "lm_eval_version": str}. `tasks` may hold presets ("paper", "wanda", "embedded"). With
+    Returns {task: {"metric": "acc", "value", "stderr", "n", "version", "source", "per_item"
+    [, "per_item_tasks"]}, ..., "lm_eval_version": str} (see `summarize`). `tasks` may hold presets ("paper", "wanda", "embedded"). With
     `data_dir`, documents come from local files (see module docstring). `limit` caps documents
     per (sub)task, for smoke tests only. `max_length` caps the context in tokens (default: the
     model's). If `output_dir` is given lm-eval's own results JSON is written there atomically.
@@ -602,7 +596,7 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] | str, *, data_dir=
         lm = _make_lm(model, tokenizer, batch_size, max_length)  # HFLM puts the model in eval mode
         try:
             results = lm_eval.simple_evaluate(
-                model=lm, tasks=list(names), limit=limit, task_manager=tm, log_samples=False,
+                model=lm, tasks=list(names), limit=limit, task_manager=tm, log_samples=True,  # per-item acc
                 bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed)
         except Exception as exc:

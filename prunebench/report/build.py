@@ -6,8 +6,9 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..records import load_records, records_frame
+from .html import write_html
 from .plots import plot_heldout_curves, write_plots
-from .tables import build_paper_report, cells_frame, paper_layout, paper_reference_frame, render_latex
+from .tables import build_paper_report, cells_csv_text, paper_layout, paper_reference_frame, render_latex
 
 log = logging.getLogger("prunebench")
 REPORT_DIR = "report"
@@ -22,7 +23,7 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
     if paper:
         text = build_paper_report(None, out / "paper")
         if fmt == "csv":
-            return cells_frame(paper_reference_frame()).to_csv(index=False)
+            return cells_csv_text(paper_reference_frame())
         if fmt == "latex":
             return render_latex(paper_layout(paper_reference_frame()))
         return text
@@ -36,12 +37,18 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
     failed = df[df["status"] != "ok"]
     for _, row in failed.iterrows():
         log.warning("failed cell not tabled: %s | %s | %s: %s", row["model"], row["method"], row["sparsity_label"], row["error"])
+    if "last_attempt_status" in df.columns:
+        kept = df[(df["status"] == "ok") & (df["last_attempt_status"] != "ok")]
+        for _, row in kept.iterrows():
+            log.warning("last attempt failed, ok record kept and tabled: %s | %s | %s: %s", row["model"], row["method"],
+                        row["sparsity_label"], row["last_attempt_error"])
     text = build_paper_report(df, out)
     plots = write_plots(df, out)
     plots += plot_heldout_curves(records, out / "heldout_vs_steps")
+    write_html(df, records, out, plots=plots)  # index.html: everything above on one offline page
     log.info("wrote tables and %d plot(s) under %s", len(plots), out)
     if fmt == "csv":
-        return cells_frame(df).to_csv(index=False)
+        return cells_csv_text(df)  # "diverged" where a perplexity diverged
     if fmt == "latex":
         return render_latex(paper_layout(df))
     return text

@@ -7,6 +7,12 @@ Accuracies are fractions in every DataFrame this module reads or returns, except
 mirror a rendered table (`layout_frame`, `gain_table`, `summarize_gains`), which hold percent
 points as printed. Only rows with status "ok" are tabled. Dense rows belong to every sparsity
 block.
+
+Uncertainty: when the frame carries per-window / per-item scores (records_frame always adds the
+columns), every difference against a baseline (a pruned cell against the dense cell of its
+model, a learned method against a layer-wise one) gets a 95% paired-bootstrap interval
+(prunebench.report.uncertainty); cells of records without those scores are marked "no
+interval", never dropped. A diverged perplexity prints as "diverged".
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from prunebench.atomic import write_text_atomic
+from prunebench.report import uncertainty
 from prunebench.report.paper import (
     PAPER_HEADLINE_GAIN,
     PAPER_MODEL_IDS,
@@ -80,7 +87,14 @@ AVG_PUBLISHED_ONLY = Marker(
 SIBLING_STUDY = Marker(
     "§", r"$^{\S}$", "row reported by OPTIMA, a sibling study of the same group with the same "
     "dense rows, not by the LEAP paper")
-MARKERS = (AVG_INCONSISTENT, AVG_ROUNDING, AVG_PARTIAL, AVG_PUBLISHED_ONLY, SIBLING_STUDY)
+NOT_SIGNIFICANT = Marker(
+    "ⁿˢ", r"$^{\mathrm{ns}}$", "not significant: the 95% paired-bootstrap interval contains zero")
+NO_INTERVAL = Marker("¶", r"$^{\P}$", uncertainty.NO_ITEM_DATA)
+NOT_COMPARABLE = Marker(
+    "≠", r"$^{\neq}$", "no interval: not scored on the same windows / items as its baseline")
+MARKERS = (AVG_INCONSISTENT, AVG_ROUNDING, AVG_PARTIAL, AVG_PUBLISHED_ONLY, SIBLING_STUDY,
+           NOT_SIGNIFICANT, NO_INTERVAL, NOT_COMPARABLE)
+DIVERGED = "diverged"
 
 
 # ----------------------------------------------------------------------------- rounding, labels
@@ -95,8 +109,8 @@ def round_printed(value: float, decimals: int = DISPLAY_DECIMALS) -> float:
 def format_number(value: float | None, decimals: int = DISPLAY_DECIMALS) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return NOT_AVAILABLE
-    if math.isinf(value):
-        return "inf"
+    if math.isinf(value):  # a diverged model (its record holds no finite perplexity)
+        return DIVERGED
     return f"{round_printed(value, decimals):.{decimals}f}"
 
 
@@ -195,11 +209,30 @@ def resolve_tasks(df: pd.DataFrame, tasks: Sequence[str] | None = None) -> list[
     return measured
 
 
+def _diverged_mask(df: pd.DataFrame, dataset: str) -> pd.Series:
+    """Rows whose perplexity on `dataset` diverged (flagged, or a non-finite value)."""
+    mask = pd.Series(False, index=df.index)
+    column = f"ppl_{dataset}"
+    if column in df.columns:
+        values = pd.to_numeric(df[column], errors="coerce")
+        mask |= values.isin([math.inf, -math.inf])
+    flag = f"diverged_{dataset}"
+    if flag in df.columns:
+        mask |= df[flag].map(_truthy)
+    return mask
+
+
+def _has_ppl(df: pd.DataFrame, dataset: str) -> pd.Series:
+    return df[f"ppl_{dataset}"].notna() | _diverged_mask(df, dataset)
+
+
 def ppl_datasets(df: pd.DataFrame) -> list[str]:
-    """Every perplexity dataset with at least one value, WikiText-2 (the paper's) first."""
+    """Every perplexity dataset with at least one value (or diverged cell), WikiText-2 (the
+    paper's) first."""
     datasets = sorted(
         column[len("ppl_"):] for column in df.columns
-        if column.startswith("ppl_") and not column.endswith("_seqlen") and _present(df, column))
+        if column.startswith("ppl_") and not column.endswith("_seqlen")
+        and _has_ppl(df, column[len("ppl_"):]).any())
     return sorted(datasets, key=lambda name: (name != PAPER_PPL_DATASET, name))
 
 
@@ -207,7 +240,7 @@ def ppl_seqlens(df: pd.DataFrame, dataset: str) -> list[int]:
     column = f"ppl_{dataset}_seqlen"
     if column not in df.columns:
         return []
-    values = df.loc[df[f"ppl_{dataset}"].notna(), column].dropna()
+    values = df.loc[_has_ppl(df, dataset), column].dropna()
     return sorted({int(value) for value in values})
 
 
@@ -252,6 +285,163 @@ def _value(row: pd.Series | None, column: str) -> float | None:
     return float(value)
 
 
+def _missing(value) -> bool:
+    if isinstance(value, (list, tuple, dict)):
+        return False
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _truthy(value) -> bool:
+    """A flag cell: True / 1.0 (or a mean > 0 after collapsing duplicates); NaN / None is False."""
+    if _missing(value):
+        return False
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value > 0) if isinstance(value, (int, float)) else bool(value)
+
+
+def _cell(row: pd.Series | None, column: str):
+    """A raw cell (lists, strings), None when absent or missing."""
+    if row is None or column not in row.index or _missing(row[column]):
+        return None
+    return row[column]
+
+
+def ppl_cell_value(row: pd.Series | None, dataset: str) -> float | None:
+    """The perplexity to print: the value, inf for a diverged cell (printed "diverged"), None if
+    not measured."""
+    value = _value(row, f"ppl_{dataset}")
+    if row is not None and (_truthy(_cell(row, f"diverged_{dataset}"))
+                            or (value is not None and not math.isfinite(value))):
+        return math.inf
+    return value
+
+
+# ----------------------------------------------------------------------------- differences
+
+def carries_item_scores(df: pd.DataFrame) -> bool:
+    """Whether the frame has per-window / per-item columns (records_frame adds them for every
+    record, None where a record predates them); frames without them (the paper's numbers,
+    hand-made frames) get no interval annotations."""
+    return any(c.startswith(("window_nll_", "per_item_")) for c in df.columns)
+
+
+@dataclass(frozen=True)
+class Difference:
+    """a - b in display units (perplexity, or percent points for accuracies), with its 95%
+    paired-bootstrap interval [lo, hi] when one could be computed, else `note` says why."""
+    diff: float | None
+    lo: float | None = None
+    hi: float | None = None
+    note: str | None = None
+    rel_diff: float | None = None
+    rel_lo: float | None = None
+    rel_hi: float | None = None
+    n: int | None = None
+
+    @property
+    def significant(self) -> bool | None:
+        if self.lo is None or self.hi is None:
+            return None
+        return self.lo > 0 or self.hi < 0
+
+    @property
+    def marker(self) -> Marker | None:
+        if self.diff is None:
+            return None
+        if self.lo is not None:
+            return None if self.significant else NOT_SIGNIFICANT
+        if self.note and self.note.startswith("not comparable"):
+            return NOT_COMPARABLE
+        return NO_INTERVAL
+
+
+MEAN_OF_RECORDS = "no interval (mean of several records)"
+
+
+def _int_cell(row: pd.Series, column: str) -> int | None:
+    value = _value(row, column)
+    return None if value is None else int(value)
+
+
+def _ppl_payload(row: pd.Series, dataset: str) -> dict:
+    nll = _cell(row, f"window_nll_{dataset}")
+    return {"diverged": _truthy(_cell(row, f"diverged_{dataset}")),
+            "seqlen": _int_cell(row, f"ppl_{dataset}_seqlen"),
+            "n_windows": _int_cell(row, f"n_windows_{dataset}"),
+            "window_tokens": _int_cell(row, f"window_tokens_{dataset}"),
+            "window_nll": None if nll is None else list(nll),
+            "windows_fingerprint": _cell(row, f"windows_fp_{dataset}")}
+
+
+def _acc_payload(row: pd.Series, task: str) -> dict:
+    subtasks = _cell(row, f"per_item_tasks_{task}")
+    return {"n": _int_cell(row, f"n_{task}"), "per_item": _cell(row, f"per_item_{task}"),
+            "per_item_tasks": None if subtasks is None else [list(x) for x in subtasks]}
+
+
+def _several_records(*rows: pd.Series) -> bool:
+    return any(int(row.get("n_records", 1) or 1) > 1 for row in rows)
+
+
+def ppl_difference(row: pd.Series, base: pd.Series, dataset: str) -> Difference | None:
+    """Perplexity of `row` minus that of `base` on `dataset`; None when either was not measured."""
+    a, b = ppl_cell_value(row, dataset), ppl_cell_value(base, dataset)
+    if a is None or b is None:
+        return None
+    if math.isinf(a) or math.isinf(b):
+        return Difference(None, note=DIVERGED)
+    if _several_records(row, base):
+        return Difference(a - b, note=MEAN_OF_RECORDS)
+    pa, pb = _ppl_payload(row, dataset), _ppl_payload(base, dataset)
+    reason = uncertainty.ppl_not_comparable(pa, pb)
+    interval = None if reason else uncertainty.compare_ppl(pa, pb)
+    if interval is None:
+        return Difference(a - b, note=reason or "not comparable")
+    return Difference(a - b, interval.lo, interval.hi, rel_diff=a / b - 1, rel_lo=interval.rel_lo,
+                      rel_hi=interval.rel_hi, n=interval.n)
+
+
+def avg_acc_difference(row: pd.Series, base: pd.Series, tasks: Sequence[str]) -> Difference | None:
+    """Mean over the tasks both rows measured of acc(row) - acc(base), in percent points, with
+    the interval from resampling items within each task; None when no task is shared."""
+    common = [t for t in tasks if _value(row, f"acc_{t}") is not None and _value(base, f"acc_{t}") is not None]
+    if not common:
+        return None
+    point = sum(_value(row, f"acc_{t}") - _value(base, f"acc_{t}") for t in common) / len(common) * PERCENT
+    if _several_records(row, base):
+        return Difference(point, note=MEAN_OF_RECORDS)
+    pairs = [(_acc_payload(row, t), _acc_payload(base, t)) for t in common]
+    reasons = [uncertainty.acc_not_comparable(a, b) for a, b in pairs]
+    reason = next((r for r in reasons if r and r.startswith("not comparable")), None) or \
+        next((r for r in reasons if r), None)
+    interval = None if reason else uncertainty.compare_mean_acc(pairs)
+    if interval is None:
+        return Difference(point, note=reason or "not comparable")
+    return Difference(point, interval.lo * PERCENT, interval.hi * PERCENT, n=interval.n)
+
+
+def acc_difference(row: pd.Series, base: pd.Series, task: str) -> Difference | None:
+    """acc(row) - acc(base) on one task, in percent points."""
+    return avg_acc_difference(row, base, [task])
+
+
+def format_difference(difference: Difference | None, latex: bool = False) -> str:
+    """"+14.64 [12.10, 17.30]", with the not-significant / no-interval marker; "" for none."""
+    if difference is None or difference.diff is None:
+        return ""
+    text = _signed(difference.diff)
+    if difference.lo is not None:
+        text += f" [{format_number(difference.lo)}, {format_number(difference.hi)}]"
+    marker = difference.marker
+    if marker is not None:
+        text += marker.latex if latex else marker.symbol
+    return text
+
+
 # ----------------------------------------------------------------------------- paper references
 
 class PaperIndex:
@@ -285,6 +475,7 @@ class TableCell:
     value: float | None
     paper: float | None = None
     markers: tuple[Marker, ...] = ()
+    difference: Difference | None = None   # against the dense row of the same model
 
 
 @dataclass
@@ -336,6 +527,7 @@ class PaperLayout:
     ppl_seqlens: list[int]
     with_paper: bool
     footnotes: list[Footnote] = field(default_factory=list)
+    with_differences: bool = False
 
     def flagged_rows(self, marker: Marker = AVG_INCONSISTENT) -> list[TableRow]:
         """Rows whose Avg carries `marker`, each once (dense rows repeat across blocks)."""
@@ -384,14 +576,18 @@ def _average_cell(row: pd.Series, tasks: list[str], paper_row: pd.Series | None,
 
 
 def _table_row(row: pd.Series, tasks: list[str], ppl_dataset: str | None,
-               paper_row: pd.Series | None, notes: list[Footnote]) -> TableRow:
+               paper_row: pd.Series | None, notes: list[Footnote],
+               dense_row: pd.Series | None = None) -> TableRow:
     label = format_sparsity_label(row["sparsity_label"])
     row_name = f"{model_display_name(row['model'])} {method_display_name(row['method'])}, {label}"
     cells: dict[str, TableCell] = {}
+    # Differences against the model's dense row, only for pruned rows of frames with item scores.
+    compare = dense_row is not None and not _is_dense(row)
     if ppl_dataset is not None:
         # The paper's perplexities are WikiText-2 ones; any other dataset has no paper value.
         paper_ppl = _value(paper_row, f"ppl_{ppl_dataset}") if ppl_dataset == PAPER_PPL_DATASET else None
-        cells[PPL_COLUMN] = TableCell(_value(row, f"ppl_{ppl_dataset}"), paper_ppl)
+        cells[PPL_COLUMN] = TableCell(ppl_cell_value(row, ppl_dataset), paper_ppl,
+                                      difference=ppl_difference(row, dense_row, ppl_dataset) if compare else None)
     for task in tasks:
         value = _value(row, f"acc_{task}")
         paper_value = _value(paper_row, f"acc_{task}")
@@ -399,6 +595,8 @@ def _table_row(row: pd.Series, tasks: list[str], ppl_dataset: str | None,
             None if value is None else value * PERCENT,
             None if paper_value is None else paper_value * PERCENT)
     cells[AVG_COLUMN] = _average_cell(row, tasks, paper_row, notes, row_name)
+    if compare:
+        cells[AVG_COLUMN].difference = avg_acc_difference(row, dense_row, tasks)
     source = row.get("source") if isinstance(row.get("source"), str) else None
     method_markers = (SIBLING_STUDY,) if source == SIBLING_STUDY_SOURCE else ()
     return TableRow(row["model"], row["method"], row["sparsity_label"], source, method_markers,
@@ -445,12 +643,17 @@ def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
     labels = sorted({row["sparsity_label"] for _, row in ordered.iterrows() if not _is_dense(row)},
                     key=sparsity_label_order) or ([DENSE_LABEL] if dense else [])
 
+    with_differences = carries_item_scores(frame)
+    dense_of = {}
+    for row in dense:
+        dense_of.setdefault(row["model"], row)
     blocks = []
     for label in labels:
         block_rows = dense + [row for _, row in ordered.iterrows() if row["sparsity_label"] == label
                               and not _is_dense(row)]
         block_rows.sort(key=_row_sort_key)
-        rows = [_table_row(row, tasks, ppl_dataset, index.match(row) if index else None, notes)
+        rows = [_table_row(row, tasks, ppl_dataset, index.match(row) if index else None, notes,
+                           dense_of.get(row["model"]) if with_differences else None)
                 for row in block_rows]
         blocks.append(TableBlock(label, rows))
 
@@ -467,11 +670,17 @@ def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
     for marker in (AVG_INCONSISTENT, AVG_ROUNDING):
         if any(note.marker is marker for note in notes):
             notes.insert(0, Footnote(marker, marker.meaning + ":"))
+    used = {cell.difference.marker for block in blocks for row in block.rows
+            for cell in row.cells.values() if cell.difference is not None}
+    notes += [Footnote(marker, marker.meaning + ".") for marker in INTERVAL_MARKERS if marker in used]
     notes.sort(key=lambda note: MARKERS.index(note.marker) if note.marker in MARKERS else len(MARKERS))
 
     seqlens = ppl_seqlens(frame, ppl_dataset) if ppl_dataset else []
     return PaperLayout(blocks, columns, tasks, ppl_dataset, seqlens, index is not None,
-                       _dedupe_notes(notes))
+                       _dedupe_notes(notes), with_differences)
+
+
+INTERVAL_MARKERS = (NOT_SIGNIFICANT, NO_INTERVAL, NOT_COMPARABLE)
 
 
 def _format_cell(cell: TableCell, with_paper: bool, latex: bool = False) -> str:
@@ -479,6 +688,8 @@ def _format_cell(cell: TableCell, with_paper: bool, latex: bool = False) -> str:
     text += "".join(marker.latex if latex else marker.symbol for marker in cell.markers)
     if with_paper and cell.paper is not None:
         text += f" ({format_number(cell.paper)})"
+    if cell.difference is not None and cell.difference.diff is not None:
+        text += " " + format_difference(cell.difference, latex)
     return text
 
 
@@ -497,7 +708,14 @@ def layout_caption(layout: PaperLayout) -> str:
         if layout.ppl_dataset != PAPER_PPL_DATASET:
             caption += f" (paper perplexities are {PAPER_PPL_DATASET}, so PPL has none here)"
         caption += "."
+    if layout.with_differences:
+        caption += (" " + DIFFERENCE_CAPTION.format(what="PPL and Avg cells", baseline="the dense row of the same model"))
     return caption
+
+
+DIFFERENCE_CAPTION = (f"Pruned {{what}} add the difference from {{baseline}} with its 95% paired-bootstrap "
+                      f"interval [lo, hi] ({uncertainty.N_RESAMPLES} resamples of the shared windows / items, "
+                      f"Avg: items resampled within each task).")
 
 
 def _footnote_line(note: Footnote, latex: bool = False) -> str:
@@ -571,6 +789,21 @@ def _latex_escape_footnote(note: Footnote) -> str:
     return f"{note.marker.latex} {text}" if note.marker else text
 
 
+def _csv_number(value: float | None):
+    """As printed: rounded, "diverged" for a diverged perplexity, None when missing."""
+    if value is None:
+        return None
+    return DIVERGED if math.isinf(value) else round_printed(value)
+
+
+def _difference_columns(prefix: str, difference: Difference | None) -> dict:
+    d = difference
+    rounded = lambda v: None if v is None else round_printed(v)  # noqa: E731
+    return {f"{prefix}_diff": rounded(d.diff) if d else None, f"{prefix}_lo": rounded(d.lo) if d else None,
+            f"{prefix}_hi": rounded(d.hi) if d else None,
+            f"{prefix}_significant": d.significant if d else None, f"{prefix}_note": d.note if d else None}
+
+
 def layout_frame(layout: PaperLayout) -> pd.DataFrame:
     """The layout as a flat table for CSV: one row per printed row, values rounded as printed
     (percent points for accuracies), markers in `avg_flags` / `method_flags`, and `paper_<column>`
@@ -582,9 +815,11 @@ def layout_frame(layout: PaperLayout) -> pd.DataFrame:
                       "model_name": row.model, "method": row.method, "source": row.source}
             for column in layout.columns:
                 cell = row.cells[column]
-                record[column] = None if cell.value is None else round_printed(cell.value)
+                record[column] = _csv_number(cell.value)
                 if layout.with_paper:
                     record[f"paper_{column}"] = None if cell.paper is None else round_printed(cell.paper)
+                if layout.with_differences and column in (PPL_COLUMN, AVG_COLUMN):
+                    record.update(_difference_columns(column, cell.difference))
             record["avg_flags"] = "".join(m.symbol for m in row.cells[AVG_COLUMN].markers)
             record["method_flags"] = "".join(m.symbol for m in row.method_markers)
             records.append(record)
@@ -634,7 +869,10 @@ def gain_table(df: pd.DataFrame, learned_methods: Sequence[str] = LEARNED_METHOD
     Averages are compared on one footing: the published averages when both rows have one and
     `prefer_published_avg` (that is how the paper computed its headline), else the mean over the
     tasks both rows measured. Returns percent points: columns method, model, model_name,
-    sparsity_label, pattern, avg, baseline, baseline_avg, gain, basis.
+    sparsity_label, pattern, avg, baseline, baseline_avg, gain, basis, and the gain's 95%
+    paired-bootstrap interval gain_lo, gain_hi (items resampled within each task, averaged over
+    the tasks as the gain is), significant (None without an interval) and interval_note (why
+    there is none).
     """
     frame = collapse_duplicate_cells(ok_rows(df))
     tasks = resolve_tasks(frame, tasks)
@@ -655,16 +893,23 @@ def gain_table(df: pd.DataFrame, learned_methods: Sequence[str] = LEARNED_METHOD
         if best is None:
             continue
         base, (learned_avg, baseline_avg, basis) = best
+        gain = (learned_avg - baseline_avg) * PERCENT
+        difference = (avg_acc_difference(learned, base, tasks) if basis != "published Avg"
+                      else Difference(gain, note="no interval (published averages)"))
+        if difference is None:
+            difference = Difference(gain, note=uncertainty.NO_ITEM_DATA)
         records.append({
             "method": learned["method"], "model": learned["model"],
             "model_name": model_display_name(learned["model"]),
             "sparsity_label": learned["sparsity_label"], "pattern": learned["pattern"],
             "avg": learned_avg * PERCENT, "baseline": base["method"],
             "baseline_avg": baseline_avg * PERCENT,
-            "gain": (learned_avg - baseline_avg) * PERCENT, "basis": basis,
+            "gain": gain, "basis": basis,
+            "gain_lo": difference.lo, "gain_hi": difference.hi,
+            "significant": difference.significant, "interval_note": difference.note,
         })
     columns = ["method", "model", "model_name", "sparsity_label", "pattern", "avg", "baseline",
-               "baseline_avg", "gain", "basis"]
+               "baseline_avg", "gain", "basis", "gain_lo", "gain_hi", "significant", "interval_note"]
     gains = pd.DataFrame(records, columns=columns)
     if gains.empty:
         return gains
@@ -695,6 +940,52 @@ def _signed(value: float) -> str:
     return f"{round_printed(value):+.{DISPLAY_DECIMALS}f}"
 
 
+def _gain_difference(row) -> Difference:
+    lo, hi = getattr(row, "gain_lo", None), getattr(row, "gain_hi", None)
+    note = getattr(row, "interval_note", None)
+    if _missing(lo) or _missing(hi):
+        lo = hi = None
+    return Difference(row.gain, lo, hi, note=None if _missing(note) else note)
+
+
+def _gain_interval(row, latex: bool = False) -> str:
+    """The 95% interval of a gain, "[lo, hi]" with the not-significant mark, or the
+    no-interval mark alone."""
+    d = _gain_difference(row)
+    marker = d.marker
+    mark = "" if marker is None else (marker.latex if latex else marker.symbol)
+    if d.lo is None:
+        return mark
+    return f"[{format_number(d.lo)}, {format_number(d.hi)}]{mark}"
+
+
+def _gain_markers(gains: pd.DataFrame) -> list[Marker]:
+    used = {_gain_difference(row).marker for row in gains.itertuples()}
+    return [marker for marker in INTERVAL_MARKERS if marker in used]
+
+
+def render_gains_latex(gains: pd.DataFrame, baseline: str | Sequence[str] = PAPER_BASELINE) -> str:
+    """The per-setting gains as a booktabs table, each with its 95% interval; not-significant
+    gains (the interval contains zero) carry the ns mark."""
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             rf"\caption{{{_latex_escape(f'Average-accuracy gain over {_baseline_name(baseline)} (points), with 95% paired-bootstrap intervals.')}}}",
+             r"\begin{tabular}{lllrlrrrl}", r"\toprule",
+             r"Model & Sparsity & Method & Avg & Baseline & Baseline Avg & Gain & 95\% CI & Basis \\", r"\midrule"]
+    for row in gains.itertuples():
+        cells = [row.model_name, format_sparsity_label(row.sparsity_label), method_display_name(row.method),
+                 format_number(row.avg), method_display_name(row.baseline), format_number(row.baseline_avg),
+                 _signed(row.gain)]
+        lines.append(" & ".join([_latex_escape(c) for c in cells] + [_gain_interval(row, latex=True),
+                                                                      _latex_escape(row.basis)]) + r" \\")
+    if gains.empty:
+        lines.append(r"\multicolumn{9}{c}{no setting has both methods} \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    for marker in _gain_markers(gains):
+        lines.append(r"\par\footnotesize " + f"{marker.latex} {_latex_escape(marker.meaning)}.")
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
 def render_gains_markdown(gains: pd.DataFrame, baseline: str | Sequence[str] = PAPER_BASELINE,
                           published_headline: dict[str, float] | None = None,
                           learned_methods: Sequence[str] = LEARNED_METHODS) -> str:
@@ -705,11 +996,14 @@ def render_gains_markdown(gains: pd.DataFrame, baseline: str | Sequence[str] = P
     rows = [[row.model_name, format_sparsity_label(row.sparsity_label),
              method_display_name(row.method), format_number(row.avg),
              method_display_name(row.baseline), format_number(row.baseline_avg), _signed(row.gain),
-             row.basis] for row in gains.itertuples()]
-    headers = ["Model", "Sparsity", "Method", "Avg", "Baseline", "Baseline Avg", "Gain", "Basis"]
+             _gain_interval(row), row.basis] for row in gains.itertuples()]
+    headers = ["Model", "Sparsity", "Method", "Avg", "Baseline", "Baseline Avg", "Gain", "95% CI", "Basis"]
     parts = [tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True,
-                      colalign=["left", "left", "left", "right", "left", "right", "right", "left"]),
+                      colalign=["left", "left", "left", "right", "left", "right", "right", "right", "left"]),
              ""]
+    parts += [f"- {marker.symbol} {marker.meaning}." for marker in _gain_markers(gains)]
+    if parts[-1]:
+        parts.append("")
     summary = summarize_gains(gains)
     for method in summary["method"].unique():
         mine = summary[summary["method"] == method].set_index("sparsity_label")
@@ -732,12 +1026,13 @@ def render_gains_markdown(gains: pd.DataFrame, baseline: str | Sequence[str] = P
 
 def perplexity_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """Per perplexity dataset: rows model x method, one column per sparsity label (dense rows
-    repeat their value in every column, as they belong to every block)."""
+    repeat their value in every column, as they belong to every block). A diverged cell holds inf
+    (printed "diverged")."""
     frame = collapse_duplicate_cells(ok_rows(df))
     tables = {}
     for dataset in ppl_datasets(frame):
         column = f"ppl_{dataset}"
-        rows = frame[frame[column].notna()]
+        rows = frame[_has_ppl(frame, dataset)]
         labels = sorted({label for label in rows["sparsity_label"] if label != DENSE_LABEL},
                         key=sparsity_label_order) or [DENSE_LABEL]
         records = []
@@ -748,15 +1043,60 @@ def perplexity_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
             record = {"model": model, "method": method}
             for label in labels:
                 match = mine if method == "dense" else mine[mine["sparsity_label"] == label]
-                record[label] = float(match[column].iloc[0]) if len(match) else math.nan
+                record[label] = ppl_cell_value(match.iloc[0], dataset) if len(match) else math.nan
             records.append(record)
         tables[dataset] = pd.DataFrame(records, columns=["model", "method"] + labels)
     return tables
 
 
+def perplexity_differences(df: pd.DataFrame) -> dict[str, dict[tuple[str, str, str], Difference]]:
+    """Per dataset, (model, method, sparsity label) -> the pruned cell's perplexity minus its
+    model's dense perplexity, with the interval (see Difference); only cells with both values."""
+    frame = collapse_duplicate_cells(ok_rows(df))
+    out: dict[str, dict] = {}
+    for dataset in ppl_datasets(frame):
+        rows = frame[_has_ppl(frame, dataset)]
+        dense = {row["model"]: row for _, row in rows[rows["method"] == "dense"].iloc[::-1].iterrows()}
+        found = {}
+        for _, row in rows.iterrows():
+            if _is_dense(row) or row["model"] not in dense:
+                continue
+            difference = ppl_difference(row, dense[row["model"]], dataset)
+            if difference is not None:
+                found[(row["model"], row["method"], row["sparsity_label"])] = difference
+        out[dataset] = found
+    return out
+
+
+def perplexity_long_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """perplexity.csv: the perplexity tables stacked (column `dataset`), "diverged" for a diverged
+    cell and, for frames with per-window scores, per sparsity label `<label>_diff`, `_lo`, `_hi`,
+    `_significant`, `_note` (the difference from the model's dense row)."""
+    tables = perplexity_tables(df)
+    if not tables:
+        return pd.DataFrame(columns=["dataset"])
+    differences = perplexity_differences(df) if carries_item_scores(df) else {}
+    frames = []
+    for name, table in tables.items():
+        table = table.copy()
+        labels = [c for c in table.columns if c not in ("model", "method")]
+        found = differences.get(name)
+        if found is not None:
+            for label in labels:
+                columns = [_difference_columns(label, found.get((r["model"], r["method"], label)))
+                           for _, r in table.iterrows()]
+                for key in (columns[0] if columns else {}):
+                    table[key] = [c[key] for c in columns]
+        for label in labels:
+            table[label] = table[label].map(lambda v: DIVERGED if isinstance(v, float) and math.isinf(v) else v)
+        frames.append(table.assign(dataset=name))
+    return pd.concat(frames, ignore_index=True)
+
+
 def render_perplexity_markdown(tables: dict[str, pd.DataFrame], df: pd.DataFrame,
                                heading_level: int = 3) -> str:
     frame = ok_rows(df)
+    differences = perplexity_differences(df) if carries_item_scores(df) else {}
     parts = []
     for dataset, table in tables.items():
         seqlens = ppl_seqlens(frame, dataset)
@@ -764,12 +1104,28 @@ def render_perplexity_markdown(tables: dict[str, pd.DataFrame], df: pd.DataFrame
         parts.append(f"{'#' * heading_level} Perplexity: {dataset} ({window})")
         parts.append("")
         labels = [c for c in table.columns if c not in ("model", "method")]
+        found = differences.get(dataset, {})
+
+        def cell(r, label):
+            text = format_number(r[label])
+            difference = found.get((r["model"], r["method"], label))
+            if difference is not None and difference.diff is not None:
+                used.add(difference.marker)
+                text += " " + format_difference(difference)
+            return text
+
+        used: set = set()
         rows = [[model_display_name(r["model"]), method_display_name(r["method"])]
-                + [format_number(r[label]) for label in labels] for _, r in table.iterrows()]
+                + [cell(r, label) for label in labels] for _, r in table.iterrows()]
+        if dataset in differences:
+            parts += [DIFFERENCE_CAPTION.format(what="cells", baseline="the dense model's perplexity"), ""]
         parts.append(tabulate(rows, headers=["Model", "Method"] + [format_sparsity_label(l) for l in labels],
                               tablefmt="github", disable_numparse=True,
                               colalign=["left", "left"] + ["right"] * len(labels)))
         parts.append("")
+        notes = [f"- {m.symbol} {m.meaning}." for m in INTERVAL_MARKERS if m in used]
+        if notes:
+            parts += notes + [""]
     return "\n".join(parts)
 
 
@@ -779,14 +1135,19 @@ IDENTITY_COLUMNS = ["model", "family", "method", "sparsity", "pattern", "sparsit
 
 def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
     """One row per ok cell (records as they are, fractions): identity columns, every
-    `ppl_<dataset>` (+ `_seqlen`), every `acc_<task>` (+ `stderr_<task>`), and `avg`: the mean of
-    the paper-task accuracies present in the row or, if it has none, of all its accuracies."""
+    `ppl_<dataset>` (+ `_seqlen`, + `diverged_<dataset>` when the frame has it: a diverged cell's
+    perplexity is NaN here, "diverged" in the CSV), every `acc_<task>` (+ `stderr_<task>`), and
+    `avg`: the mean of the paper-task accuracies present in the row or, if it has none, of all
+    its accuracies."""
     frame = ok_rows(df)
     ppl_columns = []
     for dataset in ppl_datasets(frame):
         ppl_columns.append(f"ppl_{dataset}")
         if f"ppl_{dataset}_seqlen" in frame.columns:
             ppl_columns.append(f"ppl_{dataset}_seqlen")
+        if f"diverged_{dataset}" in frame.columns:
+            frame[f"diverged_{dataset}"] = _diverged_mask(frame, dataset)
+            ppl_columns.append(f"diverged_{dataset}")
     tasks = accuracy_tasks(frame)
     acc_columns = [f"acc_{task}" for task in tasks]
     stderr_columns = [f"stderr_{task}" for task in tasks if f"stderr_{task}" in frame.columns]
@@ -796,7 +1157,8 @@ def cells_frame(df: pd.DataFrame) -> pd.DataFrame:
         frame["avg"] = paper_mean.where(paper_mean.notna(), frame[acc_columns].mean(axis=1))
     else:
         frame["avg"] = math.nan
-    extra = [c for c in ("published_avg", "source") if c in frame.columns]
+    extra = [c for c in ("published_avg", "source", "mask_sha256", "last_attempt_status", "last_attempt_at",
+                         "last_attempt_error") if c in frame.columns]
     columns = [c for c in IDENTITY_COLUMNS if c in frame.columns] + ppl_columns + acc_columns \
         + stderr_columns + ["avg"] + extra
     frame = frame[columns]
@@ -812,8 +1174,97 @@ def _csv_text(frame: pd.DataFrame) -> str:
     return frame.to_csv(index=False, lineterminator="\n")
 
 
+def cells_csv_text(df: pd.DataFrame) -> str:
+    """cells.csv: `cells_frame` with "diverged" in the perplexity of every diverged cell."""
+    frame = cells_frame(df)
+    for dataset in ppl_datasets(frame):
+        mask = _diverged_mask(frame, dataset)
+        if mask.any():
+            column = frame[f"ppl_{dataset}"].astype(object)
+            column[mask] = DIVERGED
+            frame[f"ppl_{dataset}"] = column
+    return _csv_text(frame)
+
+
 def write_cells_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    return write_text_atomic(path, _csv_text(cells_frame(df)))
+    return write_text_atomic(path, cells_csv_text(df))
+
+
+# ----------------------------------------------------------------------------- comparisons
+
+COMPARISON_COLUMNS = ["model", "sparsity", "method", "baseline", "metric", "diff", "lo", "hi",
+                      "significant", "pattern", "unit", "value", "baseline_value", "rel_diff",
+                      "rel_lo", "rel_hi", "n", "note"]
+
+
+def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Every difference the report shows, one row each, for machine use (comparisons.csv, the
+    HTML page).
+
+    Each pruned cell against the dense cell of its model, and each learned method against every
+    layer-wise baseline in the same (model, pattern, sparsity) setting; on every perplexity
+    dataset (metric `ppl_<dataset>`, unit "ppl", plus the relative difference rel_diff / rel_lo /
+    rel_hi as fractions), every task (`acc_<task>`, percent points) and the average over the
+    layout's tasks (`avg_acc`, points, items resampled within each task). `sparsity` is the
+    sparsity label ("0.5", "2:4"); diff = method - baseline; [lo, hi] its 95% paired-bootstrap
+    interval; significant = the interval excludes zero (None without an interval; `note` says
+    why: no per-item data, not comparable, diverged).
+    """
+    frame = collapse_duplicate_cells(ok_rows(df))
+    rows: list[dict] = []
+    if frame.empty:
+        return pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    datasets, tasks, avg_tasks = ppl_datasets(frame), accuracy_tasks(frame), resolve_tasks(frame)
+    dense = {}
+    for _, row in frame[frame["sparsity_label"] == DENSE_LABEL].iterrows():
+        dense.setdefault(row["model"], row)
+
+    def add(row, base, metric, unit, value, base_value, d):
+        if d is None:
+            return
+        rows.append({"model": row["model"], "sparsity": row["sparsity_label"], "method": row["method"],
+                     "baseline": base["method"], "metric": metric, "diff": d.diff, "lo": d.lo, "hi": d.hi,
+                     "significant": d.significant, "pattern": row["pattern"], "unit": unit, "value": value,
+                     "baseline_value": base_value, "rel_diff": d.rel_diff, "rel_lo": d.rel_lo,
+                     "rel_hi": d.rel_hi, "n": d.n, "note": d.note})
+
+    for _, row in frame.iterrows():
+        if _is_dense(row):
+            continue
+        baselines = [dense[row["model"]]] if row["model"] in dense else []
+        if row["method"] in LEARNED_METHODS:
+            same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
+                         & (frame["sparsity_label"] == row["sparsity_label"])
+                         & frame["method"].isin(LAYERWISE_BASELINES)]
+            baselines += [base for _, base in same.iterrows()]
+        for base in baselines:
+            for dataset in datasets:
+                add(row, base, f"ppl_{dataset}", "ppl", ppl_cell_value(row, dataset),
+                    ppl_cell_value(base, dataset), ppl_difference(row, base, dataset))
+            for task in tasks:
+                a, b = _value(row, f"acc_{task}"), _value(base, f"acc_{task}")
+                add(row, base, f"acc_{task}", "points", None if a is None else a * PERCENT,
+                    None if b is None else b * PERCENT, acc_difference(row, base, task))
+            common = [t for t in avg_tasks if _value(row, f"acc_{t}") is not None
+                      and _value(base, f"acc_{t}") is not None]
+            if common:
+                add(row, base, "avg_acc", "points",
+                    sum(_value(row, f"acc_{t}") for t in common) / len(common) * PERCENT,
+                    sum(_value(base, f"acc_{t}") for t in common) / len(common) * PERCENT,
+                    avg_acc_difference(row, base, common))
+    out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
+    # A diverged side has no finite value to print: NaN in the frame, "diverged" via `note`.
+    for column in ("value", "baseline_value"):
+        out[column] = out[column].map(lambda v: math.nan if v is None or math.isinf(v) else v)
+    for column in ("diff", "lo", "hi", "rel_diff", "rel_lo", "rel_hi"):
+        out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
+    out["n"] = out["n"].astype("Int64")
+    if out.empty:
+        return out
+    order = sorted(range(len(out)), key=lambda i: (
+        model_order(out["model"].iat[i]), sparsity_label_order(out["sparsity"].iat[i]),
+        method_order(out["method"].iat[i]), method_order(out["baseline"].iat[i]), out["metric"].iat[i]))
+    return out.iloc[order].reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -821,8 +1272,10 @@ def write_cells_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 MAIN_TABLE_STEM = "main_table"
 REPORT_MARKDOWN = "report.md"
 GAINS_CSV = "gains.csv"
+GAINS_TEX = "gains.tex"
 PERPLEXITY_CSV = "perplexity.csv"
 CELLS_CSV = "cells.csv"
+COMPARISONS_CSV = "comparisons.csv"
 
 
 def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLike | None = None,
@@ -834,7 +1287,8 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
     With `df` None, the tables are rebuilt from the paper's published numbers alone (what
     `prunebench report --paper` shows); with records, they table the records with the paper's
     numbers beside every matching cell. With `out_dir`, also writes report.md, main_table.md /
-    .tex / .csv, gains.csv, perplexity.csv and cells.csv there, each atomically.
+    .tex / .csv, gains.csv / .tex, perplexity.csv, cells.csv and comparisons.csv (every
+    difference with its 95% interval, see `comparisons_frame`) there, each atomically.
     """
     paper_only = df is None
     reference = paper_reference_frame()
@@ -862,8 +1316,8 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
         write_text_atomic(out / f"{MAIN_TABLE_STEM}.tex", render_latex(layout))
         write_text_atomic(out / f"{MAIN_TABLE_STEM}.csv", _csv_text(layout_frame(layout)))
         write_text_atomic(out / GAINS_CSV, _csv_text(gains))
-        ppl_long = pd.concat([table.assign(dataset=name) for name, table in ppl.items()],
-                             ignore_index=True) if ppl else pd.DataFrame(columns=["dataset"])
-        write_text_atomic(out / PERPLEXITY_CSV, _csv_text(ppl_long))
-        write_text_atomic(out / CELLS_CSV, _csv_text(cells_frame(frame)))
+        write_text_atomic(out / GAINS_TEX, render_gains_latex(gains, baseline))
+        write_text_atomic(out / PERPLEXITY_CSV, _csv_text(perplexity_long_frame(frame)))
+        write_text_atomic(out / CELLS_CSV, cells_csv_text(frame))
+        write_text_atomic(out / COMPARISONS_CSV, _csv_text(comparisons_frame(frame)))
     return text
