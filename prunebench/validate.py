@@ -18,7 +18,7 @@ def _positive(value, what: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{what} must be a positive integer, got {value!r}", hint=f"e.g. {what.split()[-1]} 1 or more")
+        raise UserError(f"{what} must be a positive integer, got {value!r}", hint="use 1 or more")
 
 
 def check_device(device: str) -> None:
