@@ -1,0 +1,60 @@
+"""The committed results are what the current code computes: every cell of each committed grid
+has an ok record under the key the current code gives it (the key hashes the method's and the
+evaluation's source, the model file and the texts), and no record is left from another key.
+A change to a method or to the evaluation without regenerating its records fails here."""
+from pathlib import Path
+
+import pytest
+
+from prunebench.config import load_grid, preset
+from prunebench.records import load_records
+
+from conftest import REPO, SHARED_DATA
+
+
+def _grid_file(name, data_dir=False):
+    def build():
+        grid = load_grid(REPO / "benchmarks" / "grids" / name)
+        if data_dir:
+            if not SHARED_DATA.is_dir():
+                pytest.skip(f"no shared data directory at {SHARED_DATA}")
+            grid.data_dir = str(SHARED_DATA)  # where the files are is not identity; their content is
+        return grid
+    return build
+
+
+def _committed_grids():
+    yield "results", lambda: preset("embedded")
+    yield "results/leap_budget", _grid_file("leap_budget.yaml")
+    yield "results/paper_tasks_local", _grid_file("paper_tasks_local.yaml", data_dir=True)
+    yield "results/paper_tasks_local", _grid_file("paper_tasks_local_mmlu.yaml", data_dir=True)
+
+
+GRIDS = list(_committed_grids())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder,build", GRIDS, ids=[f"{g[0]}#{i}" for i, g in enumerate(GRIDS)])
+def test_committed_records_are_the_current_codes(folder, build):
+    if not (REPO / folder / "records").is_dir():
+        pytest.skip(f"{folder} is not committed")
+    grid = build()
+    keys = {c.key: c.label for c in grid.cells()}
+    records, skipped = load_records(REPO / folder)
+    assert not skipped, skipped
+    ok = {r["key"] for r in records if r["status"] == "ok"}
+    missing = [label for key, label in keys.items() if key not in ok]
+    assert not missing, f"{folder}: cells whose committed record is not the current code's (regenerate them): {missing}"
+
+
+def test_no_committed_record_is_left_from_another_key():
+    grids = {}
+    for folder, build in GRIDS:
+        try:
+            grid = build()
+        except pytest.skip.Exception:
+            continue
+        grids.setdefault(folder, set()).update(c.key for c in grid.cells())
+    for folder, keys in grids.items():
+        for r in load_records(REPO / folder)[0]:
+            assert r["key"] in keys, f"{Path(r['_path']).name} belongs to no committed grid of the current code"
