@@ -44,7 +44,7 @@ import torch
 from prunebench.errors import UserError
 from prunebench.registry import (Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, STATS_INPUT_NORM,
                                  STATS_NONE, register)
-from prunebench.sparsity import SparsitySpec, mask_from_scores, nm_mask
+from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, mask_from_scores, n_to_prune, nm_mask
 
 from .sparsegpt import CholeskyError
 
@@ -94,11 +94,16 @@ def select_mask(scores: torch.Tensor, spec: SparsitySpec, sparsity: float) -> to
     final = nm_mask(scores, spec.n, spec.m)
     if sparsity >= spec.target - 1e-12:
         return final
-    k = min(int(round(sparsity * scores.numel())), int((~final).sum()))
+    rejected = ~final
+    k = min(n_to_prune(scores.numel(), sparsity), int(rejected.sum()))
     keep = torch.ones_like(final)
     if k > 0:
-        candidates = torch.where(final, torch.full_like(scores, float("inf")), scores.float())
-        keep.view(-1)[torch.sort(candidates.reshape(-1), stable=True).indices[:k]] = False
+        # The k lowest scores among the weights the final pattern rejects, ties by position: a
+        # selection over those weights only (no sort of the whole matrix).
+        flat_rejected = rejected.reshape(-1)
+        values = scores.reshape(-1).float()[flat_rejected]
+        drop = ~_keep_all_but_lowest(values.unsqueeze(0), k).squeeze(0)
+        keep.view(-1)[flat_rejected.nonzero().squeeze(1)[drop]] = False
     return keep
 
 
@@ -144,14 +149,23 @@ class AdmmSolver:
 
 def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, spec: Optional[SparsitySpec] = None, *,
                mask: Optional[torch.Tensor] = None, percdamp: float = 0.1, rho: float = 1.0,
-               mask_steps: int = 15, iterations: int = 20, final_iterations: int = 40):
+               mask_steps: int = 15, iterations: int = 20, final_iterations: int = 40, row_groups=None):
     """ADMM pruning of one [out, in] weight; returns (new_weight, keep_mask), float32.
 
     Either `spec`: `iterations` ADMM iterations, the mask re-chosen on |W + U| before each of the
     first `mask_steps` along the cubic schedule (the reference code's schedule), then
     `final_iterations` more with the mask frozen; or `mask`: only the frozen-mask weight update,
     `iterations + final_iterations` iterations from the dense weights.
+    row_groups: (start, stop) row ranges of layers stacked because they share the Hessian (q/k/v):
+    the iteration is row by row, so only the mask selection needs them (each layer's own rows).
     """
+    groups = list(row_groups) if row_groups else None
+
+    def choose(scores, sparsity):
+        if groups is None:
+            return select_mask(scores, spec, sparsity)
+        return torch.cat([select_mask(scores[a:b], spec, sparsity) for a, b in groups])
+
     if mask_steps > iterations:
         raise ValueError(f"admm: mask_steps ({mask_steps}) cannot exceed iterations ({iterations})")
     Hn, Wn, norm = normalise_inputs(hessian, weight)
@@ -161,10 +175,10 @@ def admm_prune(hessian: torch.Tensor, weight: torch.Tensor, spec: Optional[Spars
         if spec is None:
             raise ValueError("admm_prune needs a sparsity spec or a mask")
         if mask_steps <= 0:
-            mask = select_mask(solver.scores(), spec, spec.target)  # one-shot Wanda-score mask
+            mask = choose(solver.scores(), spec.target)  # one-shot Wanda-score mask
         for it in range(iterations):
             if it < mask_steps:
-                mask = select_mask(solver.scores(), spec, cubic_sparsity(spec.target, it + 1, mask_steps))
+                mask = choose(solver.scores(), cubic_sparsity(spec.target, it + 1, mask_steps))
             solver.iterate(mask, 1)
     else:
         mask = mask.to(device=Wn.device, dtype=torch.bool)
@@ -233,19 +247,33 @@ class ADMM(LayerwisePruner):
         return (self.config.mask_from,) if self.config.mask_from else ()
 
     def prune_linear(self, weight, stats, spec, ctx):
+        return self.prune_group({"weight": weight}, stats, spec, ctx)["weight"]
+
+    def prune_group(self, weights, stats, spec, ctx):
+        """Layers that share their input (q/k/v, gate/up) share H: one normalisation, one
+        factorisation and one matmul per iteration for all of them, each layer's mask chosen
+        over its own rows: the same result as one at a time."""
         if stats is None or stats.hessian is None:
             raise ValueError("admm needs the Hessian X^T X of the layer inputs (statistics='hessian')")
         cfg = self.config
+        names = list(weights)
         warnings = []
         mask = None
         if self._source is not None:
             self._source.check_spec(spec)
-            res = self._source.prune_linear(weight.clone(), stats, spec, ctx)
-            mask = res.mask
-            warnings.extend(f"admm mask_from={cfg.mask_from}: {w}" for w in res.warnings)
+            results = self._source.prune_group({n: w.clone() for n, w in weights.items()}, stats, spec, ctx)
+            mask = torch.cat([results[n].mask for n in names])
+            for n in names:
+                warnings.extend(f"admm mask_from={cfg.mask_from}: {w}" for w in results[n].warnings)
         elif spec.target == 0:
-            return LinearResult(mask=torch.ones_like(weight, dtype=torch.bool))
-        new_w, mask = admm_prune(stats.hessian.to(weight.device), weight, spec, mask=mask,
+            return {n: LinearResult(mask=torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
+        stacked = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
+        bounds, start = [], 0
+        for n in names:
+            bounds.append((start, start + weights[n].shape[0]))
+            start += weights[n].shape[0]
+        new_w, mask = admm_prune(stats.hessian.to(stacked.device), stacked, spec, mask=mask,
                                  percdamp=cfg.percdamp, rho=cfg.rho, mask_steps=cfg.mask_steps,
-                                 iterations=cfg.iterations, final_iterations=cfg.final_iterations)
-        return LinearResult(mask=mask, weight=new_w, warnings=warnings)
+                                 iterations=cfg.iterations, final_iterations=cfg.final_iterations, row_groups=bounds)
+        return {n: LinearResult(mask=mask[a:b], weight=new_w[a:b], warnings=warnings if i == 0 else [])
+                for i, (n, (a, b)) in enumerate(zip(names, bounds))}

@@ -39,7 +39,7 @@ from prunebench.errors import UserError
 from prunebench.models import all_prunable, is_conv1d, resolve_dtype, restore_prunable, snapshot_prunable
 from prunebench.progress import progress_bar
 from prunebench.registry import Capabilities, Pruner, PruneReport, register
-from prunebench.sparsity import SparsitySpec, mask_from_scores
+from prunebench.sparsity import SparsitySpec, mask_from_scores, n_to_prune
 
 FINAL_MASK_RULES = ("sign", "topk")
 CHECKPOINT_FILE = "leap_state.pt"
@@ -219,7 +219,8 @@ def sign_mask(logits: torch.Tensor) -> torch.Tensor:
 
 
 def global_topk_masks(logits: dict, target_sparsity: float) -> dict:
-    """Keep exactly round((1 - s) * N) weights with the largest P over all layers together.
+    """Keep the N - int(s * N) weights with the largest P over all layers together (the counting
+    convention of prunebench.sparsity.n_to_prune).
 
     Ties at the threshold are filled in a fixed order (layer order, then flat position), so the
     result is deterministic.
@@ -227,7 +228,7 @@ def global_topk_masks(logits: dict, target_sparsity: float) -> dict:
     names = list(logits)
     sizes = [logits[n].numel() for n in names]
     total = sum(sizes)
-    n_keep = int(round((1.0 - target_sparsity) * total))
+    n_keep = total - n_to_prune(total, target_sparsity)
     if n_keep >= total:
         return {n: torch.ones_like(logits[n], dtype=torch.bool) for n in names}
     if n_keep <= 0:

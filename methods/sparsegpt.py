@@ -30,7 +30,10 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
-from prunebench.sparsity import SparsitySpec, nm_mask
+from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
+
+
+SUB_BLOCK = 32  # columns per inner OBS sub-block (speed only; the result is the same for any value)
 
 
 class CholeskyError(RuntimeError):
@@ -112,40 +115,41 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float = 0.01, max_retries
 
 
 def _share(fraction: float, start: int, stop: int) -> int:
-    """Items to prune among positions [start, stop) so the running total stays round(fraction * stop)."""
-    return int(round(fraction * stop)) - int(round(fraction * start))
+    """Items to prune among positions [start, stop) so the running total stays n_to_prune(stop)."""
+    return n_to_prune(stop, fraction) - n_to_prune(start, fraction)
 
 
 def block_keep_mask(saliency: torch.Tensor, target: float, col_start: int, per_row: bool) -> torch.Tensor:
     """Keep-mask of one block of columns: prune the lowest-saliency `target` fraction.
 
-    The count carries its rounding from block to block, so the whole matrix ends with exactly
-    round(target * numel) pruned (scope "layer"), or round(target * in) in every row (scope
-    "row"), like the other methods.  Ties are broken by position (stable sort).
+    The count carries its truncation from block to block, so the whole matrix ends with exactly
+    int(target * numel) pruned (scope "layer"), or int(target * in) in every row (scope "row"):
+    prunebench's one counting convention (sparsity.n_to_prune).  The reference selects
+    `saliency <= sorted[int(target * block_numel)]` in every block, which prunes one weight
+    more per block (and every tie); ties here are broken by position (stable sort).
     """
     rows, count = saliency.shape
-    keep = torch.ones_like(saliency, dtype=torch.bool)
     if per_row:
-        k = _share(target, col_start, col_start + count)
-        if k > 0:
-            keep.scatter_(1, torch.sort(saliency, dim=1, stable=True).indices[:, :k], False)
-    else:
-        k = _share(target, rows * col_start, rows * (col_start + count))
-        if k > 0:
-            keep.view(-1)[torch.sort(saliency.reshape(-1), stable=True).indices[:k]] = False
-    return keep
+        return _keep_all_but_lowest(saliency, _share(target, col_start, col_start + count))
+    k = _share(target, rows * col_start, rows * (col_start + count))
+    return _keep_all_but_lowest(saliency.reshape(1, -1), k).view(rows, count)
 
 
-def sparsegpt_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, spec: SparsitySpec, blocksize: int = 128):
+def sparsegpt_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, spec: SparsitySpec, blocksize: int = 128,
+                    row_groups=None):
     """Prune `weight` [out, in] with OBS updates. `hinv_upper`: upper Cholesky factor of H^-1.
 
     spec must be resolved: unstructured with scope "layer" (the paper's per-block selection over
     all rows) or "row" (the same per-block selection, but an equal share of every row), or N:M.
+    row_groups: (start, stop) row ranges that are separate layers sharing this Hessian (q, k and
+    v stacked): the OBS updates are row by row, so stacking changes nothing but the cost, and
+    each layer's mask is selected over its own rows, exactly as if it were pruned alone.
     Returns (new_weight, keep_mask), new_weight exactly zero where the mask is False.
     """
     W = weight.to(torch.float32).clone()
     Hinv = hinv_upper.to(torch.float32)
     rows, cols = W.shape
+    groups = list(row_groups) if row_groups else [(0, rows)]
     mask = torch.ones_like(W, dtype=torch.bool)
     nm = spec.pattern == "nm"
     if nm:
@@ -156,38 +160,50 @@ def sparsegpt_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, spec: Sparsi
         blocksize = max(spec.m, (blocksize // spec.m) * spec.m)
     per_row = spec.scope == "row"
 
+    # Within a block the OBS loop runs on the transposed block (a column is a contiguous row) in
+    # sub-blocks: each column's error updates only the rest of its sub-block at once, and the
+    # sub-block's errors reach the rest of the block in one matmul.  The same arithmetic as the
+    # reference's column-by-column update of the whole block, in far fewer memory passes.  N:M
+    # groups never straddle a sub-block (its width is a multiple of M).
+    sub = spec.m * max(1, SUB_BLOCK // spec.m) if nm else SUB_BLOCK
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        Wt = W[:, i1:i2].t().contiguous()  # [count, rows]
+        Errt = torch.zeros_like(Wt)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1)
 
         if nm:
-            keep1 = torch.ones_like(W1, dtype=torch.bool)
+            keep_t = torch.ones_like(Wt, dtype=torch.bool)
         else:
             # Adaptive selection: decided now, from weights already updated by earlier blocks.
-            keep1 = block_keep_mask(W1.pow(2) / d.pow(2), spec.target, i1, per_row)
+            saliency = Wt.t().pow(2) / d.pow(2)
+            keep_t = torch.cat([block_keep_mask(saliency[a:b], spec.target, i1, per_row) for a, b in groups]).t().contiguous()
+        prune_t = (~keep_t).to(Wt.dtype)
 
-        for i in range(count):
-            if nm and i % spec.m == 0:
-                g = min(spec.m, count - i)  # shorter only for the matrix's trailing group
-                sal = W1[:, i:i + g].pow(2) / d[i:i + g].pow(2)
-                keep1[:, i:i + g] = nm_mask(sal, spec.n, spec.m)
-            w = W1[:, i]
-            q = torch.where(keep1[:, i], w, torch.zeros_like(w))
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            # OBS update of the remaining columns of this block (row i of the Cholesky factor).
-            W1[:, i:] -= err.unsqueeze(1) * Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        for s1 in range(0, count, sub):
+            s2 = min(s1 + sub, count)
+            for i in range(s1, s2):
+                if nm and i % spec.m == 0:
+                    g = min(spec.m, count - i)  # shorter only for the matrix's trailing group
+                    sal = Wt[i:i + g].t().pow(2) / d[i:i + g].pow(2)
+                    group_keep = nm_mask(sal, spec.n, spec.m).t()
+                    keep_t[i:i + g] = group_keep
+                    prune_t[i:i + g] = (~group_keep).to(Wt.dtype)
+                # The error of pruning column i (its pruned part over the OBS pivot) is pushed
+                # onto the later columns through row i of the Cholesky factor.
+                err = Wt[i] * prune_t[i] / d[i]
+                Errt[i] = err
+                if i + 1 < s2:
+                    Wt[i + 1:s2].addr_(Hinv1[i, i + 1:s2], err, alpha=-1.0)
+            if s2 < count:
+                Wt[s2:].addmm_(Hinv1[s1:s2, s2:].t(), Errt[s1:s2], alpha=-1.0)
 
-        W[:, i1:i2] = Q1
-        mask[:, i1:i2] = keep1
+        W[:, i1:i2] = (Wt * keep_t).t()  # kept weights as updated; pruned ones exactly zero
+        mask[:, i1:i2] = keep_t.t()
         # Lazy update: the whole block's errors reach the later columns in one matmul.
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        W[:, i2:].addmm_(Errt.t(), Hinv[i1:i2, i2:], alpha=-1.0)
     return W, mask
 
 
@@ -216,13 +232,26 @@ class SparseGPT(LayerwisePruner):
                             f"{cfg.blocksize}, {cfg.percdamp}, {cfg.max_damp_retries}")
 
     def prune_linear(self, weight, stats, spec, ctx):
+        return self.prune_group({"weight": weight}, stats, spec, ctx)["weight"]
+
+    def prune_group(self, weights, stats, spec, ctx):
+        """Layers that share their input (q/k/v, gate/up) share the Hessian: it is prepared and
+        factorised once and their rows are solved together (each layer's mask still selected
+        over its own rows), the same result as one at a time at a fraction of the cost."""
         if stats is None or stats.hessian is None:
             raise ValueError("sparsegpt needs the Hessian X^T X of the layer inputs (statistics='hessian')")
         cfg = self.config
         if spec.target == 0:
-            return LinearResult(mask=torch.ones_like(weight, dtype=torch.bool))
-        H, W, _dead = prepare_hessian(stats.hessian.to(weight.device), weight)
+            return {n: LinearResult(mask=torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
+        names = list(weights)
+        stacked = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
+        H, W, _dead = prepare_hessian(stats.hessian.to(stacked.device), stacked)
         hinv, _pd, warnings = damped_inverse_cholesky(H, cfg.percdamp, cfg.max_damp_retries)
         del H
-        new_w, mask = sparsegpt_prune(W, hinv, spec, cfg.blocksize)
-        return LinearResult(mask=mask, weight=new_w, warnings=warnings)
+        bounds, start = [], 0
+        for n in names:
+            bounds.append((start, start + weights[n].shape[0]))
+            start += weights[n].shape[0]
+        new_w, mask = sparsegpt_prune(W, hinv, spec, cfg.blocksize, row_groups=bounds)
+        return {n: LinearResult(mask=mask[a:b], weight=new_w[a:b], warnings=list(warnings) if i == 0 else [])
+                for i, (n, (a, b)) in enumerate(zip(names, bounds))}

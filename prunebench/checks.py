@@ -109,11 +109,30 @@ def check_sparsity(named_weights, spec: SparsitySpec, scope: str | None, toleran
             raise OutputCheckError(f"unknown sparsity scope {scope!r} reported by the method")
 
 
-def check_output(named_weights, spec: SparsitySpec, scope: str | None, *, dense: bool = False) -> None:
-    """All checks for one cell. `named_weights`: (name, [out, in] weight) pairs."""
+def check_output(named_weights, spec: SparsitySpec, scope: str | None, *, dense: bool = False,
+                 layer_specs: dict | None = None) -> None:
+    """All checks for one cell. `named_weights`: (name, [out, in] weight) pairs.
+
+    layer_specs (name -> spec), from a per-block allocation: every linear is checked against its
+    own block's spec (pattern and amount, at the method's scope, "layer" for a global scope),
+    and for unstructured targets the whole model against the cell's target as well.
+    """
     named = [(n, w.detach()) for n, w in named_weights]
     check_finite(named)
     if dense:
+        return
+    if layer_specs:
+        missing = [n for n, _ in named if n not in layer_specs]
+        if missing:
+            raise OutputCheckError(f"the allocation gave no target for {missing[0]} ({len(missing)} linears)")
+        per_layer_scope = "layer" if scope in (None, "global") else scope
+        for name, w in named:
+            check_pattern([(name, w)], layer_specs[name])
+            check_sparsity([(name, w)], layer_specs[name], per_layer_scope)
+        if spec.pattern != "nm":
+            # Each block's target is truncated per row (or layer): allow that rounding once more.
+            unit = max((1.0 / w.shape[1] if per_layer_scope == "row" else 1.0 / w.numel()) for _, w in named)
+            check_sparsity(named, spec, "global", tolerance=SPARSITY_TOLERANCE + unit)
         return
     check_pattern(named, spec)
     check_sparsity(named, spec, scope)

@@ -292,9 +292,12 @@ def cmd_check(args) -> int:
 def cmd_list(args) -> int:
     from . import registry
 
+    from . import allocation
+
     methods = registry.describe()
+    allocations = allocation.describe()
     if args.json:
-        print(json.dumps(methods, indent=2, default=str))
+        print(json.dumps(methods + [{**a, "kind": "allocation"} for a in allocations], indent=2, default=str))
         return 0
     for m in methods:
         caps = m["capabilities"]
@@ -304,6 +307,11 @@ def cmd_list(args) -> int:
               f"gradients: {'yes' if caps['needs_gradients'] else 'no'}; statistics: {caps['statistics']}")
         if m["defaults"]:
             print("    defaults: " + ", ".join(f"{k}={v!r}" for k, v in m["defaults"].items()))
+    print("\nsparsity allocations (compose with a layer-wise method: wanda+owl, sparsegpt+alphapruning):")
+    for a in allocations:
+        print(f"{a['name']}: {a['summary']}")
+        print(f"    patterns: {', '.join(a['patterns'])}; calibration: {'yes' if a['statistics'] != 'none' else 'no'}; "
+              "defaults: " + ", ".join(f"{k}={v!r}" for k, v in a["defaults"].items()))
     return 0
 
 

@@ -51,7 +51,7 @@ class MethodSpec:
 
     def resolved_config(self) -> dict:
         """Every hyperparameter the method will use: defaults overlaid with the given ones."""
-        return config_to_dict(registry.create(self.name, self.config).config)
+        return registry.resolved_config(registry.create(self.name, self.config))
 
 
 @dataclass

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
 from .checks import OutputCheckError, check_output, effective_scope
 from .models import TINY_FAMILIES, all_prunable, load_tiny, weight_matrix
 from .registry import PruneContext
@@ -62,6 +63,7 @@ def check_method(method: str, families=TINY_FAMILIES, specs=SPECS, calibration=N
     from . import registry
 
     cls = registry.get(method)
+    allocation = getattr(registry.create(method, FAST_CONFIGS.get(method, {}) if config is None else config), "allocation", None)
     calibration = calibration_for_tests() if calibration is None else calibration
     outcomes = []
     for family in families:
@@ -69,10 +71,15 @@ def check_method(method: str, families=TINY_FAMILIES, specs=SPECS, calibration=N
             spec = SparsitySpec.parse(text)
             if spec.pattern not in cls.capabilities.patterns:
                 continue
+            if allocation is not None:
+                try:
+                    allocation.check_spec(spec)
+                except UserError:
+                    continue  # e.g. OWL's N:M variant is defined for N:8 only
             try:
                 weights, report = prune_tiny(method, family, spec, calibration, config=config)
                 scope = effective_scope(spec, report.stats.get("scope"))
-                check_output(weights.items(), spec, scope)
+                check_output(weights.items(), spec, scope, layer_specs=report.layer_specs)
                 again, _ = prune_tiny(method, family, spec, calibration, config=config)
                 for name in weights:
                     if not torch.equal(weights[name] != 0, again[name] != 0):

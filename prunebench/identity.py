@@ -106,15 +106,22 @@ def method_identity(pruner) -> dict:
 
     cls = type(pruner)
     origin = registry.origin(cls.name)
+    allocation = getattr(pruner, "allocation", None)
     if origin["kind"] == "plugin":
-        return {"kind": "plugin", "file": origin["file"], "sha256": file_sha256(origin["file"]),
-                "prunebench": __version__, "replaces_builtin": origin.get("replaces_builtin", False)}
+        ident = {"kind": "plugin", "file": origin["file"], "sha256": file_sha256(origin["file"]),
+                 "prunebench": __version__, "replaces_builtin": origin.get("replaces_builtin", False)}
+        if allocation is not None:
+            ident["allocation_sha256"] = modules_sha256({type(allocation).__module__, "prunebench.allocation",
+                                                         "prunebench.layerwise"})
+        return ident
     modules = {cls.__module__, *METHOD_FRAMEWORK_MODULES}
     for base in cls.__mro__:
         for engine in getattr(base, "engine_modules", ()):
             modules.add(engine)
     for dep in pruner.uses_methods():
         modules.add(registry.get(dep).__module__)
+    if allocation is not None:  # a per-block allocation decides the result as much as the method
+        modules.update({type(allocation).__module__, "prunebench.allocation"})
     ident = {"kind": origin["kind"], "prunebench": __version__, "sha256": modules_sha256(modules)}
     if origin["kind"] == "entry_point":
         ident["package"] = origin.get("package")

@@ -27,6 +27,32 @@ class _StopForward(Exception):
     pass
 
 
+# Calibration windows per block forward.  Bigger batches run bigger matmuls (the engine's floor
+# is two block passes over the calibration tokens); 8 x 512 tokens x 1536 features x 4 bytes is
+# 25 MB of MLP activations, small next to the stored block inputs.  PruneContext.extras
+# ["block_batch"] overrides it.
+BLOCK_BATCH_WINDOWS = 8
+
+
+# X^T X is symmetric: above this width it is accumulated block row by block row from the diagonal
+# rightwards and mirrored, 55-67% of a full product's multiply-adds (the calibration Hessians are
+# most of SparseGPT's and ADMM's arithmetic beyond the two block passes).
+GRAM_BLOCK = 192
+
+
+def gram_add_(out: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> torch.Tensor:
+    """out += x^T x for x [tokens, n], computing only the upper block triangle."""
+    n = x.shape[1]
+    if n < 2 * block:
+        return out.addmm_(x.t(), x)
+    for i in range(0, n, block):
+        j = min(i + block, n)
+        upper = x[:, i:j].t() @ x[:, i:]  # [block, n - i]: the diagonal block and those right of it
+        out[i:j, i:] += upper
+        out[j:, i:j] += upper[:, j - i:].t()
+    return out
+
+
 class StatsAccumulator:
     """Running float32 statistics of one linear's inputs: column mean squares or X^T X / n."""
 
@@ -42,7 +68,7 @@ class StatsAccumulator:
         if self.sum_sq is not None:
             self.sum_sq += (x * x).sum(dim=0)
         if self.xtx is not None:
-            self.xtx.addmm_(x.t(), x)
+            gram_add_(self.xtx, x)
 
     def result(self) -> LayerStats:
         n = max(self.n_tokens, 1)
@@ -144,6 +170,16 @@ def _non_block_modules(model: nn.Module, block_ids: set):
     return out
 
 
+def batch_windows(hidden: list, size: int) -> list:
+    """Concatenate per-window hidden states [1, seqlen, h] into batches of `size` windows.
+
+    One block forward over several windows runs bigger matmuls than one window at a time (the
+    reference implementations' loop), which is most of the engine's floor on a CPU.
+    """
+    size = max(1, int(size))
+    return [torch.cat(hidden[i:i + size], dim=0) if size > 1 else hidden[i] for i in range(0, len(hidden), size)]
+
+
 def run_block(block: nn.Module, hidden: list, args, kwargs, device, activation_device="cpu") -> list:
     outs = []
     args_d, kwargs_d = _to(args, device), _to(kwargs, device)
@@ -154,6 +190,68 @@ def run_block(block: nn.Module, hidden: list, args, kwargs, device, activation_d
                 out = out[0]
             outs.append(out.to(activation_device))
     return outs
+
+
+def collect_block_stats(block: nn.Module, linears: dict, kind: str, hidden: list, args, kwargs, device,
+                        activation_device="cpu", keep_outputs: bool = False):
+    """One pass of `block` over the calibration batches, accumulating `kind` statistics.
+
+    Linears that read the same input tensor (q/k/v after the attention norm, gate/up after the
+    MLP norm) share one accumulator: their statistics are identical, so they are computed once
+    and the method may solve them together (SparseGPT factorises one Hessian for q, k and v).
+    Sharing is detected by tensor identity on the first batch (the tensors are held alive for
+    that batch, so a freed buffer can never be mistaken for a shared one).  The first batch also
+    shows which linear runs last; on the later batches the forward stops at its input (its
+    product and the rest of the block are not needed for statistics), unless `keep_outputs`.
+
+    Returns (groups, stats, outputs): groups is a list of name lists in execution order, stats
+    maps the first name of each group to its LayerStats, outputs the block's outputs per batch
+    (only with keep_outputs, else None).
+    """
+    names = list(linears)
+    seen: dict = {}
+    order: list = []
+    accumulators = {name: StatsAccumulator(weight_matrix(m).shape[1], kind, device) for name, m in linears.items()}
+    state = {"first": True, "stop_at": None}
+
+    def hook(name):
+        def fn(mod, inp):
+            if state["first"]:
+                seen[name] = inp[0]
+                order.append(name)
+            acc = accumulators.get(name)
+            if acc is not None:
+                acc.add(inp[0])
+            if name == state["stop_at"]:
+                raise _StopForward
+        return fn
+
+    outputs = [] if keep_outputs else None
+    groups = [[n] for n in names]
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+    with _hooks(handles):
+        for i, h in enumerate(hidden):
+            try:
+                out = run_block(block, [h], args, kwargs, device, activation_device)
+                if keep_outputs:
+                    outputs.extend(out)
+            except _StopForward:
+                pass
+            if i == 0:
+                state["first"] = False
+                if not keep_outputs and order and len(set(order)) == len(order) == len(names):
+                    state["stop_at"] = order[-1]  # every linear ran once: stop at the last one's input
+                groups = []
+                for name in sorted(names, key=lambda n: order.index(n) if n in order else len(order)):
+                    for g in groups:
+                        if seen.get(name) is not None and seen.get(g[0]) is seen.get(name):
+                            g.append(name)
+                            del accumulators[name]  # same input: the leader's accumulator covers it
+                            break
+                    else:
+                        groups.append([name])
+                seen.clear()
+    return groups, {g[0]: accumulators[g[0]].result() for g in groups}, outputs
 
 
 def _check_linear_result(name: str, result, weight: torch.Tensor) -> None:
@@ -169,22 +267,48 @@ def _check_linear_result(name: str, result, weight: torch.Tensor) -> None:
         raise ValueError(f"{name}: returned weight shape {tuple(result.weight.shape)} differs from {tuple(weight.shape)}")
 
 
+def _zero_count(module) -> tuple:
+    w = weight_matrix(module)
+    return int((w == 0).sum()), w.numel()
+
+
 def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
-    """Prune every decoder linear with `pruner.prune_linear`, block by block, sequentially."""
+    """Prune every decoder linear with `pruner.prune_group`, block by block, sequentially.
+
+    With a per-layer allocation attached to the pruner (`pruner.allocation`, e.g. OWL), each
+    block gets its own target from `prunebench.allocation.allocate` before any block is pruned;
+    the default is the same spec for every block.
+    """
+    from .allocation import allocate
+
     spec = ctx.sparsity.resolved(pruner.default_scope)
     kind = pruner.capabilities.statistics
+    allocation = getattr(pruner, "allocation", None)
     prefix, blocks = find_blocks(model)
     report = PruneReport(stats={"per_block_s": [], "scope": spec.scope})
     device = torch.device(ctx.device)
     activation_device = ctx.extras.get("activation_device", "cpu")
+    batch = int(ctx.extras.get("block_batch", BLOCK_BATCH_WINDOWS))
     t0 = time.perf_counter()
 
     hidden = args = kwargs = None
-    if kind != STATS_NONE:
+    needs_inputs = kind != STATS_NONE or (allocation is not None and allocation.statistics != STATS_NONE)
+    if needs_inputs:
         if ctx.calibration is None:
             raise ValueError(f"method {pruner.name!r} needs calibration windows")
         hidden, args, kwargs = capture_block_inputs(model, ctx.calibration, device, activation_device)
+        hidden = batch_windows(hidden, batch)
     report.stats["capture_s"] = time.perf_counter() - t0
+
+    block_specs = [spec] * len(blocks)
+    if allocation is not None:
+        ta = time.perf_counter()
+        block_specs, info = allocate(allocation, blocks, spec, hidden, args, kwargs, device, activation_device,
+                                     progress=ctx.progress)
+        info["seconds"] = round(time.perf_counter() - ta, 3)
+        report.stats["allocation"] = info
+        report.layer_specs = {}
+    block_achieved = []
 
     bar = progress_bar(total=len(blocks), desc=f"{pruner.name} blocks", enabled=ctx.progress, unit="block")
     for index, block in enumerate(blocks):
@@ -192,29 +316,36 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
         home = _module_device(block)
         block.to(device)
         linears = prunable_linears(block)
-        stats = {}
+        block_spec = block_specs[index]
         if kind != STATS_NONE:
-            accumulators = {name: StatsAccumulator(weight_matrix(m).shape[1], kind, device) for name, m in linears.items()}
-            handles = [m.register_forward_hook(lambda mod, inp, out, acc=accumulators[name]: acc.add(inp[0]))
-                       for name, m in linears.items()]
-            with _hooks(handles):
-                run_block(block, hidden, args, kwargs, device, activation_device)
-            stats = {name: acc.result() for name, acc in accumulators.items()}
-            del accumulators
-        for name, module in linears.items():
-            full_name = f"{prefix}.{index}.{name}"
-            weight = weight_matrix(module).detach().to(device=device, dtype=torch.float32, copy=True).contiguous()
-            result = pruner.prune_linear(weight, stats.get(name, LayerStats(n_tokens=0)), spec, ctx)
-            new_weight = result.weight if result.weight is not None else weight
-            _check_linear_result(full_name, result, weight)
-            mask = result.mask.to(new_weight.device)
-            set_weight_matrix(module, new_weight * mask)
-            report.warnings.extend(f"{full_name}: {w}" for w in result.warnings)
+            groups, stats, _ = collect_block_stats(block, linears, kind, hidden, args, kwargs, device, activation_device)
+        else:
+            groups, stats = [[name] for name in linears], {}
+        for group in groups:
+            weights = {name: weight_matrix(linears[name]).detach().to(device=device, dtype=torch.float32, copy=True).contiguous()
+                       for name in group}
+            layer_stats = stats.get(group[0], LayerStats(n_tokens=0))
+            results = pruner.prune_group(weights, layer_stats, block_spec, ctx)
+            for name in group:
+                full_name = f"{prefix}.{index}.{name}"
+                result = results[name]
+                _check_linear_result(full_name, result, weights[name])
+                new_weight = result.weight if result.weight is not None else weights[name]
+                set_weight_matrix(linears[name], new_weight * result.mask.to(new_weight.device))
+                report.warnings.extend(f"{full_name}: {w}" for w in result.warnings)
+                if report.layer_specs is not None:
+                    report.layer_specs[full_name] = block_spec
+            del weights, results
         stats.clear()
-        if kind != STATS_NONE and index + 1 < len(blocks):
+        if allocation is not None:
+            counts = [_zero_count(m) for m in linears.values()]
+            block_achieved.append(round(sum(z for z, _ in counts) / max(sum(n for _, n in counts), 1), 6))
+        if needs_inputs and index + 1 < len(blocks):
             hidden = run_block(block, hidden, args, kwargs, device, activation_device)
         block.to(home)
         report.stats["per_block_s"].append(round(time.perf_counter() - tb, 4))
         bar.update(1)
     bar.close()
+    if allocation is not None:
+        report.stats["allocation"]["block_achieved"] = block_achieved
     return report

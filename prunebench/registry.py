@@ -90,6 +90,9 @@ class PruneReport:
     warnings: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     masks: Optional[dict] = None  # name -> bool mask, when the method keeps them
+    # name -> SparsitySpec of each linear, when they differ from the cell's spec (a per-layer
+    # allocation); the runner checks every linear against its own spec.
+    layer_specs: Optional[dict] = None
 
 
 class Pruner:
@@ -134,6 +137,15 @@ class LayerwisePruner(Pruner):
                      ctx: PruneContext) -> LinearResult:
         """weight: float32 [out, in] copy. Return the keep-mask and optionally new weights."""
         raise NotImplementedError
+
+    def prune_group(self, weights: dict, stats: LayerStats, spec: SparsitySpec, ctx: PruneContext) -> dict:
+        """Linears of one block that read the same input (q/k/v, gate/up) and so share `stats`.
+
+        weights: name -> float32 [out, in] copy.  Returns name -> LinearResult.  The default
+        prunes them one by one; a method that can share work across the group (one Hessian
+        factorisation) overrides it.
+        """
+        return {name: self.prune_linear(w, stats, spec, ctx) for name, w in weights.items()}
 
     def prune(self, model, ctx: PruneContext) -> PruneReport:
         from .layerwise import prune_layerwise
@@ -345,10 +357,28 @@ def available() -> list[str]:
     return sorted(_METHODS)
 
 
+ALLOCATION_SEPARATOR = "+"  # "wanda+owl": a layer-wise method with a per-block sparsity allocation
+
+
+def split_name(name: str) -> tuple:
+    """'wanda+owl' -> ('wanda', 'owl'); 'wanda' -> ('wanda', None)."""
+    base, sep, allocation = name.partition(ALLOCATION_SEPARATOR)
+    return base.strip(), (allocation.strip() if sep else None)
+
+
 def resolve(name: str) -> str:
     if not isinstance(name, str) or not name.strip():
         raise UserError(f"a method name must be a non-empty string, got {name!r}"[:200],
                         hint=f"known methods: {', '.join(available())}")
+    base, allocation = split_name(name)
+    if allocation is not None:
+        from . import allocation as allocations
+
+        key = resolve(base)
+        if not issubclass(_METHODS[key], LayerwisePruner):
+            raise UserError(f"{name!r}: a sparsity allocation composes with layer-wise methods only, and "
+                            f"{key!r} is not one", hint="e.g. wanda+owl, sparsegpt+alphapruning")
+        return f"{key}{ALLOCATION_SEPARATOR}{allocations.resolve(allocation)}"
     key = name.strip().lower()
     available()
     key = _ALIASES.get(key, key)
@@ -358,11 +388,39 @@ def resolve(name: str) -> str:
 
 
 def get(name: str) -> type:
-    return _METHODS[resolve(name)]
+    """The method class (for 'wanda+owl' the layer-wise method's)."""
+    return _METHODS[split_name(resolve(name))[0]]
 
 
 def create(name: str, config=None, **overrides) -> Pruner:
-    return get(name)(config, **overrides)
+    """An instance of the method.  For 'method+allocation' the config may hold the allocation's
+    own options under the key "allocation"; the instance then carries `.allocation`."""
+    key = resolve(name)
+    base, allocation = split_name(key)
+    if allocation is None:
+        return _METHODS[key](config, **overrides)
+    from . import allocation as allocations
+
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"method {key!r}: config must be a mapping", hint="write config: {option: value, allocation: {...}}")
+    config = dict(config or {})
+    config.update(overrides)
+    allocation_config = config.pop("allocation", None) or {}
+    pruner = _METHODS[base](config)
+    pruner.allocation = allocations.create(allocation, allocation_config)
+    pruner.name = key
+    if pruner.allocation.statistics != STATS_NONE and not pruner.capabilities.needs_calibration:
+        pruner.capabilities = dataclasses.replace(pruner.capabilities, needs_calibration=True)
+    return pruner
+
+
+def resolved_config(pruner: Pruner) -> dict:
+    """Every hyperparameter the pruner will use (with its allocation's under "allocation")."""
+    out = config_to_dict(pruner.config)
+    allocation = getattr(pruner, "allocation", None)
+    if allocation is not None:
+        out["allocation"] = config_to_dict(allocation.config)
+    return out
 
 
 def describe() -> list[dict]:

@@ -242,13 +242,15 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         report = pruner.prune(model, ctx)
         record["timing"]["prune_s"] = round(time.perf_counter() - t0, 3)
         record["warnings"].extend(report.warnings)
-        record["method"]["stats"] = _small(report.stats)
+        record["method"]["stats"] = _small({k: v for k, v in report.stats.items() if k != "allocation"})
 
         named = [(name, weight_matrix(m)) for name, m in all_prunable(model).items()]
         scope = None if cell.method == DENSE else effective_scope(cell.sparsity, report.stats.get("scope"))
         if scope:
             record["sparsity"]["scope"] = scope  # the scope the method actually used (and was checked at)
-        check_output(named, cell.sparsity, scope, dense=cell.method == DENSE)
+        check_output(named, cell.sparsity, scope, dense=cell.method == DENSE, layer_specs=report.layer_specs)
+        if "allocation" in report.stats:  # per-block targets, scores and achieved values, plotted by the report
+            record["sparsity"]["allocation"] = report.stats["allocation"]
         measured = measure_sparsity(named)
         record["sparsity"]["achieved"] = measured["overall"]
         record["sparsity"]["per_layer"] = measured["per_layer"]

@@ -10,7 +10,10 @@ from conftest import TINY_FAMILIES
 
 
 def _methods():
-    return [m for m in registry.available() if m != "dense"]
+    # every registered method, and every sparsity allocation composed with a layer-wise method
+    from prunebench import allocation
+
+    return [m for m in registry.available() if m != "dense"] + [f"wanda+{a}" for a in allocation.available()]
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -85,9 +85,9 @@ def test_selection_equals_a_stable_sort_even_with_ties(scope):
             spec = SparsitySpec(target, scope=scope)
             expected = torch.ones_like(scores, dtype=torch.bool)
             if scope == "layer":
-                k = round(scores.numel() * target)
+                k = int(scores.numel() * target)
                 expected.view(-1)[torch.sort(scores.flatten(), stable=True).indices[:k]] = False
             else:
-                k = round(scores.shape[1] * target)
+                k = int(scores.shape[1] * target)
                 expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], False)
             assert torch.equal(mask_from_scores(scores, spec), expected)

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..records import load_records, records_frame
 from .html import write_html
-from .plots import plot_heldout_curves, write_plots
+from .plots import plot_block_allocation, plot_heldout_curves, write_plots
 from .tables import build_paper_report, cells_csv_text, paper_layout, paper_reference_frame, render_latex
 
 log = logging.getLogger("prunebench")
@@ -45,6 +45,7 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
     text = build_paper_report(df, out)
     plots = write_plots(df, out)
     plots += plot_heldout_curves(records, out / "heldout_vs_steps")
+    plots += plot_block_allocation(records, out)
     write_html(df, records, out, plots=plots)  # index.html: everything above on one offline page
     log.info("wrote tables and %d plot(s) under %s", len(plots), out)
     if fmt == "csv":

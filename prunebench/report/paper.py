@@ -191,7 +191,18 @@ def model_display_name(model_id: str) -> str:
 
 
 def method_display_name(method: str) -> str:
-    return METHOD_DISPLAY_NAMES.get(method, method)
+    """'wanda+owl' -> 'Wanda + OWL': the method's name and its allocation's (from the allocation
+    registry, so the report never lists allocations itself)."""
+    base, _, allocation = str(method).partition("+")
+    name = METHOD_DISPLAY_NAMES.get(base, base)
+    if allocation:
+        from .. import allocation as allocations
+
+        try:
+            name += " + " + allocations.display_name(allocation)
+        except Exception:  # a record from an allocation this install does not have
+            name += " + " + allocation
+    return name
 
 
 def task_display_name(task: str) -> str:

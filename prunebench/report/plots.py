@@ -239,3 +239,38 @@ def plot_heldout_curves(records: Sequence[dict], path: str | os.PathLike, *,
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     return _save(figure, path, formats)
+
+
+def plot_block_allocation(records: Sequence[dict], out_dir: str | os.PathLike, *,
+                          formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
+    """Per-block sparsity of every cell with a non-uniform allocation (OWL, AlphaPruning): the
+    target the allocation gave each block (line) and the sparsity measured after pruning
+    (markers), one figure per model and global target.  Returns [] when no record has one."""
+    groups: dict = {}
+    for record in records:
+        alloc = (record.get("sparsity") or {}).get("allocation")
+        if record.get("status") != "ok" or not alloc or not alloc.get("block_targets"):
+            continue
+        key = (record["model"]["id"], record["sparsity"]["label"])
+        groups.setdefault(key, []).append(record)
+    written: list[Path] = []
+    for (model, label), recs in sorted(groups.items(), key=lambda kv: (model_order(kv[0][0]), sparsity_label_order(kv[0][1]))):
+        figure = _new_figure(LINE_FIGURE_SIZE)
+        axes = figure.add_subplot()
+        for record in sorted(recs, key=lambda r: method_order(r["method"]["name"])):
+            alloc = record["sparsity"]["allocation"]
+            blocks = list(range(len(alloc["block_targets"])))
+            line, = axes.plot(blocks, alloc["block_targets"], label=f"{method_display_name(record['method']['name'])} target")
+            if alloc.get("block_achieved"):
+                axes.plot(blocks, alloc["block_achieved"], linestyle="none", marker="o", markersize=3,
+                          color=line.get_color(), label="achieved")
+        target = (recs[0].get("sparsity") or {}).get("target")
+        if target is not None and recs[0]["sparsity"].get("pattern") == "unstructured":
+            axes.axhline(target, color="grey", linestyle="--", linewidth=1, label="uniform")
+        axes.set_xlabel("decoder block")
+        axes.set_ylabel("sparsity")
+        axes.set_title(f"{model_display_name(model)}, per-block allocation at {format_sparsity_label(label)}", fontsize="medium")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="x-small", ncol=2)
+        written += _save(figure, Path(out_dir) / f"block_allocation__{_slug(model)}__{_slug(label)}", formats)
+    return written

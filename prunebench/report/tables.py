@@ -138,9 +138,10 @@ def sparsity_label_order(label: str) -> tuple:
 
 
 def method_order(method: str) -> tuple:
-    if method in METHOD_ORDER:
-        return (METHOD_ORDER.index(method), "")
-    return (len(METHOD_ORDER), method)
+    base, _, allocation = str(method).partition("+")  # a method with an allocation follows the method
+    if base in METHOD_ORDER:
+        return (METHOD_ORDER.index(base), allocation)
+    return (len(METHOD_ORDER), str(method))
 
 
 def model_order(model_id: str) -> tuple:
@@ -1201,8 +1202,9 @@ def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Every difference the report shows, one row each, for machine use (comparisons.csv, the
     HTML page).
 
-    Each pruned cell against the dense cell of its model, and each learned method against every
-    layer-wise baseline in the same (model, pattern, sparsity) setting; on every perplexity
+    Each pruned cell against the dense cell of its model, each learned method against every
+    layer-wise baseline, and each method with a per-block allocation ("wanda+owl") against the
+    same method with uniform sparsity, in the same (model, pattern, sparsity) setting; on every perplexity
     dataset (metric `ppl_<dataset>`, unit "ppl", plus the relative difference rel_diff / rel_lo /
     rel_hi as fractions), every task (`acc_<task>`, percent points) and the average over the
     layout's tasks (`avg_acc`, points, items resampled within each task). `sparsity` is the
@@ -1236,6 +1238,11 @@ def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
             same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
                          & (frame["sparsity_label"] == row["sparsity_label"])
                          & frame["method"].isin(LAYERWISE_BASELINES)]
+            baselines += [base for _, base in same.iterrows()]
+        uniform = str(row["method"]).partition("+")[0]
+        if uniform != row["method"]:  # a per-block allocation against the same method, uniform
+            same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
+                         & (frame["sparsity_label"] == row["sparsity_label"]) & (frame["method"] == uniform)]
             baselines += [base for _, base in same.iterrows()]
         for base in baselines:
             for dataset in datasets:
