@@ -41,7 +41,7 @@ demo: setup
 
 # Regenerate the committed reference (every cell recomputed), then its report.
 reference: setup
-	$(BIN)/prunebench run --preset embedded --results $(REFERENCE) --force
+	$(BIN)/prunebench run --preset embedded --results $(REFERENCE) --force --require-clean
 	$(BIN)/prunebench report --results $(REFERENCE)
 
 report: setup

@@ -42,6 +42,7 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
+from prunebench.layerwise import stack_rows
 from prunebench.registry import (Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, STATS_INPUT_NORM,
                                  STATS_NONE, register)
 from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, mask_from_scores, n_to_prune, nm_mask
@@ -197,6 +198,7 @@ _COVERED_STATS = (STATS_NONE, STATS_INPUT_NORM, STATS_HESSIAN)
 @register
 class ADMM(LayerwisePruner):
     name = "admm"
+    display = "ADMM"
     summary = "ADMM layer-wise reconstruction with gradual mask selection (Boza 2024)"
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=True, statistics=STATS_HESSIAN)
     default_scope = "layer"  # paper: one threshold over the whole matrix
@@ -267,13 +269,10 @@ class ADMM(LayerwisePruner):
                 warnings.extend(f"admm mask_from={cfg.mask_from}: {w}" for w in results[n].warnings)
         elif spec.target == 0:
             return {n: LinearResult(mask=torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
-        stacked = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
-        bounds, start = [], 0
-        for n in names:
-            bounds.append((start, start + weights[n].shape[0]))
-            start += weights[n].shape[0]
+        stacked, bounds = stack_rows(weights)
         new_w, mask = admm_prune(stats.hessian.to(stacked.device), stacked, spec, mask=mask,
                                  percdamp=cfg.percdamp, rho=cfg.rho, mask_steps=cfg.mask_steps,
-                                 iterations=cfg.iterations, final_iterations=cfg.final_iterations, row_groups=bounds)
+                                 iterations=cfg.iterations, final_iterations=cfg.final_iterations,
+                                 row_groups=list(bounds.values()))
         return {n: LinearResult(mask=mask[a:b], weight=new_w[a:b], warnings=warnings if i == 0 else [])
-                for i, (n, (a, b)) in enumerate(zip(names, bounds))}
+                for i, (n, (a, b)) in enumerate(bounds.items())}

@@ -109,7 +109,7 @@ class AlphaPruning(Allocation):
         if not 0 <= self.config.epsilon < 1:
             raise UserError(f"alphapruning: epsilon must be in [0, 1), got {self.config.epsilon}")
 
-    def block_score(self, linears):
+    def block_score(self, linears, spec):
         return sum(alpha_peak(spectrum(w)) for w, _ in linears.values()) / len(linears)
 
     def block_specs(self, scores, sizes, spec):

@@ -7,6 +7,8 @@ from prunebench.registry import Capabilities, PruneReport, Pruner, register
 @register
 class Dense(Pruner):
     name = "dense"
+    display = "Dense"
+    kind = "dense"
     summary = "no pruning: the dense reference model"
     capabilities = Capabilities(patterns=("unstructured",), needs_calibration=False)
 

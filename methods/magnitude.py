@@ -12,6 +12,7 @@ from prunebench.sparsity import mask_from_scores
 @register
 class Magnitude(LayerwisePruner):
     name = "magnitude"
+    display = "Magnitude"
     aliases = ("mag",)
     summary = "keep the largest |W| (one threshold per matrix, Wanda-paper protocol)"
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)

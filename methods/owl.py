@@ -82,7 +82,6 @@ class OWL(Allocation):
         c = self.config
         if c.threshold_m <= 0 or c.nm_threshold_m <= 0 or c.lam < 0 or c.nm_lam < 0:
             raise UserError("owl: need threshold_m > 0, nm_threshold_m > 0, lam >= 0 and nm_lam >= 0")
-        self._nm = False
 
     def check_spec(self, spec):
         super().check_spec(spec)
@@ -90,10 +89,9 @@ class OWL(Allocation):
             raise UserError(f"owl: the N:M variant is defined for N:{NM_GROUP} (a per-block N of {NM_GROUP}), not "
                             f"{spec.pattern_name}", hint="use 4:8, or an unstructured target; 2:4 has no per-block variant "
                             "that stays 2:4")
-        self._nm = spec.pattern == "nm"
 
-    def block_score(self, linears):
-        m = self.config.nm_threshold_m if self._nm else self.config.threshold_m
+    def block_score(self, linears, spec):
+        m = self.config.nm_threshold_m if spec.pattern == "nm" else self.config.threshold_m
         scores = torch.cat([(w.abs() * stats.input_norm.to(w.dtype).unsqueeze(0)).flatten() for w, stats in linears.values()])
         return outlier_ratio(scores, m)
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.errors import UserError
+from prunebench.layerwise import stack_rows
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
 from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
 
@@ -212,6 +213,7 @@ def sparsegpt_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, spec: Sparsi
 @register
 class SparseGPT(LayerwisePruner):
     name = "sparsegpt"
+    display = "SparseGPT"
     summary = "OBS pruning with lazy blocked weight updates from the inverse Hessian (Frantar & Alistarh 2023)"
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=True, statistics=STATS_HESSIAN)
     # The paper's adaptive selection compares weights across all rows of a block of columns;
@@ -243,15 +245,10 @@ class SparseGPT(LayerwisePruner):
         cfg = self.config
         if spec.target == 0:
             return {n: LinearResult(mask=torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
-        names = list(weights)
-        stacked = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
+        stacked, bounds = stack_rows(weights)
         H, W, _dead = prepare_hessian(stats.hessian.to(stacked.device), stacked)
         hinv, _pd, warnings = damped_inverse_cholesky(H, cfg.percdamp, cfg.max_damp_retries)
         del H
-        bounds, start = [], 0
-        for n in names:
-            bounds.append((start, start + weights[n].shape[0]))
-            start += weights[n].shape[0]
-        new_w, mask = sparsegpt_prune(W, hinv, spec, cfg.blocksize, row_groups=bounds)
+        new_w, mask = sparsegpt_prune(W, hinv, spec, cfg.blocksize, row_groups=list(bounds.values()))
         return {n: LinearResult(mask=mask[a:b], weight=new_w[a:b], warnings=list(warnings) if i == 0 else [])
-                for i, (n, (a, b)) in enumerate(zip(names, bounds))}
+                for i, (n, (a, b)) in enumerate(bounds.items())}

@@ -20,6 +20,7 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
 @register
 class Wanda(LayerwisePruner):
     name = "wanda"
+    display = "Wanda"
     summary = "|W| x input-activation norm, per output row (Sun et al. 2023)"
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=True, statistics=STATS_INPUT_NORM)
     default_scope = "row"

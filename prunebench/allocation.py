@@ -49,7 +49,7 @@ class Allocation:
             raise UserError(f"allocation {self.name!r} does not support the {spec.pattern_name} pattern",
                             hint=f"it supports: {', '.join(self.patterns)}")
 
-    def block_score(self, linears: dict) -> float:
+    def block_score(self, linears: dict, spec: SparsitySpec) -> float:
         """One number per block. linears: name -> (float32 weight [out, in], LayerStats)."""
         raise NotImplementedError
 
@@ -133,7 +133,7 @@ def allocate(allocation: Allocation, blocks, spec: SparsitySpec, hidden, args, k
     """Per-block specs for the cell's `spec`, and what to record about them."""
     allocation.check_spec(spec)
     per_block = _block_inputs_stats(blocks, allocation, hidden, args, kwargs, device, activation_device, progress)
-    scores = [float(allocation.block_score(linears)) for linears in per_block]
+    scores = [float(allocation.block_score(linears, spec)) for linears in per_block]
     sizes = [sum(w.numel() for w, _ in linears.values()) for linears in per_block]
     del per_block
     specs = allocation.block_specs(scores, sizes, spec)

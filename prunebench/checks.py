@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .sparsity import SparsitySpec
+from .sparsity import SparsitySpec, hybrid_tiles
 
 # Achieved sparsity may differ from the target by this much (a fraction: 0.005 = half a point) at
 # the checked scope, plus the rounding of one weight per checked unit (row or layer).  Weights
@@ -50,12 +50,23 @@ def _check_nm(name: str, weight: torch.Tensor, spec: SparsitySpec) -> str | None
     return None
 
 
+def _check_hybrid(name: str, weight: torch.Tensor, spec: SparsitySpec) -> str | None:
+    tiles = hybrid_tiles(weight != 0, spec.tile, spec.n, spec.m)
+    bad = tiles["counts"]["invalid"]
+    if bad:
+        r, c = (int(i) for i in tiles["invalid"].nonzero()[0])
+        return (f"{name}: {bad} of {tiles['invalid'].numel()} tiles of {spec.tile} x {spec.tile} are neither dense nor "
+                f"{spec.n}:{spec.m} (first: tile row {r}, column {c})")
+    return None
+
+
 def _check_unstructured(name: str, weight: torch.Tensor, spec: SparsitySpec) -> str | None:
     return None  # any zero pattern is unstructured; the amount is checked by check_sparsity
 
 
 register_pattern_checker("nm", _check_nm)
 register_pattern_checker("unstructured", _check_unstructured)
+register_pattern_checker("hybrid", _check_hybrid)
 
 
 def check_finite(named_weights) -> None:

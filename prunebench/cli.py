@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results", default=DEFAULT_RESULTS, help="results directory (default: results)")
     run.add_argument("--force", action="store_true", help="redo cells that already have ok records")
     run.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done; run nothing")
+    run.add_argument("--require-clean", action="store_true",
+                     help="refuse to run from code with uncommitted changes (committed reference runs use it: a "
+                          "record's commit must be one anybody can check out)")
     run.add_argument("--save-masks", action="store_true",
                      help="write each cell's bit-packed masks (safetensors) beside its record")
     run.add_argument("--lock-timeout", type=float, metavar="SECONDS",
@@ -243,6 +246,14 @@ def cmd_run(args) -> int:
     grid = grid_from_args(args)
     executor = executor_from_args(args)
     cells = check_grid(grid)  # everything checkable before a model loads
+    if args.require_clean:
+        from .runner import uncommitted_code
+
+        changed = uncommitted_code()
+        if changed:
+            raise UserError(f"the code has uncommitted changes ({', '.join(changed[:3])}"
+                            f"{', ...' if len(changed) > 3 else ''}): these records would name a commit that is not "
+                            "the code that made them", hint="commit first (or drop --require-clean for a scratch run)")
     if args.dry_run:
         from .records import load_records
 
@@ -302,7 +313,7 @@ def cmd_list(args) -> int:
     for m in methods:
         caps = m["capabilities"]
         alias = f" (alias: {', '.join(m['aliases'])})" if m["aliases"] else ""
-        print(f"{m['name']}{alias}: {m['summary']}")
+        print(f"{m['name']}{alias} [{m['kind']}]: {m['summary']}")
         print(f"    patterns: {', '.join(caps['patterns'])}; calibration: {'yes' if caps['needs_calibration'] else 'no'}; "
               f"gradients: {'yes' if caps['needs_gradients'] else 'no'}; statistics: {caps['statistics']}")
         if m["defaults"]:

@@ -31,6 +31,8 @@ DENSE = "dense"
 class MethodSpec:
     name: str
     config: dict = field(default_factory=dict)
+    # this method's own sparsities, in place of the grid's (PATCH's hybrid targets beside 2:4 cells)
+    sparsities: Optional[list] = None
 
     @classmethod
     def parse(cls, value) -> "MethodSpec":
@@ -46,7 +48,12 @@ class MethodSpec:
             if not isinstance(config, dict):
                 raise UserError(f"method {value['name']!r}: config must be a mapping, got {config!r}"[:200],
                                 hint="write config: {option: value}")
-            return cls(name=registry.resolve(value["name"]), config=dict(config))
+            sparsities = value.get("sparsities")
+            if sparsities is not None and (not isinstance(sparsities, list) or not sparsities):
+                raise UserError(f"method {value['name']!r}: sparsities must be a non-empty list, got {sparsities!r}"[:200],
+                                hint='e.g. sparsities: ["hybrid:0.35/64"]')
+            return cls(name=registry.resolve(value["name"]), config=dict(config),
+                       sparsities=None if sparsities is None else [str(x) for x in sparsities])
         raise UserError(f"cannot read method entry {value!r}", hint="write a name or {name: ..., config: {...}}")
 
     def resolved_config(self) -> dict:
@@ -105,7 +112,8 @@ class GridSpec:
                 if method.name == DENSE:
                     continue
                 pruner_cls = registry.get(method.name)
-                for sp in sparsities:
+                own = None if method.sparsities is None else [SparsitySpec.parse(x) for x in method.sparsities]
+                for sp in own or sparsities:
                     if sp.pattern not in pruner_cls.capabilities.patterns:
                         raise UserError(f"method {method.name!r} does not support the {sp.pattern_name} pattern",
                                         hint=f"it supports: {', '.join(pruner_cls.capabilities.patterns)}")

@@ -17,11 +17,12 @@ from .models import TINY_FAMILIES, all_prunable, load_tiny, weight_matrix
 from .registry import PruneContext
 from .sparsity import SparsitySpec
 
-SPECS = ("0.5", "0.6@layer", "2:4")
+SPECS = ("0.5", "0.6@layer", "2:4", "hybrid:0.35/16")
 # Small settings so end-to-end methods finish in seconds on a CPU; others use their defaults.
 # LEAP: exact top-k final mask, so 0.6@layer is met per layer (the sign rule only approximates the
 # target, and is checked as such in real cells).
-FAST_CONFIGS = {"leap": {"preset": "tiny", "final_mask": "topk"}}
+FAST_CONFIGS = {"leap": {"preset": "tiny", "final_mask": "topk"}, "maskllm": {"preset": "tiny"},
+                "patch": {"preset": "tiny"}}
 
 
 @dataclass

@@ -254,6 +254,18 @@ def collect_block_stats(block: nn.Module, linears: dict, kind: str, hidden: list
     return groups, {g[0]: accumulators[g[0]].result() for g in groups}, outputs
 
 
+def stack_rows(weights: dict) -> tuple:
+    """The [out, in] matrices of a group that shares one input, stacked row-wise, and each
+    one's (start, stop) rows: a method solves the group as one matrix, then splits by them."""
+    names = list(weights)
+    stacked = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
+    bounds, start = {}, 0
+    for n in names:
+        bounds[n] = (start, start + weights[n].shape[0])
+        start += weights[n].shape[0]
+    return stacked, bounds
+
+
 def _check_linear_result(name: str, result, weight: torch.Tensor) -> None:
     """A method's answer for one matrix must be a bool keep-mask (and weights) of its shape: a
     float mask would scale the weights instead of pruning them."""

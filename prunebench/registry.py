@@ -99,6 +99,9 @@ class Pruner:
     """Base class of every method. Subclasses set `name`, `Config` and `capabilities`."""
 
     name: ClassVar[str] = ""
+    display: ClassVar[str] = ""  # the name tables and plots print ("SparseGPT"); empty: the name
+    # what kind of method it is, for the report's grouping: "layer-wise", "learned", "dense" or "other"
+    kind: ClassVar[str] = "other"
     aliases: ClassVar[tuple] = ()
     Config: ClassVar[type]
     capabilities: ClassVar[Capabilities] = Capabilities()
@@ -130,6 +133,7 @@ class LayerwisePruner(Pruner):
     the method supplies only `prune_linear`.
     """
 
+    kind: ClassVar[str] = "layer-wise"
     default_scope: ClassVar[str] = "row"  # for unstructured specs that do not name a scope
     engine_modules: ClassVar[tuple] = ("prunebench.layerwise",)
 
@@ -435,6 +439,25 @@ def describe() -> list[dict]:
             elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 defaults[f.name] = f.default_factory()  # type: ignore[misc]
         aliases = sorted(a for a, k in _ALIASES.items() if k == key)
-        out.append({"name": key, "aliases": aliases, "summary": cls.summary, "origin": origin(key),
-                    "capabilities": cls.capabilities.to_dict(), "defaults": defaults})
+        out.append({"name": key, "display": display_name(key), "kind": cls.kind, "aliases": aliases,
+                    "summary": cls.summary, "origin": origin(key), "capabilities": cls.capabilities.to_dict(),
+                    "defaults": defaults})
     return out
+
+
+def display_name(name: str) -> str:
+    """The name a method's class gives for tables and plots ('SparseGPT'); the registry name for
+    a method this install does not have (an old record) or one that gives none."""
+    try:
+        cls = get(name)
+    except Exception:
+        return name
+    return cls.display or cls.name
+
+
+def method_kind(name: str) -> str:
+    """'layer-wise', 'learned', 'dense' or 'other' (unknown names: 'other')."""
+    try:
+        return get(split_name(name)[0]).kind
+    except Exception:
+        return "other"

@@ -432,6 +432,24 @@ def environment(device: str) -> dict:
     return env
 
 
+# What decides a record's numbers: a change here, committed or not, is a change of the code.
+CODE_PATHS = ("prunebench", "methods", "pyproject.toml", "constraints.txt")
+
+
+def uncommitted_code() -> list:
+    """Files under CODE_PATHS that differ from the checked-out commit (untracked ones included);
+    empty where the code is a clean commit or there is no git checkout."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", *CODE_PATHS],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if out.returncode != 0:
+        return []
+    return [line[3:] for line in out.stdout.splitlines() if line.strip() and "__pycache__" not in line]
+
+
 def _git_sha():
     here = Path(__file__).resolve().parent.parent
     try:

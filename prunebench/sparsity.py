@@ -12,7 +12,11 @@ import torch
 
 from .errors import UserError
 
-PATTERNS = ("unstructured", "nm")
+PATTERNS = ("unstructured", "nm", "hybrid")
+# A hybrid spec cuts each matrix into tile x tile blocks, each dense or 2:4 (PATCH); the paper's
+# default tile.  The effective sparsity is 0.5 x the fraction of 2:4 tiles, so 0 to 50%.
+HYBRID_DEFAULT_TILE = 128
+HYBRID_N, HYBRID_M = 2, 4
 SCOPES = ("row", "layer")  # None on a spec means "the method's own default"
 
 
@@ -22,7 +26,9 @@ class SparsitySpec:
 
     unstructured: `target` of the weights are zeroed, chosen per output row (the Wanda
     protocol) or over the whole layer.  nm: N weights are kept out of every M consecutive
-    weights along the input dimension (so the target is 1 - N/M).
+    weights along the input dimension (so the target is 1 - N/M).  hybrid: every `tile` x
+    `tile` block is either dense or 2:4, and `target` (at most 0.5) is the effective sparsity
+    over all layers together (PATCH).
     """
 
     target: float
@@ -30,6 +36,7 @@ class SparsitySpec:
     n: int = 0
     m: int = 0
     scope: str | None = None
+    tile: int = 0
 
     def __post_init__(self):
         if self.pattern not in PATTERNS:
@@ -46,10 +53,25 @@ class SparsitySpec:
                 object.__setattr__(self, "target", expected)
         if not (isinstance(self.target, (int, float)) and math.isfinite(self.target) and 0.0 <= self.target < 1.0):
             raise UserError(f"sparsity {self.target!r} is outside [0, 1)", hint="e.g. 0.5 for 50% unstructured, or 2:4")
+        if self.pattern == "hybrid":
+            if self.target > 1.0 - HYBRID_N / HYBRID_M:
+                raise UserError(f"a dense-or-2:4 tile pattern reaches at most 50% sparsity, not {self.target:g}",
+                                hint="e.g. hybrid:0.35; for 50% use 2:4")
+            if self.scope is not None:
+                raise UserError("a hybrid spec has one budget over all layers and takes no scope", hint="write hybrid:0.35")
+            object.__setattr__(self, "n", HYBRID_N)
+            object.__setattr__(self, "m", HYBRID_M)
+            if self.tile == 0:
+                object.__setattr__(self, "tile", HYBRID_DEFAULT_TILE)
+            if not isinstance(self.tile, int) or self.tile < HYBRID_M or self.tile % HYBRID_M:
+                raise UserError(f"tile size {self.tile!r} must be a positive multiple of {HYBRID_M}",
+                                hint="e.g. hybrid:0.35/64")
+        elif self.tile:
+            raise UserError("only a hybrid spec has a tile size", hint="e.g. hybrid:0.35/64")
 
     def with_target(self, target: float) -> "SparsitySpec":
         """The same pattern and scope at another unstructured target (per-block allocation)."""
-        return SparsitySpec(float(target), self.pattern, self.n, self.m, self.scope)
+        return SparsitySpec(float(target), self.pattern, self.n, self.m, self.scope, self.tile)
 
     def with_nm(self, n: int, m: int) -> "SparsitySpec":
         """An N:M spec with another N (OWL's per-block N of N:8)."""
@@ -61,33 +83,52 @@ class SparsitySpec:
 
     @property
     def label(self) -> str:
-        """Short, stable text form: '0.5', '0.5@layer', '2:4'."""
+        """Short, stable text form: '0.5', '0.5@layer', '2:4', 'hybrid:0.35/64'."""
+        if self.pattern == "hybrid":
+            return f"hybrid:{self.target:g}/{self.tile}"
         if self.pattern == "nm":
             return f"{self.n}:{self.m}"
         text = f"{self.target:g}"
         return text if self.scope is None else f"{text}@{self.scope}"
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "pattern": self.pattern_name, "n": self.n, "m": self.m, "scope": self.scope}
+        out = {"target": self.target, "pattern": self.pattern_name, "n": self.n, "m": self.m, "scope": self.scope}
+        if self.pattern == "hybrid":
+            out["tile"] = self.tile
+        return out
 
     def resolved(self, default_scope: str) -> "SparsitySpec":
         """This spec with the method's default scope filled in where the user gave none."""
-        if self.scope is not None or self.pattern == "nm":
+        if self.scope is not None or self.pattern != "unstructured":
             return self
         return SparsitySpec(self.target, self.pattern, self.n, self.m, default_scope)
 
     @property
     def pattern_name(self) -> str:
+        if self.pattern == "hybrid":
+            return "dense|2:4 tiles"
         return "unstructured" if self.pattern == "unstructured" else f"{self.n}:{self.m}"
 
     @classmethod
     def parse(cls, text) -> "SparsitySpec":
-        """'0.5' -> 50% per row, '0.5@layer' -> 50% per layer, '2:4' -> N:M, '50%' also accepted."""
+        """'0.5' -> 50% per row, '0.5@layer' -> 50% per layer, '2:4' -> N:M, '50%' also accepted;
+        'hybrid:0.35/64' -> 64 x 64 tiles each dense or 2:4, 35% effective sparsity."""
         if isinstance(text, SparsitySpec):
             return text
         if isinstance(text, (int, float)):
             return cls(target=float(text))
         s = str(text).strip()
+        hybrid = re.fullmatch(r"hybrid\s*:\s*([0-9.]+)(%?)(?:\s*/\s*(\d+))?", s)
+        if hybrid:
+            try:
+                value = float(hybrid.group(1))
+            except ValueError:
+                raise UserError(f"cannot read sparsity {text!r}", hint="write hybrid:0.35 or hybrid:0.35/64") from None
+            value = value / 100.0 if hybrid.group(2) else value
+            return cls(target=value, pattern="hybrid", tile=int(hybrid.group(3) or 0))
+        if s.startswith("hybrid"):
+            raise UserError(f"cannot read sparsity {text!r}", hint="write hybrid:<effective sparsity>[/<tile>], "
+                            "e.g. hybrid:0.35/64")
         nm = re.fullmatch(r"(\d+)\s*:\s*(\d+)", s)
         if nm:
             n, m = int(nm.group(1)), int(nm.group(2))
@@ -205,7 +246,10 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def is_valid_mask(mask: torch.Tensor, spec: SparsitySpec, tol: float = 0.0) -> bool:
-    """Does `mask` satisfy `spec`'s pattern? For N:M, every full group keeps at most N."""
+    """Does `mask` satisfy `spec`'s pattern? For N:M, every full group keeps at most N; for a
+    hybrid spec every tile is dense or 2:4 (the amount is checked over all layers, elsewhere)."""
+    if spec.pattern == "hybrid":
+        return hybrid_tiles(mask, spec.tile, spec.n, spec.m)["counts"]["invalid"] == 0
     if spec.pattern == "nm":
         rows, cols = mask.shape
         full = cols - cols % spec.m
@@ -219,6 +263,47 @@ def is_valid_mask(mask: torch.Tensor, spec: SparsitySpec, tol: float = 0.0) -> b
         step = 1.0 / mask.shape[1]
         return bool(((per_row - spec.target).abs() <= max(tol, step) + 1e-9).all())
     return abs(sparsity - spec.target) <= max(tol, 1.0 / mask.numel()) + 1e-9
+
+
+# A dense tile may hold the dense model's own exact zeros (a quantised checkpoint has a few), but
+# a tile with more zeros than this that is not 2:4 is neither of the hybrid pattern's two kinds.
+HYBRID_DENSE_MAX_ZEROS = 0.05
+
+
+def tile_grid(shape, tile: int) -> tuple:
+    """(tile rows, tile columns) of an [out, in] matrix; edge tiles may be smaller."""
+    return -(-shape[0] // tile), -(-shape[1] // tile)
+
+
+def tile_sums(matrix: torch.Tensor, tile: int) -> torch.Tensor:
+    """Sum of each tile of an [out, in] matrix (zero-padded at the edges), [tile rows, tile cols]."""
+    rows, cols = tile_grid(matrix.shape, tile)
+    padded = torch.nn.functional.pad(matrix.float(), (0, cols * tile - matrix.shape[1], 0, rows * tile - matrix.shape[0]))
+    return padded.view(rows, tile, cols, tile).sum(dim=(1, 3))
+
+
+def expand_tiles(per_tile: torch.Tensor, tile: int, shape) -> torch.Tensor:
+    """Broadcast a [tile rows, tile cols] tensor over its tiles, cropped to `shape`."""
+    return per_tile.repeat_interleave(tile, dim=0)[:shape[0]].repeat_interleave(tile, dim=1)[:, :shape[1]]
+
+
+def hybrid_tiles(kept: torch.Tensor, tile: int, n: int = 2, m: int = 4) -> dict:
+    """Classify the tiles of a keep-mask [out, in]: 'nm' (every group of m inputs keeps at most
+    n), 'dense' (not N:M, at most HYBRID_DENSE_MAX_ZEROS of it zero), or 'invalid' (neither).
+    Returns bool [tile rows, tile cols] tensors under those keys, and the count of each."""
+    rows, cols = kept.shape
+    full = cols - cols % m
+    over = torch.zeros(rows, cols)
+    if full:
+        groups_over = kept[:, :full].reshape(rows, full // m, m).sum(-1) > n  # a group keeping too many
+        over[:, :full] = groups_over.repeat_interleave(m, dim=1).float()
+    bad_groups = tile_sums(over, tile)
+    zeros = tile_sums((~kept).float(), tile) / tile_sums(torch.ones(kept.shape), tile)
+    nm = bad_groups == 0
+    dense = ~nm & (zeros <= HYBRID_DENSE_MAX_ZEROS)
+    invalid = ~nm & ~dense
+    return {"nm": nm, "dense": dense, "invalid": invalid,
+            "counts": {"nm": int(nm.sum()), "dense": int(dense.sum()), "invalid": int(invalid.sum())}}
 
 
 def zero_fraction(weight: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ from prunebench.registry import PruneContext
 from prunebench.sparsity import SparsitySpec
 
 leap = importlib.import_module("prunebench.methods.leap")
+from prunebench import masklearn  # noqa: E402
 
 
 def _ctx(loaded, calib, target="0.5", **kw):
@@ -36,11 +37,11 @@ def test_schedules_start_middle_end():
     assert end["tau"] == pytest.approx(0.05) and end["alpha"] == pytest.approx(350.0)
     assert end["lambda_weight"] == pytest.approx(0.0)
     # lr: linear warm-up over 5 steps, then cosine from the peak to 0
-    assert leap.lr_factor(0, T, 5) == pytest.approx(1 / 5)
-    assert leap.lr_factor(4, T, 5) == pytest.approx(1.0)
-    assert leap.lr_factor(5, T, 5) == pytest.approx(1.0)
-    assert leap.lr_factor(5 + (T - 5) // 2, T, 5) == pytest.approx(0.5, abs=1e-3)
-    assert leap.lr_factor(T, T, 5) == pytest.approx(0.0, abs=1e-9)
+    assert masklearn.lr_factor(0, T, 5) == pytest.approx(1 / 5)
+    assert masklearn.lr_factor(4, T, 5) == pytest.approx(1.0)
+    assert masklearn.lr_factor(5, T, 5) == pytest.approx(1.0)
+    assert masklearn.lr_factor(5 + (T - 5) // 2, T, 5) == pytest.approx(0.5, abs=1e-3)
+    assert masklearn.lr_factor(T, T, 5) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_config_presets_fill_and_override():
@@ -59,7 +60,7 @@ def test_masked_weight_matches_reference_and_gradient():
     weight = torch.randn(7, 5, generator=gen)
     alpha, tau, seed = 30.0, 0.7, 1234
     masked, msum, msq = leap.masked_weight(logits, weight, seed, alpha, tau)
-    noise = leap.logistic_noise((7, 5), torch.Generator().manual_seed(seed))
+    noise = masklearn.logistic_noise((7, 5), torch.Generator().manual_seed(seed))
     ref_logits = logits.detach().clone().requires_grad_(True)
     m = leap.soft_mask(ref_logits, noise, alpha, tau)
     ref = m * weight
@@ -71,11 +72,11 @@ def test_masked_weight_matches_reference_and_gradient():
 
 
 def test_noise_is_fresh_per_forward_and_reproducible():
-    a = leap.noise_seed(0, 3, 0, 5)
-    assert a == leap.noise_seed(0, 3, 0, 5)
-    assert len({a, leap.noise_seed(0, 4, 0, 5), leap.noise_seed(0, 3, 1, 5), leap.noise_seed(0, 3, 0, 6),
-                leap.noise_seed(1, 3, 0, 5)}) == 5
-    n = leap.logistic_noise((200_000,), torch.Generator().manual_seed(a))
+    a = masklearn.noise_seed("leap", 0, 3, 0, 5)
+    assert a == masklearn.noise_seed("leap", 0, 3, 0, 5)
+    assert len({a, masklearn.noise_seed("leap", 0, 4, 0, 5), masklearn.noise_seed("leap", 0, 3, 1, 5), masklearn.noise_seed("leap", 0, 3, 0, 6),
+                masklearn.noise_seed("leap", 1, 3, 0, 5)}) == 5
+    n = masklearn.logistic_noise((200_000,), torch.Generator().manual_seed(a))
     assert torch.isfinite(n).all()
     assert n.mean().item() == pytest.approx(0.0, abs=0.02)
     assert n.var().item() == pytest.approx(math.pi ** 2 / 3, rel=0.03)  # Logistic(0, 1) variance
@@ -108,7 +109,7 @@ def test_density_regulariser_pulls_density_to_target():
     target = 0.2
     for step in range(60):
         opt.zero_grad()
-        _, msum, _ = leap.masked_weight(logits, weight, leap.noise_seed(0, step, 0, 0), 25.0, 1.0)
+        _, msum, _ = leap.masked_weight(logits, weight, masklearn.noise_seed("leap", 0, step, 0, 0), 25.0, 1.0)
         leap.density_penalty(msum, logits.numel(), target).backward()
         opt.step()
     assert (leap.sign_mask(logits.detach()).float().mean().item()) == pytest.approx(target, abs=0.05)
@@ -146,10 +147,10 @@ def test_logit_gradients_only(calib_windows):
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     params = {n: torch.nn.Parameter(torch.zeros_like(m.weight)) for n, m in modules.items()}
-    patch = leap.MaskedLinears(modules, params, torch.float32)
-    patch.mode, patch.alpha, patch.tau = "soft", 25.0, 4.0
+    patch = masklearn.MaskedLinears(modules, {n: {"P": p} for n, p in params.items()}, registry.create("leap"))
+    patch.mode, patch.sched = "soft", {"alpha": 25.0, "tau": 4.0}
     ids = calib_windows[:2, :32]
-    leap._lm_loss(loaded.model(input_ids=ids, use_cache=False).logits, ids).backward()
+    masklearn.lm_loss(loaded.model(input_ids=ids, use_cache=False).logits, ids).backward()
     patch.remove()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert all(p.grad is None for p in loaded.model.parameters())
@@ -167,14 +168,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(calib_windows, monkeypa
         for p in model.parameters():
             p.requires_grad_(False)
         params = {n: torch.nn.Parameter(torch.full_like(m.weight, 0.01)) for n, m in modules.items()}
-        patch = leap.MaskedLinears(modules, params, torch.float32)
-        patch.mode, patch.alpha, patch.tau = "soft", 25.0, 1.0
+        patch = masklearn.MaskedLinears(modules, {n: {"P": p} for n, p in params.items()}, registry.create("leap"))
+        patch.mode, patch.sched = "soft", {"alpha": 25.0, "tau": 1.0}
         if checkpointing:
-            assert leap.enable_checkpointing(model)
+            assert masklearn.enable_checkpointing(model)
             model.train()
         ids = calib_windows[:2, :32]
-        ce = leap._lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
-        msum = torch.stack([patch.mask_sums[n] for n in modules]).sum()
+        ce = masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        msum = torch.stack([patch.stats[n]["mask_sum"] for n in modules]).sum()
         (ce + 7 * leap.density_penalty(msum, sum(p.numel() for p in params.values()), 0.5)).backward()
         patch.remove()
         grads.append({n: p.grad.clone() for n, p in params.items()})
@@ -201,7 +202,7 @@ def test_resume_gives_the_same_mask(calib_windows, tmp_path, monkeypatch):
     loaded = load_tiny("llama")
     with pytest.raises(KeyboardInterrupt):
         registry.create("leap", config).prune(loaded.model, _ctx(loaded, calib_windows, work_dir=tmp_path / "b"))
-    assert (tmp_path / "b" / leap.CHECKPOINT_FILE).is_file()
+    assert (tmp_path / "b" / "leap_state.pt").is_file()
     monkeypatch.setattr(leap.Leap, "_save_state", original)
     loaded = load_tiny("llama")
     report = registry.create("leap", config).prune(loaded.model, _ctx(loaded, calib_windows, work_dir=tmp_path / "b"))
@@ -209,7 +210,7 @@ def test_resume_gives_the_same_mask(calib_windows, tmp_path, monkeypatch):
     assert len(report.stats["curves"]["loss"]) == 6
     for name, w in _weights(loaded.model).items():
         assert torch.equal(w != 0, uninterrupted[name] != 0), name
-    assert not (tmp_path / "b" / leap.CHECKPOINT_FILE).exists()
+    assert not (tmp_path / "b" / "leap_state.pt").exists()
 
 
 def test_nan_loss_names_the_step(calib_windows):
@@ -227,14 +228,42 @@ def test_leap_lowers_training_loss_below_its_wanda_prior(calib_windows):
     pruner = registry.create("leap", config)
     ctx = _ctx(loaded, calib_windows, "0.6")
     _, train, _, _ = pruner.training_windows(ctx)
-    seen = torch.cat([pruner._batch(train, s, ctx.seed) for s in range(config["steps"])])
+    seen = torch.cat([pruner.batch(train, s, ctx.seed) for s in range(config["steps"])])
 
     def loss(model):
         with torch.no_grad():
-            return leap._lm_loss(model(input_ids=seen, use_cache=False).logits, seen).item()
+            return masklearn.lm_loss(model(input_ids=seen, use_cache=False).logits, seen).item()
 
     prior = load_tiny("llama")
     registry.create("wanda").prune(prior.model, ctx)
     report = pruner.prune(loaded.model, ctx)
     assert report.stats["achieved_sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert loss(loaded.model) < loss(prior.model) - 0.01
+
+
+# -- LEAP on the shared mask-learning engine is the LEAP it was before ------------------------------
+
+# Masks (sha256 of every layer's keep-mask, in layer order) and per-step training losses of the
+# implementation that predates prunebench.masklearn (commit 7be45e8, LEAP's own loop), seed 3.
+PRE_ENGINE_LEAP = [
+    ("llama", "0.5", {'preset': 'tiny'},
+     "1194045720be61683615fe065d496a44eb12a3a74d4e46ed446351fd52be2396",
+     [-3.484456, -2.315073, -0.822082, 0.790511, 2.364296, 3.956992]),
+    ("qwen2", "0.6", {'preset': 'tiny', 'final_mask': 'topk', 'steps': 8, 'grad_accum': 2},
+     "ed8780f74637442e577cd11dca757e1c9ef531da41e29ae0520cf7c0e2b4c9da",
+     [-2.988434, -2.280262, -1.285797, -0.174706, 0.922147, 2.058837, 3.229153, 4.360643]),
+]
+
+
+@pytest.mark.parametrize("family,target,config,mask_sha256,losses", PRE_ENGINE_LEAP)
+def test_leap_on_the_engine_gives_the_pre_engine_masks(calib_windows, family, target, config, mask_sha256, losses):
+    import hashlib
+
+    loaded = load_tiny(family)
+    report = registry.create("leap", config).prune(loaded.model, _ctx(loaded, calib_windows, target, seed=3))
+    digest = hashlib.sha256()
+    for name, m in all_prunable(loaded.model).items():
+        digest.update(name.encode())
+        digest.update((m.weight != 0).numpy().tobytes())
+    assert report.stats["curves"]["loss"] == pytest.approx(losses, abs=1e-5)
+    assert digest.hexdigest() == mask_sha256

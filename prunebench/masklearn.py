@@ -1,0 +1,585 @@
+"""The mask-learning engine: end-to-end training of masks over frozen weights.
+
+The end-to-end counterpart of prunebench.layerwise.  A learned method (LEAP, MaskLLM, PATCH)
+supplies only its mask parameterisation as a `LearnedMaskPruner` subclass:
+
+    init_logits(model, modules, ctx, report) -> {layer: {key: tensor}}  (the prior)
+    masked_weight(layer, index, logits, weight, seed, sched) -> (M * W, {stat: tensor})
+    regularisers(stats, sched)              -> ([loss terms], {metric: float})
+    hard_masks(logits, spec)                -> {layer: bool mask}        (the final rule)
+    schedule(step)                          -> {name: value}             (temperatures, scales)
+
+and its config (a `MaskTrainingConfig` subclass with its presets).  The engine owns everything
+else: freezing the model, the training stream and its held-out windows, micro-batching and
+gradient accumulation, the optimizer and lr schedule, gradient clipping, the non-finite guard,
+checkpoint and resume, the held-out curve of the hard mask, and the progress bar.
+
+Randomness is counter-based: the data order is a function of (seed, step), and each layer's
+mask noise of (method, seed, step, micro-batch, layer), so a resumed run or an activation-
+checkpointing recomputation draws exactly what an uninterrupted run draws.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UserError
+from .models import all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
+from .progress import progress_bar
+from .registry import Pruner, PruneReport
+from .sparsity import SparsitySpec
+
+CHECKPOINT_VERSION = 1
+LR_SCHEDULES = ("cosine", "constant")
+# u ~ U[0, 1) is clamped to [eps, 1 - eps] before a logit or a log, so the noise stays finite.
+NOISE_EPS = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# Config shared by every learned method
+
+@dataclass
+class MaskTrainingConfig:
+    """The engine's settings.  A subclass adds its method's fields and sets PRESETS; every field
+    left as None is filled from the chosen preset."""
+
+    PRESETS: ClassVar[dict] = {}
+    # a preset's config for a called method applies to the preset's method only: naming another
+    # method leaves that config unset (SparseGPT's dampening is no option of magnitude's)
+    COUPLED: ClassVar[dict] = {"prior_config": "prior_method", "frozen_config": "frozen_method"}
+
+    preset: str = "paper"  # fills every field left as None
+    steps: Optional[int] = None  # optimizer steps T
+    batch_size: Optional[int] = None  # sequences per optimizer step (global batch)
+    seqlen: Optional[int] = None  # tokens per training sequence
+    grad_accum: Optional[int] = None  # micro-batches per step (memory knob; batch_size % grad_accum == 0)
+    lr: Optional[float] = None  # AdamW peak learning rate
+    beta2: Optional[float] = None  # AdamW beta2
+    weight_decay: Optional[float] = None  # AdamW weight decay on the logits
+    warmup_steps: Optional[int] = None  # linear warm-up steps
+    lr_schedule: Optional[str] = None  # "cosine" | "constant" after warm-up
+    lr_final_ratio: Optional[float] = None  # the cosine decays to this fraction of the peak lr
+    grad_clip: Optional[float] = None  # max global norm of the logit gradients (0: no clipping)
+    init_std: Optional[float] = None  # std of the random initial logits
+    prior_strength: Optional[float] = None  # prior shift in units of std(P)
+    prior_method: Optional[str] = None  # registered one-shot method whose mask is the prior
+    logits_dtype: Optional[str] = None  # dtype of the logits and their AdamW state
+    gradient_checkpointing: Optional[bool] = None  # recompute block activations in backward
+    checkpoint_every: Optional[int] = None  # save a resumable state to ctx.work_dir every N steps (0: never)
+    heldout_windows: Optional[int] = None  # training-stream windows kept out for a held-out loss
+    heldout_every: Optional[int] = None  # held-out loss of the hard mask every N steps (0: start and end)
+    dataset: Optional[str] = None  # training stream; None: the cell's calibration dataset
+
+    def __post_init__(self):
+        presets = type(self).PRESETS
+        if self.preset not in presets:
+            raise UserError(f"unknown {type(self).__qualname__.split('.')[0]} preset {self.preset!r}",
+                            hint=f"use one of {', '.join(presets)}")
+        explicit = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        for key, value in presets[self.preset].items():
+            if getattr(self, key) is None:
+                coupled = self.COUPLED.get(key)
+                if coupled in explicit and value is not None:
+                    continue
+                setattr(self, key, value)
+        # every setting comes from the preset (None only where the preset itself says None)
+        missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None
+                   and f.name not in presets[self.preset] and f.name != "dataset"]
+        if missing:
+            raise UserError(f"preset {self.preset!r} sets no value for {', '.join(missing)}", hint="give them explicitly")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"unknown lr_schedule {self.lr_schedule!r}", hint=f"use one of {', '.join(LR_SCHEDULES)}")
+        resolve_dtype(self.logits_dtype)
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise UserError(f"mask training needs steps >= 1 and batch_size ({self.batch_size}) divisible by "
+                            f"grad_accum ({self.grad_accum})", hint="e.g. batch_size=256 grad_accum=64")
+        if not 0.0 <= self.lr_final_ratio <= 1.0:
+            raise UserError(f"lr_final_ratio {self.lr_final_ratio} is outside [0, 1]", hint="0 decays to zero, 0.1 to a tenth")
+        if self.grad_clip < 0:
+            raise UserError(f"grad_clip {self.grad_clip} is negative", hint="0 turns clipping off; the authors use 1.0")
+        self.validate()
+
+    def validate(self) -> None:
+        """A method's own checks of its fields (called after the preset is filled in)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules (pure functions of the optimizer step t in [0, T])
+
+def _fraction(step: int, total_steps: int) -> float:
+    return min(max(step / max(total_steps, 1), 0.0), 1.0)
+
+
+def linear_schedule(start: float, end: float, step: int, total_steps: int) -> float:
+    """start + (end - start) * t/T: the temperature and scale schedules of every learned method."""
+    return start + (end - start) * _fraction(step, total_steps)
+
+
+def fading(weight: float, step: int, total_steps: int) -> float:
+    """weight * (1 - t/T): a regulariser that fades out linearly over the run."""
+    return weight * (1.0 - _fraction(step, total_steps))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str = "cosine",
+              final_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at optimizer step `step` (0-based): linear warm-up, then a
+    cosine from 1 down to `final_ratio`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / decay_steps, 1.0)
+    return final_ratio + (1.0 - final_ratio) * (0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Noise
+
+def noise_seed(method: str, base_seed: int, step: int, micro: int, layer: int) -> int:
+    """A counter-based seed for the noise of one layer in one micro-batch: fresh noise on every
+    forward, yet reproducible from (seed, step, micro-batch, layer) alone, so no generator state
+    needs saving and a checkpointing recomputation draws the same mask."""
+    text = f"{method}-noise:{base_seed}:{step}:{micro}:{layer}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def logistic_noise(shape, generator: torch.Generator, device=None, dtype=torch.float32) -> torch.Tensor:
+    """L ~ Logistic(0, 1) = logit(U), U ~ Uniform(0, 1) (the difference of two Gumbels)."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+    return torch.logit_(u, eps=NOISE_EPS)
+
+
+def gumbel_noise(shape, generator: torch.Generator, device=None, dtype=torch.float32) -> torch.Tensor:
+    """G ~ Gumbel(0, 1) = -log(-log U)."""
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp_(NOISE_EPS, 1.0 - NOISE_EPS)
+    return u.log_().neg_().log_().neg_()
+
+
+def mask_sparsity(masks: dict) -> float:
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Patching the model's linears
+
+class MaskedLinears:
+    """Swaps the forward of every prunable linear for one that computes with a mask.
+
+    mode 'soft': the method's sampled soft mask (training); 'hard': given hard masks (held-out
+    evaluation); 'off': the dense weights.  The modules' weights are never written while patched.
+    The statistics each soft forward returns are kept per layer (a checkpointing recomputation
+    overwrites them, never double counts).
+    """
+
+    def __init__(self, modules: dict, logits: dict, pruner: "LearnedMaskPruner"):
+        self.modules, self.logits, self.pruner = modules, logits, pruner
+        self.mode = "off"
+        self.sched: dict = {}
+        self.seed, self.step, self.micro = 0, 0, 0
+        self.hard: dict = {}
+        self.stats: dict = {}
+        self._saved_forward = {}
+        for index, (name, module) in enumerate(modules.items()):
+            self._saved_forward[name] = module.__dict__.get("forward")
+            module.forward = self._make_forward(name, index, module)
+
+    def _make_forward(self, name, index, module):
+        def forward(x):
+            # [out, in] whatever the storage (GPT-2's Conv1D stores [in, out]): masks, logits and
+            # 2:4 groups always run along the input dimension, and F.linear serves both.
+            weight = weight_matrix(module)
+            if self.mode == "soft":
+                seed = noise_seed(self.pruner.name, self.seed, self.step, self.micro, index)
+                weight, self.stats[name] = self.pruner.masked_weight(name, index, self.logits[name], weight, seed,
+                                                                     self.sched)
+            elif self.mode == "hard":
+                weight = weight * self.hard[name].to(weight.dtype)
+            return F.linear(x, weight, module.bias)
+
+        return forward
+
+    def remove(self):
+        for name, module in self.modules.items():
+            saved = self._saved_forward[name]
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine
+
+class LearnedMaskPruner(Pruner):
+    """Base of every learned-mask method; `prune` runs the shared training loop."""
+
+    engine_modules: ClassVar[tuple] = ("prunebench.masklearn",)
+    kind: ClassVar[str] = "learned"
+    # schedule entries written to the training curves every step
+    logged_schedule: ClassVar[tuple] = ()
+
+    # -- what a method supplies --------------------------------------------------------------
+
+    def init_logits(self, model, modules: dict, ctx, report: PruneReport) -> dict:
+        """{layer: {key: tensor}}: the initial logits (from the prior), on the CPU is fine."""
+        raise NotImplementedError
+
+    def frozen_keys(self) -> tuple:
+        """Keys of init_logits' tensors that stay fixed (PATCH's Tile mode: the frozen 2:4 masks)."""
+        return ()
+
+    def begin(self, modules: dict, spec: SparsitySpec) -> None:
+        """Per-run constants the regularisers need (called on a fresh and on a resumed run)."""
+
+    def masked_weight(self, layer: str, index: int, logits: dict, weight: torch.Tensor, seed: int,
+                      sched: dict) -> tuple:
+        """(M * W for this forward, {statistic: tensor}) with M the sampled soft mask; weight is
+        the frozen [out, in] matrix."""
+        raise NotImplementedError
+
+    def regularisers(self, stats: dict, sched: dict) -> tuple:
+        """([loss terms added to the cross-entropy, in order], {metric: float for the curves})."""
+        return [], {}
+
+    def hard_masks(self, logits: dict, spec: SparsitySpec) -> dict:
+        """{layer: bool keep-mask}: the method's final rule on the current logits."""
+        raise NotImplementedError
+
+    def schedule(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def finish(self, logits: dict, masks: dict, spec: SparsitySpec, report: PruneReport) -> None:
+        """Method-specific statistics of the result, written into the report."""
+
+    def uses_methods(self) -> tuple:
+        return (self.config.prior_method,) if self.config.prior_method else ()
+
+    # -- helpers for methods ------------------------------------------------------------------
+
+    def one_shot_masks(self, model, modules: dict, ctx, method: str, spec: SparsitySpec, config=None) -> dict:
+        """Keep-masks of a registered one-shot method at `spec`; the dense weights are restored.
+
+        Weights that were exactly zero before count as pruned (weight == 0 afterwards), which is
+        what a score-based method would choose for them anyway.
+        """
+        if ctx.registry is None:
+            from prunebench import registry as reg
+        else:
+            reg = ctx.registry
+        snapshot = snapshot_prunable(model)
+        prior = reg.create(method, config or {})
+        try:
+            prior.prune(model, dataclasses.replace(ctx, sparsity=spec, progress=False))
+            keep = {name: (weight_matrix(m).detach() != 0) for name, m in modules.items()}
+        finally:
+            restore_prunable(model, snapshot)
+        return keep
+
+    def training_windows(self, ctx):
+        """(dataset, train windows, held-out windows, stream fingerprint): every window of the
+        training text once, a seeded few of them held out."""
+        from .data import stream_windows
+
+        c = self.config
+        dataset = c.dataset or ctx.calibration_dataset
+        if ctx.tokenizer is None:
+            raise UserError(f"{self.display or self.name} draws its own training stream and needs the tokenizer "
+                            "in the context", hint="the runner passes it; in scripts set PruneContext(tokenizer=...)")
+        windows, fingerprint = stream_windows(ctx.tokenizer, dataset, c.seqlen, ctx.data_dir)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        order = torch.randperm(len(windows), generator=gen)
+        n_heldout = min(c.heldout_windows, max(len(windows) - c.batch_size, 0))
+        return dataset, windows[order[n_heldout:]], windows[order[:n_heldout]], fingerprint
+
+    def batch(self, train: torch.Tensor, step: int, seed: int) -> torch.Tensor:
+        """The sequences of optimizer step `step`: consecutive slices of a seeded permutation of
+        the whole stream, reshuffled (seed, epoch) when it runs out; a pure function of the step."""
+        bs = self.config.batch_size
+        n = len(train)
+        epoch, index = divmod(step, n // bs)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        return train[order[index * bs:(index + 1) * bs]]
+
+    @property
+    def checkpoint_file(self) -> str:
+        return f"{self.name}_state.pt"
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def prune(self, model, ctx) -> PruneReport:
+        # As the temperature falls the sampled masks saturate: their gradients and the AdamW
+        # second moments underflow into denormal floats, which x86 CPUs process ~10x slower
+        # (measured with LEAP: steps went from 3.5 s to 27 s).  Flushing them to zero (this
+        # thread) changes nothing that matters numerically.
+        flushed = torch.set_flush_denormal(True)
+        try:
+            return self._train(model, ctx)
+        finally:
+            if flushed:
+                torch.set_flush_denormal(False)  # the process default
+
+    def _train(self, model, ctx) -> PruneReport:
+        self.check_spec(ctx.sparsity)
+        c, spec = self.config, ctx.sparsity
+        who = self.display or self.name
+        report = PruneReport(stats={"config": dataclasses.asdict(c), "scope": self.report_scope(spec)})
+        modules = all_prunable(model)
+        device = torch.device(ctx.device)
+        logits_dtype = resolve_dtype(c.logits_dtype)
+        t_start = time.perf_counter()
+
+        dataset, train, heldout, fingerprint = self.training_windows(ctx)
+        report.stats.update(dataset=dataset, train_windows=len(train), heldout_windows=len(heldout),
+                            stream_fingerprint=fingerprint, n_masked=sum(m.weight.numel() for m in modules.values()))
+        micro_size = c.batch_size // c.grad_accum
+        if len(train) < c.batch_size:
+            raise UserError(f"the {dataset} training stream has {len(train)} windows of {c.seqlen}, fewer than one "
+                            f"batch of {c.batch_size}", hint="use a shorter seqlen or a larger dataset")
+        windows_needed = c.steps * c.batch_size
+        report.stats["stream_repeats"] = round(windows_needed / len(train), 3)
+        if windows_needed > len(train):
+            report.warnings.append(f"{who}: {c.steps} steps x {c.batch_size} sequences need {windows_needed} windows "
+                                   f"but the {dataset} stream has {len(train)}: the text repeats "
+                                   f"{windows_needed / len(train):.1f} times (risk of overfitting, LEAP.md section 6)")
+
+        state_path = Path(ctx.work_dir) / self.checkpoint_file if ctx.work_dir and c.checkpoint_every else None
+        run_key = self._run_key(ctx, modules, fingerprint)
+        resumed = self._load_state(state_path, run_key, report)
+
+        if resumed is None:
+            t0 = time.perf_counter()
+            initial = self.init_logits(model, modules, ctx, report)
+            report.stats["prior_s"] = round(time.perf_counter() - t0, 3)
+        else:
+            initial = resumed["logits"]
+        frozen = self.frozen_keys()
+        logits = {layer: {key: nn.Parameter(t.to(device=device, dtype=logits_dtype), requires_grad=key not in frozen)
+                          for key, t in initial[layer].items()} for layer in modules}
+        del initial
+        params = [p for layer in modules for p in logits[layer].values() if p.requires_grad]
+        self.begin(modules, spec)
+
+        optimizer = make_adamw(params, c)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, c.steps, c.warmup_steps, c.lr_schedule, c.lr_final_ratio))
+        curves = {"step": [], "loss": [], "ce": []}
+        start_step = 0
+        if resumed is not None:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            curves = resumed["curves"]
+            start_step = resumed["step"]
+            report.stats["resumed_from_step"] = start_step
+
+        # Freeze everything; only the logits learn.  Restore the flags afterwards.
+        grad_flags = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        was_training = model.training
+        checkpointing = bool(c.gradient_checkpointing) and enable_checkpointing(model)
+        if checkpointing:
+            model.train()  # transformers checkpoints only in training mode
+        else:
+            model.eval()  # no dropout: the only randomness is the mask noise
+        patch = MaskedLinears(modules, logits, self)
+        patch.seed = ctx.seed
+        bar = progress_bar(total=c.steps, desc=f"{self.name} {spec.label}", enabled=ctx.progress, unit="step")
+        bar.update(start_step)
+        try:
+            if resumed is None:
+                self._heldout(model, patch, heldout, spec, 0, curves, micro_size, device)
+                if curves.get("heldout_loss"):
+                    report.stats["prior_heldout_loss"] = curves["heldout_loss"][0]
+                    report.stats["prior_heldout_ppl"] = curves["heldout_ppl"][0]
+            for step in range(start_step, c.steps):
+                sched = self.schedule(step)
+                patch.mode, patch.step, patch.sched = "soft", step, sched
+                optimizer.zero_grad(set_to_none=True)
+                batch_ids = self.batch(train, step, ctx.seed)
+                logged = {"loss": 0.0, "ce": 0.0}
+                for micro in range(c.grad_accum):
+                    patch.micro = micro
+                    ids = batch_ids[micro * micro_size:(micro + 1) * micro_size].to(device)
+                    patch.stats.clear()
+                    out = model(input_ids=ids, use_cache=False)
+                    ce = lm_loss(out.logits, ids)
+                    terms, metrics = self.regularisers(patch.stats, sched)
+                    loss = ce
+                    for term in terms:
+                        loss = loss + term
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{who}: non-finite loss {loss.item()} at step {step} "
+                                                 f"(micro-batch {micro}; ce {ce.item()})")
+                    (loss / c.grad_accum).backward()
+                    logged["loss"] += loss.item() / c.grad_accum
+                    logged["ce"] += ce.item() / c.grad_accum
+                    for name, value in metrics.items():
+                        logged[name] = logged.get(name, 0.0) + value / c.grad_accum
+                del out, loss, ce, terms
+                patch.stats.clear()
+                if c.grad_clip:
+                    norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
+                    logged["grad_norm"] = float(norm)
+                    if not math.isfinite(logged["grad_norm"]):
+                        raise FloatingPointError(f"{who}: non-finite gradient norm at step {step}")
+                optimizer.step()
+                scheduler.step()
+                row = {"step": step, **logged, **{k: sched[k] for k in self.logged_schedule}}
+                for name, value in row.items():
+                    curves.setdefault(name, []).append(round(value, 6) if isinstance(value, float) else value)
+                bar.update(1)
+                bar.set_postfix(loss=f"{logged['loss']:.3f}",
+                                **{k: f"{v:.3g}" for k, v in logged.items() if k not in ("loss", "ce")},
+                                **{k: f"{sched[k]:.3g}" for k in self.logged_schedule})
+                done = step + 1
+                if c.heldout_every and done % c.heldout_every == 0 and done < c.steps:
+                    self._heldout(model, patch, heldout, spec, done, curves, micro_size, device)
+                if state_path is not None and done % c.checkpoint_every == 0 and done < c.steps:
+                    self._save_state(state_path, run_key, logits, optimizer, scheduler, done, curves)
+            patch.mode = "off"
+            masks = self.hard_masks(_detached(logits), spec)
+            self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, masks=masks)
+        finally:
+            bar.close()
+            patch.remove()
+            if checkpointing:
+                disable_checkpointing(model)
+            model.train(was_training)
+            for p, flag in grad_flags.items():
+                p.requires_grad_(flag)
+
+        # Apply the hard mask to the weights in place: the runner measures sparsity from them.
+        with torch.no_grad():
+            for name, module in modules.items():
+                weight_matrix(module).mul_(masks[name].to(module.weight.dtype))
+        achieved = mask_sparsity(masks)
+        self.finish(_detached(logits), masks, spec, report)
+        report.stats.update(curves=curves, achieved_sparsity=achieved, steps=c.steps,
+                            tokens_seen=(c.steps - start_step) * c.batch_size * c.seqlen,
+                            train_s=round(time.perf_counter() - t_start, 3),
+                            logits_bytes=sum(p.numel() * p.element_size() for layer in logits.values()
+                                             for p in layer.values()),
+                            per_layer_sparsity={name: round(1.0 - m.float().mean().item(), 6)
+                                                for name, m in masks.items()})
+        if curves.get("heldout_loss"):
+            report.stats["heldout_loss"] = curves["heldout_loss"][-1]
+            report.stats["heldout_ppl"] = curves["heldout_ppl"][-1]
+        if state_path is not None and state_path.exists():
+            state_path.unlink()  # the finished result is in the weights; a stale state must not resume
+        del optimizer, params, logits
+        return report
+
+    def report_scope(self, spec: SparsitySpec) -> str:
+        """The scope at which the runner checks the achieved sparsity."""
+        return spec.scope or "global"
+
+    # -- pieces of the loop -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _heldout(self, model, patch, heldout, spec, step, curves, micro_size, device, masks=None):
+        """Mean next-token loss of the current hard mask on the held-out windows."""
+        if len(heldout) == 0:
+            return
+        patch.hard = masks if masks is not None else self.hard_masks(_detached(patch.logits), spec)
+        patch.mode = "hard"
+        total, count = 0.0, 0
+        for start in range(0, len(heldout), max(micro_size, 1)):
+            ids = heldout[start:start + micro_size].to(device)
+            out = model(input_ids=ids, use_cache=False)
+            n_tok = ids[:, 1:].numel()
+            total += lm_loss(out.logits, ids).item() * n_tok
+            count += n_tok
+        loss = total / count
+        for name, value in (("heldout_step", step), ("heldout_loss", round(loss, 6)),
+                            ("heldout_ppl", round(math.exp(min(loss, 700.0)), 4)),
+                            ("heldout_sparsity", round(mask_sparsity(patch.hard), 6))):
+            curves.setdefault(name, []).append(value)
+        patch.hard = {}
+        patch.mode = "off"
+
+    def _run_key(self, ctx, modules, fingerprint) -> str:
+        """What a checkpoint must match to be resumed: method, config, target, seed, data, shapes."""
+        key = {"v": CHECKPOINT_VERSION, "method": self.name, "config": dataclasses.asdict(self.config),
+               "sparsity": ctx.sparsity.to_dict(), "seed": ctx.seed, "stream": fingerprint,
+               "shapes": [[n, list(m.weight.shape)] for n, m in modules.items()]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _save_state(self, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
+        """Atomic: write a temp file, then os.replace.  The noise and data order are counter-based
+        functions of (seed, step), so no generator state is needed beyond the step."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"run_key": run_key, "step": step,
+                 "logits": {layer: {k: p.detach().cpu() for k, p in ps.items()} for layer, ps in logits.items()},
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "curves": curves,
+                 "torch_rng": torch.get_rng_state()}
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def _load_state(self, path: Optional[Path], run_key, report):
+        if path is None or not path.is_file():
+            return None
+        who = self.display or self.name
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a damaged checkpoint is not trusted
+            report.warnings.append(f"{who}: ignored unreadable checkpoint {path} ({exc})")
+            return None
+        if state.get("run_key") != run_key:
+            report.warnings.append(f"{who}: ignored checkpoint {path} from a different run (config, data or seed differ)")
+            return None
+        torch.set_rng_state(state["torch_rng"])
+        return state
+
+
+def _detached(logits: dict) -> dict:
+    return {layer: {k: p.detach() for k, p in ps.items()} for layer, ps in logits.items()}
+
+
+def enable_checkpointing(model) -> bool:
+    """Activation checkpointing of the decoder blocks, non-reentrant: the regulariser statistics
+    leave the checkpointed blocks as side outputs, and the counter-based noise makes the
+    recomputation draw the same masks.  False if the model cannot checkpoint."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        return False
+    return True
+
+
+def disable_checkpointing(model) -> None:
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def make_adamw(params, c):
+    """AdamW; the fused kernel where available (one pass per tensor instead of several: the
+    update touches every logit and both moments)."""
+    kwargs = dict(lr=c.lr, betas=(0.9, c.beta2), weight_decay=c.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (float32)."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
