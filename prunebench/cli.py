@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", help="default: the dtype recorded in the masks file")
     ev.add_argument("--json", action="store_true", help="print the results as JSON")
 
+    co = sub.add_parser("cost", help="storage and FLOPs per token of pruned models: every record of a results "
+                                     "directory, saved masks, or an exported checkpoint")
+    which = co.add_mutually_exclusive_group(required=True)
+    which.add_argument("--results", help="a results directory: cost.csv, cost.md and quality-vs-cost plots in its report/")
+    which.add_argument("--masks", help="a *.masks.safetensors file (run --save-masks)")
+    which.add_argument("--checkpoint", help="an exported checkpoint directory (prunebench export): its zeros")
+    co.add_argument("--out", help="where --results writes (default: <results>/report)")
+    co.add_argument("--value-dtype", default="bfloat16", help="bytes per stored value: bfloat16, float16, float32")
+    co.add_argument("--context", type=int, default=512, help="context length for attention FLOPs (default 512)")
     rp = sub.add_parser("reproduce", help="compare a fresh run with a reference run (exit 1 on a real difference)")
     rp.add_argument("--fresh", required=True, help="the fresh run's results directory")
     rp.add_argument("--reference", default=DEFAULT_RESULTS, help="the reference results directory (default: results)")
@@ -156,7 +165,7 @@ def main(argv=None) -> int:
             if not getattr(args, "quiet", False):
                 log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
         return {"run": cmd_run, "check": cmd_check, "list": cmd_list, "report": cmd_report, "export": cmd_export,
-                "eval": cmd_eval, "reproduce": cmd_reproduce}[args.command](args)
+                "eval": cmd_eval, "reproduce": cmd_reproduce, "cost": cmd_cost}[args.command](args)
     except UserError as exc:
         print(f"prunebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -336,6 +345,57 @@ def cmd_report(args) -> int:
         raise UserError(f"--out {args.out!r} is a file, not a directory", hint="give a directory for the report")
     text = build_report(args.results, out_dir=args.out, fmt=args.format, paper=args.paper)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+def cmd_cost(args) -> int:
+    from . import cost as costs
+
+    if args.value_dtype not in costs.VALUE_BYTES:
+        raise UserError(f"unknown --value-dtype {args.value_dtype!r}", hint=f"use one of {', '.join(costs.VALUE_BYTES)}")
+    if args.context < 1:
+        raise UserError(f"--context must be 1 or more, got {args.context}")
+    value_bytes = costs.VALUE_BYTES[args.value_dtype]
+    if args.results:
+        from .records import load_records
+        from .report.cost import write_cost_report
+        from .validate import check_results_dir
+
+        check_results_dir(args.results, create=False)
+        records = load_records(args.results)[0]
+        out = Path(args.out) if args.out else Path(args.results) / "report"
+        text, written = write_cost_report(records, out, context=args.context, value_dtype=args.value_dtype)
+        sys.stdout.write(text)
+        print(f"wrote {', '.join(str(p) for p in written)}")
+        return 0
+    if args.masks:
+        from .artifacts import load_masked_model
+
+        loaded, meta = load_masked_model(args.masks)
+        label = str(meta.get("sparsity_label") or meta.get("sparsity") or "")
+        source = f"masks {args.masks}"
+    else:
+        from .models import check_model_spec, load_model
+
+        if not Path(args.checkpoint).is_dir():
+            raise UserError(f"checkpoint {args.checkpoint!r} is not a directory", hint="pass what prunebench export wrote")
+        check_model_spec(args.checkpoint)
+        loaded, label, source = load_model(args.checkpoint), "", f"checkpoint {args.checkpoint}"
+    from .models import all_prunable, weight_matrix
+    from .sparsity import SparsitySpec
+
+    masks = {name: weight_matrix(m).detach() != 0 for name, m in all_prunable(loaded.model).items()}
+    spec = SparsitySpec.parse(label) if label and label not in ("0", "dense") else None
+    pattern = {"hybrid": "hybrid", "nm": "N:M"}.get(spec.pattern if spec else "", "unstructured")
+    linears = costs.linears_from_masks(masks, pattern, nm=(spec.n, spec.m) if spec and spec.m else None,
+                                       tile=spec.tile if spec else None, value_bytes=value_bytes)
+    total = costs.model_cost(linears, costs.model_shape(loaded.model), context=args.context, value_dtype=args.value_dtype)
+    print(f"{source}: {len(linears)} linears, kept {total['kept_fraction']:.4f} of their weights")
+    print(f"  linears {total['linear_bytes'] / 1e6:.1f} MB ({total['linear_ratio']:.3f}x dense), whole model "
+          f"{total['model_bytes'] / 1e6:.1f} MB ({total['model_ratio']:.3f}x), values in {args.value_dtype}")
+    print(f"  formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(total["formats"].items())))
+    print(f"  {total['flops_per_token'] / 1e9:.3f} GFLOP per token at context {args.context} "
+          f"({total['flops_ratio']:.3f}x dense)")
     return 0
 
 

@@ -257,6 +257,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         record["sparsity"]["mask_sha256"] = mask_fingerprint(named)
         record["sparsity"]["checked"] = {"finite": True, "pattern": cell.sparsity.pattern_name,
                                          "scope": scope, "tolerance": SPARSITY_TOLERANCE}
+        record["cost"] = mask_cost(named, cell.sparsity if cell.method != DENSE else None, model)
         off = abs(measured["overall"] - cell.sparsity.target) * 100
         if off > OFF_TARGET_PP and cell.method != DENSE:
             record["warnings"].append(f"achieved sparsity {measured['overall']:.4f} is {off:.2f} points off the "
@@ -430,6 +431,21 @@ def environment(device: str) -> dict:
         env["gpu"] = torch.cuda.get_device_name()
     _ENV_CACHE[device] = env
     return env
+
+
+def mask_cost(named, spec, model) -> dict:
+    """Storage (smallest valid format per linear, bf16 values) and FLOPs per token of the pruned
+    weights, from their zeros (prunebench.cost): arithmetic, not a speed measurement."""
+    from . import cost
+
+    masks = {name: w.detach() != 0 for name, w in named}
+    if spec is None:
+        linears = cost.linears_from_masks(masks)
+    else:
+        pattern = {"hybrid": "hybrid", "nm": "N:M"}.get(spec.pattern, "unstructured")
+        linears = cost.linears_from_masks(masks, pattern, nm=(spec.n, spec.m) if spec.m else None,
+                                          tile=spec.tile or None)
+    return cost.model_cost(linears, cost.model_shape(model))
 
 
 # What decides a record's numbers: a change here, committed or not, is a change of the code.

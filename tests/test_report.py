@@ -397,3 +397,29 @@ def test_paper_plots_with_pdf(tmp_path):
     assert [path.name for path in written] == ["accuracy.png", "accuracy.pdf", "perplexity.png"]
     assert all(path.stat().st_size > 0 for path in written)
     assert written[1].read_bytes().startswith(b"%PDF")
+
+
+def test_the_report_takes_kinds_and_names_from_the_registry():
+    from prunebench import registry
+    from prunebench.report import learned_methods, layerwise_methods
+    from prunebench.report.paper import method_display_name
+    from prunebench.report.tables import format_sparsity_label, method_order, sparsity_label_order
+
+    assert {"leap", "maskllm", "patch"} <= set(learned_methods())
+    assert {"magnitude", "wanda", "sparsegpt", "admm"} <= set(layerwise_methods())
+    assert not set(learned_methods()) & set(layerwise_methods())
+    assert method_display_name("maskllm") == "MaskLLM" and method_display_name("sparsegpt+owl") == "SparseGPT + OWL"
+    assert registry.method_kind("wanda+owl") == "layer-wise" and registry.method_kind("nope") == "other"
+    ordered = sorted(["patch", "wanda", "dense", "leap", "admm"], key=method_order)
+    assert ordered[0] == "dense" and set(ordered[1:3]) == {"wanda", "admm"} and set(ordered[3:]) == {"leap", "patch"}
+    assert format_sparsity_label("hybrid:0.35/64") == "35% tiles/64"
+    labels = sorted(["hybrid:0.45/64", "2:4", "0.5", "hybrid:0.25/64", "dense"], key=sparsity_label_order)
+    assert labels == ["dense", "0.5", "2:4", "hybrid:0.25/64", "hybrid:0.45/64"]
+
+
+def test_paper_report_includes_the_patch_table():
+    from prunebench.report import build_paper_report
+
+    text = build_paper_report()
+    assert "PATCH (arXiv 2509.23410): Qwen-2.5 0.5B" in text
+    assert "| PATCH | 45% tiles/128 | 14.57 | 40.29 |" in text and "| MaskLLM | 2:4 | 15.22 | 39.33 |" in text

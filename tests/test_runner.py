@@ -141,3 +141,27 @@ def test_methods_flag_keeps_the_presets_method_config(capsys):
     grid = grid_from_args(args)
     leap = next(c for c in grid.cells() if c.method == "leap")
     assert leap.method_config["preset"] == "embedded" and leap.method_config["steps"] < 2000
+
+
+def test_a_method_may_bring_its_own_sparsities(tmp_path, capsys):
+    from prunebench.cli import build_parser, grid_from_args
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("models: [tiny:llama]\nmethods: [wanda, {name: patch, config: {preset: tiny}, "
+                    "sparsities: ['hybrid:0.25/16', 'hybrid:0.45/16']}]\nsparsities: ['2:4']\n")
+    cells = grid_from_args(build_parser().parse_args(["run", "--grid", str(grid)])).cells()
+    assert sorted((c.method, c.sparsity.label) for c in cells) == [
+        ("dense", "0"), ("patch", "hybrid:0.25/16"), ("patch", "hybrid:0.45/16"), ("wanda", "2:4")]
+    grid.write_text("models: [tiny:llama]\nmethods: [{name: patch, sparsities: 'hybrid:0.25'}]\nsparsities: ['2:4']\n")
+    assert run("--grid", str(grid), "--results", str(tmp_path / "r"), "-q") == 2
+    assert "sparsities must be a non-empty list" in capsys.readouterr().err
+
+
+def test_require_clean_refuses_uncommitted_code(tmp_path, capsys, monkeypatch):
+    from prunebench import runner
+
+    monkeypatch.setattr(runner, "uncommitted_code", lambda: ["methods/wanda.py"])
+    assert run("--models", "tiny:llama", "--methods", "magnitude", "--sparsities", "0.5", "--results",
+               str(tmp_path / "r"), "--require-clean", "-q") == 2
+    assert "uncommitted changes (methods/wanda.py)" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

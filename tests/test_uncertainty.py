@@ -282,3 +282,26 @@ def test_diverged_cell_renders_in_markdown_latex_and_csv(records, tmp_path):
     assert "diverged" in cells_csv_text(df)
     perplexity = (tmp_path / "report.md").read_text().split("## Perplexity", 1)[1]
     assert "diverged" in next(line for line in perplexity.splitlines() if "| Magnitude" in line)
+
+
+def test_tile_cells_are_compared_with_2to4_cells_and_sparser_tiles():
+    rng = np.random.default_rng(1)
+    dense = _windows(40)
+    items = "".join(rng.choice(["0", "1"], size=80, p=[0.4, 0.6]))
+
+    def cell(method, label, pattern, target, shift):
+        r = _record(method, target, [x + shift * T + rng.normal() for x in dense], items, key=f"{method}-{label}")
+        r["sparsity"].update(label=label, pattern=pattern)
+        return r
+
+    df = records_frame([_record("dense", 0.0, dense, items), cell("maskllm", "2:4", "2:4", 0.5, 0.4),
+                        cell("patch", "hybrid:0.45/64", "dense|2:4 tiles", 0.45, 0.3),
+                        cell("patch", "hybrid:0.25/64", "dense|2:4 tiles", 0.25, 0.1)])
+    c = comparisons_frame(df)
+    c = c[c["metric"] == "ppl_lee"]
+    pairs = {(r.method, r.sparsity, r.baseline, r.baseline_sparsity) for r in c.itertuples()}
+    assert ("patch", "hybrid:0.45/64", "maskllm", "2:4") in pairs
+    assert ("patch", "hybrid:0.25/64", "patch", "hybrid:0.45/64") in pairs
+    assert ("patch", "hybrid:0.45/64", "patch", "hybrid:0.25/64") not in pairs  # each pair once
+    better = c[(c["sparsity"] == "hybrid:0.25/64") & (c["baseline_sparsity"] == "hybrid:0.45/64")].iloc[0]
+    assert better["diff"] < 0 and better["significant"]

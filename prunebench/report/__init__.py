@@ -5,6 +5,7 @@ Accuracy convention: DataFrames hold accuracies as fractions in [0, 1], as the r
 rendered tables, plots and gains show percent points with two decimals, as the paper prints them.
 """
 from prunebench.report.paper import (
+    PAPER_BASELINE,
     PAPER_HEADLINE_GAIN,
     PAPER_MODEL_IDS,
     PAPER_SOURCE,
@@ -21,14 +22,12 @@ from prunebench.report.plots import (
 )
 from prunebench.report.tables import (
     BEST_LAYERWISE,
-    LAYERWISE_BASELINES,
-    LEARNED_METHODS,
-    METHOD_ORDER,
-    PAPER_BASELINE,
     build_paper_report,
     cells_frame,
     gain_table,
+    layerwise_methods,
     layout_frame,
+    learned_methods,
     paper_layout,
     perplexity_tables,
     render_latex,
@@ -38,7 +37,7 @@ from prunebench.report.tables import (
 )
 
 __all__ = [
-    "BEST_LAYERWISE", "LAYERWISE_BASELINES", "LEARNED_METHODS", "METHOD_ORDER", "PAPER_BASELINE",
+    "BEST_LAYERWISE", "PAPER_BASELINE", "layerwise_methods", "learned_methods",
     "PAPER_HEADLINE_GAIN", "PAPER_MODEL_IDS", "PAPER_SOURCE", "PAPER_TASKS", "SIBLING_STUDY_SOURCE",
     "TASK_DISPLAY_NAMES", "build_paper_report", "cells_frame", "gain_table", "layout_frame",
     "paper_layout", "paper_reference_frame", "perplexity_tables", "plot_accuracy_vs_sparsity",

@@ -46,6 +46,7 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
     plots = write_plots(df, out)
     plots += plot_heldout_curves(records, out / "heldout_vs_steps")
     plots += plot_block_allocation(records, out)
+    plots += _cost_report(records, out)
     write_html(df, records, out, plots=plots)  # index.html: everything above on one offline page
     log.info("wrote tables and %d plot(s) under %s", len(plots), out)
     if fmt == "csv":
@@ -53,3 +54,16 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
     if fmt == "latex":
         return render_latex(paper_layout(df))
     return text
+
+
+def _cost_report(records, out) -> list:
+    """cost.csv / cost.md and the quality-vs-cost plots; a model whose shapes cannot be had here
+    (a hub id offline, for a record without a stored cost) skips the cost report with a warning."""
+    from .cost import write_cost_report
+
+    try:
+        _, written = write_cost_report(records, out)
+    except Exception as exc:  # the tables and plots above stand without it
+        log.warning("no cost report: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return []
+    return [p for p in written if p.suffix == ".png"]

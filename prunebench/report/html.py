@@ -27,10 +27,8 @@ import pandas as pd
 
 from prunebench.atomic import write_text_atomic
 from prunebench.report import tables
-from prunebench.report.paper import PERCENT, method_display_name, model_display_name, task_display_name
+from prunebench.report.paper import PAPER_BASELINE, PERCENT, method_display_name, model_display_name, task_display_name
 from prunebench.report.tables import (
-    LEARNED_METHODS,
-    PAPER_BASELINE,
     format_number,
     format_sparsity_label,
     gain_table,
@@ -150,7 +148,7 @@ def _gains_section(df: pd.DataFrame) -> str:
     baseline = method_display_name(PAPER_BASELINE)
     title = f"<h2 id=\"gains\">Average-accuracy gain over {_e(baseline)} (points)</h2>"
     if gains.empty:
-        learned = " or ".join(method_display_name(m) for m in LEARNED_METHODS)
+        learned = " or ".join(method_display_name(m) for m in tables.learned_methods())
         return title + f'<p class="empty">No setting has results for both {_e(learned)} and {_e(baseline)}.</p>'
     with_ci = "gain_lo" in gains.columns
     headers = ([("Model", "text"), ("Sparsity", "text"), ("Method", "text"), ("Avg", "num"),

@@ -59,14 +59,9 @@ MODEL_FAMILIES = {
     "meta-llama/Llama-3.1-8B": "llama",
 }
 
-METHOD_DISPLAY_NAMES = {
-    "dense": "Dense",
-    "magnitude": "Magnitude",
-    "wanda": "Wanda",
-    "sparsegpt": "SparseGPT",
-    "admm": "ADMM",
-    "leap": "LEAP",
-}
+# The method the LEAP paper is about, and the baseline of its headline claim (LEAP minus ADMM).
+PAPER_METHOD = "leap"
+PAPER_BASELINE = "admm"
 
 # The paper's headline claim: LEAP minus ADMM on the six-task average, in percent points, over the
 # 10 (model, sparsity) pairs of the four small models and Llama-3.1 8B at 50% and 60%.
@@ -193,8 +188,10 @@ def model_display_name(model_id: str) -> str:
 def method_display_name(method: str) -> str:
     """'wanda+owl' -> 'Wanda + OWL': the method's name and its allocation's (from the allocation
     registry, so the report never lists allocations itself)."""
+    from .. import registry
+
     base, _, allocation = str(method).partition("+")
-    name = METHOD_DISPLAY_NAMES.get(base, base)
+    name = registry.display_name(base)
     if allocation:
         from .. import allocation as allocations
 
@@ -207,3 +204,37 @@ def method_display_name(method: str) -> str:
 
 def task_display_name(task: str) -> str:
     return TASK_DISPLAY_NAMES.get(task, task)
+
+
+# ---------------------------------------------------------------------------------------------
+# The PATCH paper (Hourri, Mozaffari, Mehri Dehnavi, arXiv 2509.23410): Qwen-2.5 0.5B, WikiText-2
+# perplexity and the 8-task average accuracy (percent), as published (../shared/METHODS.md
+# section 2, ../shared/LEAP.md section 5).  Wanda 2:4's average is not given there.
+
+PATCH_ARXIV_ID = "2509.23410"
+PATCH_SOURCE = f"PATCH (arXiv {PATCH_ARXIV_ID})"
+PATCH_MODEL = "Qwen-2.5 0.5B"
+# (method, spec label as prunebench writes it, WikiText-2 ppl, average accuracy or None)
+PATCH_TABLE = (
+    ("dense", "dense", 12.08, 46.00),
+    ("patch", "hybrid:0.25/128", 13.47, 42.39),
+    ("patch", "hybrid:0.35/128", 13.84, 41.15),
+    ("patch", "hybrid:0.45/128", 14.57, 40.29),
+    ("maskllm", "2:4", 15.22, 39.33),
+    ("sparsegpt", "2:4", 36.59, 34.81),
+    ("wanda", "2:4", 72.48, None),
+)
+
+
+def patch_paper_markdown() -> str:
+    """The PATCH paper's Qwen-2.5 0.5B table, rebuilt from its published numbers."""
+    from .tables import format_number, format_sparsity_label
+
+    lines = [f"## {PATCH_SOURCE}: {PATCH_MODEL}, published numbers", "",
+             "| Method | Sparsity | WikiText-2 PPL | Avg acc (8 tasks, %) |", "|---|---|---|---|"]
+    for method, label, ppl, avg in PATCH_TABLE:
+        lines.append(f"| {method_display_name(method)} | {format_sparsity_label(label)} | {format_number(ppl)} | "
+                     f"{format_number(avg)} |")
+    lines += ["", "PATCH's sparsity is the effective one (half the weights of its 2:4 tiles; 128 x 128 tiles). "
+              "Wanda 2:4's average is not published there.", ""]
+    return "\n".join(lines)

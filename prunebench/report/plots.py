@@ -83,9 +83,13 @@ def _model_rows(df: pd.DataFrame, model: str) -> pd.DataFrame:
     return frame[frame["model"].astype(str).str.lower() == str(model).lower()]
 
 
+_NM = re.compile(r"(\d+):(\d+)")
+
+
 def _nominal_sparsity(row: pd.Series) -> float:
-    """Fraction of weights removed by the row's target: N:M keeps N of every M."""
-    match = re.fullmatch(r"(\d+):(\d+)", str(row["pattern"]))
+    """Fraction of weights removed by the row's target: N:M keeps N of every M; a hybrid tile
+    pattern's target is its effective sparsity."""
+    match = _NM.fullmatch(str(row["pattern"]))
     if match:
         return 1.0 - int(match.group(1)) / int(match.group(2))
     return float(row["sparsity"])
@@ -103,17 +107,20 @@ def _plot_against_sparsity(rows: pd.DataFrame, values: pd.Series, ylabel: str, t
     pruned = rows[rows["sparsity_label"] != DENSE_LABEL]
     for method in sorted(pruned["method"].unique(), key=method_order):
         mine = pruned[pruned["method"] == method]
-        unstructured = mine[mine["pattern"] == DEFAULT_PATTERN].sort_values("sparsity")
-        if len(unstructured):
-            axes.plot(unstructured["sparsity"] * PERCENT, unstructured["_value"], marker="o",
-                      label=method_display_name(method))
-        for _, row in mine[mine["pattern"] != DEFAULT_PATTERN].iterrows():
-            axes.scatter([_nominal_sparsity(row) * PERCENT], [row["_value"]], marker="s",
-                         label=f"{method_display_name(method)} ({row['pattern']})")
+        for pattern in sorted(mine["pattern"].unique(), key=lambda p: (p != DEFAULT_PATTERN, p)):
+            rows_of = mine[mine["pattern"] == pattern]
+            label = method_display_name(method) + ("" if pattern == DEFAULT_PATTERN else f" ({pattern})")
+            if _NM.fullmatch(str(pattern)):  # one point per N:M pattern
+                for _, row in rows_of.iterrows():
+                    axes.scatter([_nominal_sparsity(row) * PERCENT], [row["_value"]], marker="s", label=label)
+            else:  # unstructured and dense-or-2:4 tiles: a line over the targets (effective sparsity)
+                rows_of = rows_of.sort_values("sparsity")
+                axes.plot(rows_of["sparsity"] * PERCENT, rows_of["_value"],
+                          marker="o" if pattern == DEFAULT_PATTERN else "D", label=label)
     positive = rows["_value"][rows["_value"] > 0]
     if log_when_spread and len(positive) and positive.max() / positive.min() > LOG_SCALE_RATIO:
         axes.set_yscale("log")
-    axes.set_xlabel("sparsity (%)")
+    axes.set_xlabel("sparsity (%; effective for dense-or-2:4 tiles)")
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize="medium")
     axes.grid(alpha=0.3)

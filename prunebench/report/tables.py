@@ -30,7 +30,9 @@ from tabulate import tabulate
 from prunebench.atomic import write_text_atomic
 from prunebench.report import uncertainty
 from prunebench.report.paper import (
+    PAPER_BASELINE,
     PAPER_HEADLINE_GAIN,
+    PAPER_METHOD,
     PAPER_MODEL_IDS,
     PAPER_PPL_DATASET,
     PAPER_SOURCE,
@@ -40,17 +42,31 @@ from prunebench.report.paper import (
     method_display_name,
     model_display_name,
     paper_reference_frame,
+    patch_paper_markdown,
     task_display_name,
 )
 
-# Methods in the paper's row order; anything else follows alphabetically.
-METHOD_ORDER = ("dense", "magnitude", "wanda", "sparsegpt", "admm", "leap")
-LAYERWISE_BASELINES = ("magnitude", "wanda", "sparsegpt", "admm")
-LEARNED_METHODS = ("leap",)
-# The paper's headline compares LEAP with ADMM alone; BEST_LAYERWISE compares with the best of
-# the layer-wise baselines present in each setting.
-PAPER_BASELINE = "admm"
+# Rows go by the kind each method's class declares in the registry (dense, then layer-wise, then
+# learned), then by display name; the report itself lists no method.
+KIND_ORDER = ("dense", "layer-wise", "learned", "other")
+# BEST_LAYERWISE compares a learned method with the best of the layer-wise methods present in
+# each setting; PAPER_BASELINE (from the LEAP paper's headline) with that one method.
 BEST_LAYERWISE = "best-layerwise"
+
+
+def methods_of_kind(kind: str) -> tuple:
+    """The registered methods (no allocations) whose class declares `kind`."""
+    from prunebench import registry
+
+    return tuple(m["name"] for m in registry.describe() if m["kind"] == kind)
+
+
+def learned_methods() -> tuple:
+    return methods_of_kind("learned")
+
+
+def layerwise_methods() -> tuple:
+    return methods_of_kind("layer-wise")
 
 DENSE_LABEL = "dense"
 DEFAULT_PATTERN = "unstructured"
@@ -114,8 +130,14 @@ def format_number(value: float | None, decimals: int = DISPLAY_DECIMALS) -> str:
     return f"{round_printed(value, decimals):.{decimals}f}"
 
 
+HYBRID_LABEL = re.compile(r"hybrid:([0-9.]+)/(\d+)")
+
+
 def format_sparsity_label(label: str) -> str:
-    """"0.5" -> "50%", "2:4" -> "2:4", "dense" -> "dense"."""
+    """"0.5" -> "50%", "2:4" -> "2:4", "hybrid:0.35/64" -> "35% tiles/64", "dense" -> "dense"."""
+    hybrid = HYBRID_LABEL.fullmatch(str(label))
+    if hybrid:
+        return f"{float(hybrid.group(1)) * PERCENT:g}% tiles/{hybrid.group(2)}"
     try:
         return f"{float(label) * PERCENT:g}%"
     except ValueError:
@@ -123,9 +145,13 @@ def format_sparsity_label(label: str) -> str:
 
 
 def sparsity_label_order(label: str) -> tuple:
-    """Sort key: dense, then unstructured targets ascending, then N:M patterns, then the rest."""
+    """Sort key: dense, then unstructured targets ascending, then N:M patterns, then dense-or-2:4
+    tiles by effective sparsity, then the rest."""
     if label == DENSE_LABEL:
         return (0, 0.0, label)
+    hybrid = HYBRID_LABEL.fullmatch(str(label))
+    if hybrid:
+        return (2.5, float(hybrid.group(1)), label)
     try:
         return (1, float(label), label)
     except ValueError:
@@ -138,10 +164,13 @@ def sparsity_label_order(label: str) -> tuple:
 
 
 def method_order(method: str) -> tuple:
-    base, _, allocation = str(method).partition("+")  # a method with an allocation follows the method
-    if base in METHOD_ORDER:
-        return (METHOD_ORDER.index(base), allocation)
-    return (len(METHOD_ORDER), str(method))
+    """Kind (from the registry), then display name; a method with an allocation follows it."""
+    from prunebench import registry
+
+    base, _, allocation = str(method).partition("+")
+    kind = registry.method_kind(base)
+    return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), method_display_name(base).lower(),
+            allocation)
 
 
 def model_order(model_id: str) -> tuple:
@@ -624,7 +653,7 @@ def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
     """Arrange records as the paper's main table.
 
     One block per sparsity label (dense rows repeated in every block), rows ordered by model and
-    then METHOD_ORDER, columns PPL (`ppl_dataset`, default WikiText-2 when measured), the tasks
+    then `method_order`, columns PPL (`ppl_dataset`, default WikiText-2 when measured), the tasks
     (default: the paper's six) and Avg, the plain mean of the task cells. With `reference` (the
     paper's data), every cell also carries the published value of the same model, method and
     sparsity.
@@ -831,7 +860,7 @@ def layout_frame(layout: PaperLayout) -> pd.DataFrame:
 
 def _baseline_methods(baseline: str | Sequence[str]) -> tuple[str, ...]:
     if isinstance(baseline, str):
-        return LAYERWISE_BASELINES if baseline == BEST_LAYERWISE else (baseline,)
+        return layerwise_methods() if baseline == BEST_LAYERWISE else (baseline,)
     return tuple(baseline)
 
 
@@ -860,13 +889,14 @@ def _comparable_averages(learned: pd.Series, baseline: pd.Series, tasks: list[st
     return None
 
 
-def gain_table(df: pd.DataFrame, learned_methods: Sequence[str] = LEARNED_METHODS,
+def gain_table(df: pd.DataFrame, learned_methods: Sequence[str] | None = None,
                baseline: str | Sequence[str] = PAPER_BASELINE, tasks: Sequence[str] | None = None,
                prefer_published_avg: bool = True) -> pd.DataFrame:
     """Average-accuracy gain of each learned method over a baseline, per model and sparsity.
 
     `baseline`: a method name (default "admm", the paper's headline comparison), BEST_LAYERWISE
-    (the best of LAYERWISE_BASELINES present in each setting) or a list of methods (their best).
+    (the best of the layer-wise methods present in each setting) or a list of methods (their
+    best).  `learned_methods`: the methods compared (default: every method of kind "learned").
     Averages are compared on one footing: the published averages when both rows have one and
     `prefer_published_avg` (that is how the paper computed its headline), else the mean over the
     tasks both rows measured. Returns percent points: columns method, model, model_name,
@@ -878,8 +908,9 @@ def gain_table(df: pd.DataFrame, learned_methods: Sequence[str] = LEARNED_METHOD
     frame = collapse_duplicate_cells(ok_rows(df))
     tasks = resolve_tasks(frame, tasks)
     candidates = _baseline_methods(baseline)
+    compared = globals()["learned_methods"]() if learned_methods is None else tuple(learned_methods)
     records = []
-    for _, learned in frame[frame["method"].isin(learned_methods)].iterrows():
+    for _, learned in frame[frame["method"].isin(compared)].iterrows():
         if _is_dense(learned):
             continue
         same_setting = frame[(frame["model"] == learned["model"])
@@ -989,10 +1020,11 @@ def render_gains_latex(gains: pd.DataFrame, baseline: str | Sequence[str] = PAPE
 
 def render_gains_markdown(gains: pd.DataFrame, baseline: str | Sequence[str] = PAPER_BASELINE,
                           published_headline: dict[str, float] | None = None,
-                          learned_methods: Sequence[str] = LEARNED_METHODS) -> str:
+                          learned_methods: Sequence[str] | None = None) -> str:
     """The per-setting gains and one summary line per learned method (percent points)."""
     if gains.empty:
-        learned = " or ".join(method_display_name(method) for method in learned_methods)
+        learned = " or ".join(method_display_name(method) for method in
+                              (globals()["learned_methods"]() if learned_methods is None else learned_methods))
         return f"No setting has results for both {learned} and {_baseline_name(baseline)}.\n"
     rows = [[row.model_name, format_sparsity_label(row.sparsity_label),
              method_display_name(row.method), format_number(row.avg),
@@ -1195,7 +1227,7 @@ def write_cells_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 COMPARISON_COLUMNS = ["model", "sparsity", "method", "baseline", "metric", "diff", "lo", "hi",
                       "significant", "pattern", "unit", "value", "baseline_value", "rel_diff",
-                      "rel_lo", "rel_hi", "n", "note"]
+                      "rel_lo", "rel_hi", "n", "note", "baseline_sparsity"]
 
 
 def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -1207,8 +1239,10 @@ def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
     same method with uniform sparsity, in the same (model, pattern, sparsity) setting; on every perplexity
     dataset (metric `ppl_<dataset>`, unit "ppl", plus the relative difference rel_diff / rel_lo /
     rel_hi as fractions), every task (`acc_<task>`, percent points) and the average over the
-    layout's tasks (`avg_acc`, points, items resampled within each task). `sparsity` is the
-    sparsity label ("0.5", "2:4"); diff = method - baseline; [lo, hi] its 95% paired-bootstrap
+    layout's tasks (`avg_acc`, points, items resampled within each task). A dense-or-2:4 tile
+    cell is also compared with every 2:4 cell of its model and with its method's sparser tile
+    targets. `sparsity` is the sparsity label ("0.5", "2:4", "hybrid:0.35/64"), `baseline_sparsity`
+    the baseline's; diff = method - baseline; [lo, hi] its 95% paired-bootstrap
     interval; significant = the interval excludes zero (None without an interval; `note` says
     why: no per-item data, not comparable, diverged).
     """
@@ -1220,12 +1254,13 @@ def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
     dense = {}
     for _, row in frame[frame["sparsity_label"] == DENSE_LABEL].iterrows():
         dense.setdefault(row["model"], row)
+    learned, layerwise = learned_methods(), layerwise_methods()
 
     def add(row, base, metric, unit, value, base_value, d):
         if d is None:
             return
         rows.append({"model": row["model"], "sparsity": row["sparsity_label"], "method": row["method"],
-                     "baseline": base["method"], "metric": metric, "diff": d.diff, "lo": d.lo, "hi": d.hi,
+                     "baseline": base["method"], "baseline_sparsity": base["sparsity_label"], "metric": metric, "diff": d.diff, "lo": d.lo, "hi": d.hi,
                      "significant": d.significant, "pattern": row["pattern"], "unit": unit, "value": value,
                      "baseline_value": base_value, "rel_diff": d.rel_diff, "rel_lo": d.rel_lo,
                      "rel_hi": d.rel_hi, "n": d.n, "note": d.note})
@@ -1234,11 +1269,21 @@ def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
         if _is_dense(row):
             continue
         baselines = [dense[row["model"]]] if row["model"] in dense else []
-        if row["method"] in LEARNED_METHODS:
+        if row["method"] in learned:
+            # a learned mask against the one-shot masks of the same pattern and target
             same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
                          & (frame["sparsity_label"] == row["sparsity_label"])
-                         & frame["method"].isin(LAYERWISE_BASELINES)]
+                         & frame["method"].isin(layerwise)]
             baselines += [base for _, base in same.iterrows()]
+        if HYBRID_LABEL.fullmatch(str(row["sparsity_label"])):
+            # dense-or-2:4 tiles (PATCH's claim): against every plain 2:4 cell of the model, and
+            # against the same method's sparser tile targets (each pair once)
+            same_model = frame[frame["model"] == row["model"]]
+            baselines += [base for _, base in same_model[same_model["pattern"] == "2:4"].iterrows()]
+            for _, base in same_model[same_model["method"] == row["method"]].iterrows():
+                other = HYBRID_LABEL.fullmatch(str(base["sparsity_label"]))
+                if other and float(other.group(1)) > float(row["sparsity"]):
+                    baselines.append(base)
         uniform = str(row["method"]).partition("+")[0]
         if uniform != row["method"]:  # a per-block allocation against the same method, uniform
             same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
@@ -1287,7 +1332,7 @@ COMPARISONS_CSV = "comparisons.csv"
 
 def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLike | None = None,
                        *, tasks: Sequence[str] | None = None,
-                       learned_methods: Sequence[str] = LEARNED_METHODS,
+                       learned_methods: Sequence[str] | None = None,
                        baseline: str | Sequence[str] = PAPER_BASELINE) -> str:
     """The paper's tables as markdown text.
 
@@ -1302,7 +1347,8 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
     frame = reference if paper_only else df
     layout = paper_layout(frame, tasks=tasks, reference=None if paper_only else reference)
     gains = gain_table(frame, learned_methods=learned_methods, baseline=baseline, tasks=tasks)
-    headline = (PAPER_HEADLINE_GAIN if paper_only and tuple(learned_methods) == LEARNED_METHODS
+    # the published headline is LEAP's own figure: shown for the paper's comparison only
+    headline = (PAPER_HEADLINE_GAIN if paper_only and tuple(learned_methods or (PAPER_METHOD,)) == (PAPER_METHOD,)
                 and baseline == PAPER_BASELINE else None)
     ppl = perplexity_tables(frame)
 
@@ -1314,6 +1360,8 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
                 render_gains_markdown(gains, baseline, headline, learned_methods)]
     if ppl:
         sections += ["## Perplexity", "", render_perplexity_markdown(ppl, frame)]
+    if paper_only:
+        sections += [patch_paper_markdown()]
     text = "\n".join(sections).rstrip() + "\n"
 
     if out_dir is not None:

@@ -1,0 +1,169 @@
+"""Sparse matmul kernels on this CPU against dense, for the embedded model's layer shapes.
+
+For each of SmolLM2-135M's four linear shapes ([out, in]: q/o 576x576, k/v 192x576, gate/up
+1536x576, down 576x1536), each mask (50% and 60% unstructured, 2:4; random positions, which is
+what a kernel sees of a real mask's structure) and each batch (1 token: decoding; 128 tokens: a
+prompt), times y = x W^T with
+
+    dense      torch F.linear on the dense weight (the baseline)
+    torch-csr  torch sparse CSR (W.to_sparse_csr(), MKL where torch was built with it)
+    torch-bsr  torch sparse BSR, 16 x 16 blocks (only blocks with a kept weight are stored)
+    scipy-csr  scipy.sparse CSR (its own C++ kernel)
+
+in float32 (the CPU sparse kernels' dtype), with fixed threads, warm-ups and the median of
+repeats, all in one run.  Speedups are dense time / path time; below 1 means slower than dense,
+and is printed as it is.  2:4 has no CPU kernel here (torch's semi-structured sparsity needs
+CUDA), so it runs through the general sparse paths.
+
+    python benchmarks/sparse_kernels.py                  # 2 threads, 20 repeats
+    python benchmarks/sparse_kernels.py --threads 1 --repeats 50
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from prunebench.sparsity import nm_mask
+
+SHAPES = {"q,o": (576, 576), "k,v": (192, 576), "gate,up": (1536, 576), "down": (576, 1536)}
+MASKS = ("0.5", "0.6", "2:4")
+BATCHES = (1, 128)
+BSR_BLOCK = 16
+
+
+def random_mask(shape, spec: str, gen) -> torch.Tensor:
+    scores = torch.rand(shape, generator=gen)
+    if ":" in spec:
+        n, m = (int(x) for x in spec.split(":"))
+        return nm_mask(scores, n, m)
+    return scores >= float(spec)  # keeps ~ (1 - s), positions at random
+
+
+def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def paths(weight: torch.Tensor):
+    """name -> callable(x [tokens, in]) -> y [tokens, out]; a path that cannot be built is left out."""
+    out = {"dense": lambda x: torch.nn.functional.linear(x, weight)}
+    try:
+        csr = weight.to_sparse_csr()
+        out["torch-csr"] = lambda x: (csr @ x.t()).t()
+    except (RuntimeError, NotImplementedError):
+        pass
+    try:
+        bsr = weight.to_sparse_bsr((BSR_BLOCK, BSR_BLOCK))
+        out["torch-bsr"] = lambda x: (bsr @ x.t()).t()
+    except (RuntimeError, NotImplementedError):
+        pass
+    try:
+        import numpy as np
+        import scipy.sparse
+
+        mat = scipy.sparse.csr_matrix(weight.numpy())
+        out["scipy-csr"] = lambda x: torch.from_numpy(np.asarray(mat @ x.numpy().T).T)
+    except ImportError:
+        pass
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--end-to-end", action="store_true",
+                    help="also decode with the embedded model: dense vs every linear through torch CSR at 50%%")
+    ap.add_argument("--tokens", type=int, default=32, help="tokens to decode per end-to-end timing")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, median of {args.repeats} "
+          f"after 3 warm-ups; MKL: {torch.backends.mkl.is_available()}")
+    header = f"{'shape':8} {'[out,in]':>10} {'mask':>4} {'batch':>5} {'dense us':>9}"
+    names = None
+    rows = []
+    for label, shape in SHAPES.items():
+        for spec in MASKS:
+            weight = torch.randn(shape, generator=gen) * random_mask(shape, spec, gen)
+            funcs = paths(weight)
+            names = names or [n for n in funcs if n != "dense"]
+            for batch in BATCHES:
+                x = torch.randn(batch, shape[1], generator=gen)
+                reference = funcs["dense"](x)
+                times = {}
+                for name, fn in funcs.items():
+                    if not torch.allclose(fn(x), reference, atol=1e-3, rtol=1e-3):
+                        raise SystemExit(f"{name} gives a different product for {label} {spec} batch {batch}")
+                    times[name] = median_seconds(lambda: fn(x), args.repeats)
+                rows.append((label, shape, spec, batch, times))
+    print(header + "".join(f" {n + ' us':>12} {'x':>6}" for n in names))
+    for label, shape, spec, batch, times in rows:
+        dense = times["dense"]
+        line = f"{label:8} {f'{shape[0]}x{shape[1]}':>10} {spec:>4} {batch:5d} {dense * 1e6:9.1f}"
+        for n in names:
+            t = times.get(n)
+            line += f" {t * 1e6:12.1f} {dense / t:6.2f}" if t else f" {'-':>12} {'-':>6}"
+        print(line)
+    per_path = {}
+    for _, _, spec, batch, times in rows:
+        for n in names:
+            if n in times:
+                per_path.setdefault((spec, batch, n), []).append(times["dense"] / times[n])
+    print("\nfastest sparse path per mask and batch (median speedup over the four shapes; < 1: slower than dense):")
+    for spec in MASKS:
+        for batch in BATCHES:
+            options = {n: statistics.median(per_path[(spec, batch, n)]) for n in names if (spec, batch, n) in per_path}
+            n = max(options, key=options.get)
+            print(f"  mask {spec:>4} batch {batch:3d}: {n} {options[n]:.2f}x  ("
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in options.items()) + ")")
+    if args.end_to_end:
+        end_to_end(args)
+
+
+def end_to_end(args) -> None:
+    """Greedy decoding, batch 1, KV cache, of SmolLM2-135M with 50% random unstructured masks:
+    dense kernels vs every prunable linear through torch CSR; tokens per second, median of 3."""
+    from prunebench.models import all_prunable, load_model
+
+    model = load_model("smollm2-135m").model.eval()
+    gen = torch.Generator().manual_seed(1)
+    modules = all_prunable(model)
+    with torch.no_grad():
+        for m in modules.values():
+            m.weight.mul_(random_mask(tuple(m.weight.shape), "0.5", gen))
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen)
+
+    def decode():
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+
+    dense_s = median_seconds(decode, 3, warmup=1)
+    saved = {}
+    for name, m in modules.items():
+        csr = m.weight.detach().to_sparse_csr()
+        saved[name] = m.forward
+
+        def forward(x, csr=csr, bias=m.bias):
+            y = (csr @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], csr.shape[0])
+            return y if bias is None else y + bias
+
+        m.forward = forward
+    csr_s = median_seconds(decode, 3, warmup=1)
+    for name, m in modules.items():
+        m.forward = saved[name]
+    print(f"\nend to end, SmolLM2-135M at 50% (random mask), greedy decode of {args.tokens} tokens, batch 1:")
+    print(f"  dense kernels  {args.tokens / dense_s:7.1f} tokens/s")
+    print(f"  torch CSR      {args.tokens / csr_s:7.1f} tokens/s  ({dense_s / csr_s:.2f}x dense)")
+
+if __name__ == "__main__":
+    main()

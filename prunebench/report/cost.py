@@ -1,0 +1,143 @@
+"""The cost of each cell's mask beside its quality: a table (CSV, markdown) and a quality-vs-bytes
+plot with the Pareto front, from a results directory's records (prunebench.cost does the
+arithmetic; this module loads each model once for its shapes and writes the files)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from prunebench import cost as costs
+from prunebench.atomic import write_text_atomic
+from prunebench.report.paper import method_display_name, model_display_name
+from prunebench.report.plots import DEFAULT_FORMATS, LINE_FIGURE_SIZE, _new_figure, _save, _slug
+from prunebench.report.tables import format_sparsity_label, method_order, ok_rows, sparsity_label_order
+
+COST_CSV = "cost.csv"
+COST_MARKDOWN = "cost.md"
+MB = 1e6
+
+
+def model_shapes(model_id: str) -> tuple:
+    """({linear: (rows, cols)}, ModelShape) of a model spec, loading it once."""
+    from prunebench.models import all_prunable, load_model, weight_matrix
+
+    loaded = load_model(model_id)
+    shapes = {name: tuple(weight_matrix(m).shape) for name, m in all_prunable(loaded.model).items()}
+    return shapes, costs.model_shape(loaded.model)
+
+
+def cost_frame(records: list, *, context: int = costs.DEFAULT_CONTEXT, value_dtype: str = costs.DEFAULT_VALUE_DTYPE,
+               shapes_of=model_shapes) -> pd.DataFrame:
+    """One row per ok record: bytes (linears and whole model, smallest valid format), FLOPs per
+    token, their ratios to dense, the formats chosen, and the record's perplexities."""
+    value_bytes = costs.VALUE_BYTES[value_dtype]
+    cache, rows = {}, []
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        model = record["model"]["id"]
+        stored = record.get("cost") or {}
+        if stored.get("value_dtype") == value_dtype and stored.get("context") == context:
+            total = stored  # measured from the pruned weights' zeros when the cell ran
+        else:  # an older record, or other settings: from its per-layer sparsity
+            if model not in cache:
+                cache[model] = shapes_of(model)
+            shapes, shape = cache[model]
+            total = costs.model_cost(costs.record_linears(record, shapes, value_bytes), shape, context=context,
+                                     value_dtype=value_dtype)
+        sp = record.get("sparsity") or {}
+        row = {"model": model, "method": record["method"]["name"], "sparsity_label": sp.get("label"),
+               "pattern": sp.get("pattern"), "achieved_sparsity": sp.get("achieved"),
+               "linear_mb": total["linear_bytes"] / MB, "model_mb": total["model_bytes"] / MB,
+               "linear_ratio": total["linear_ratio"], "model_ratio": total["model_ratio"],
+               "gflops_per_token": total["flops_per_token"] / 1e9, "flops_ratio": total["flops_ratio"],
+               "formats": ", ".join(f"{k} x{v}" for k, v in sorted(total["formats"].items())),
+               "value_dtype": value_dtype, "context": context}
+        for ds, v in ((record.get("eval") or {}).get("perplexity") or {}).items():
+            row[f"ppl_{ds}"] = v.get("value")
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame.loc[frame["method"] == "dense", "sparsity_label"] = "dense"
+    order = sorted(range(len(frame)), key=lambda i: (frame["model"].iat[i], method_order(frame["method"].iat[i]),
+                                                     sparsity_label_order(str(frame["sparsity_label"].iat[i]))))
+    return frame.iloc[order].reset_index(drop=True)
+
+
+def pareto_front(frame: pd.DataFrame, cost_column: str, quality_column: str) -> pd.Series:
+    """True for the rows no other row beats on both cost and quality (lower is better for both)."""
+    front = []
+    for i in range(len(frame)):
+        c, q = frame[cost_column].iat[i], frame[quality_column].iat[i]
+        dominated = ((frame[cost_column] <= c) & (frame[quality_column] <= q)
+                     & ((frame[cost_column] < c) | (frame[quality_column] < q))).any()
+        front.append(not dominated and pd.notna(q))
+    return pd.Series(front, index=frame.index)
+
+
+def render_cost_markdown(frame: pd.DataFrame, ppl_column: str | None) -> str:
+    if frame.empty:
+        return "No ok records to cost.\n"
+    head = ["Model", "Method", "Sparsity", "achieved"] + (["PPL"] if ppl_column else []) + [
+        "linears MB", "model MB", "vs dense", "GFLOP/token", "vs dense", "formats"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in frame.iterrows():
+        cells = [model_display_name(r["model"]), method_display_name(r["method"]),
+                 format_sparsity_label(str(r["sparsity_label"])), f"{(r['achieved_sparsity'] or 0):.4f}"]
+        if ppl_column:
+            value = r.get(ppl_column)
+            cells.append("-" if value is None or pd.isna(value) else f"{value:.2f}")
+        cells += [f"{r['linear_mb']:.1f}", f"{r['model_mb']:.1f}", f"{r['model_ratio']:.3f}x",
+                  f"{r['gflops_per_token']:.3f}", f"{r['flops_ratio']:.3f}x", r["formats"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = frame.iloc[0]
+    lines += ["", f"Bytes: the smallest valid storage format of each linear (values in {first['value_dtype']}; "
+              "dense, bitmask + values, CSR with int32 indices, N:M packed, or dense|2:4 tiles), plus every other "
+              f"parameter dense; FLOPs per token at a context of {first['context']} (2 per kept weight, the output head, "
+              "attention). Arithmetic from each record's per-layer sparsity (prunebench/cost.py), not a measurement of "
+              "speed: see benchmarks/sparse_kernels.py for what the kernels on this machine make of it."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_quality_vs_cost(frame: pd.DataFrame, ppl_column: str, path, formats: Sequence[str] = DEFAULT_FORMATS):
+    rows = frame.dropna(subset=[ppl_column])
+    if rows.empty:
+        return []
+    figure = _new_figure(LINE_FIGURE_SIZE)
+    axes = figure.add_subplot()
+    front = pareto_front(rows, "model_mb", ppl_column)
+    for method in sorted(rows["method"].unique(), key=method_order):
+        mine = rows[rows["method"] == method]
+        axes.scatter(mine["model_mb"], mine[ppl_column], label=method_display_name(method), s=24)
+    on_front = rows[front].sort_values("model_mb")
+    axes.step(on_front["model_mb"], on_front[ppl_column], where="post", color="black", linewidth=0.8,
+              alpha=0.6, label="Pareto front")
+    if rows[ppl_column].max() / max(rows[ppl_column].min(), 1e-9) > 10:
+        axes.set_yscale("log")
+    axes.set_xlabel("model size (MB, smallest valid format)")
+    axes.set_ylabel(ppl_column.replace("ppl_", "perplexity, "))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize="x-small")
+    return _save(figure, path, formats)
+
+
+def write_cost_report(records: list, out_dir, *, context: int = costs.DEFAULT_CONTEXT,
+                      value_dtype: str = costs.DEFAULT_VALUE_DTYPE, shapes_of=model_shapes) -> tuple:
+    """cost.csv, cost.md and quality_vs_cost__<model>__<ppl>.png under out_dir; returns (markdown, paths)."""
+    out = Path(out_dir)
+    frame = cost_frame(records, context=context, value_dtype=value_dtype, shapes_of=shapes_of)
+    ppl_columns = [c for c in frame.columns if c.startswith("ppl_")]
+    ppl_column = ppl_columns[0] if ppl_columns else None
+    text = render_cost_markdown(frame, ppl_column)
+    write_text_atomic(out / COST_CSV, frame.to_csv(index=False))
+    write_text_atomic(out / COST_MARKDOWN, "# Cost of each mask\n\n" + text)
+    written = [out / COST_CSV, out / COST_MARKDOWN]
+    if ppl_column and not frame.empty:
+        for model in frame["model"].unique():
+            written += plot_quality_vs_cost(frame[frame["model"] == model], ppl_column,
+                                            out / f"quality_vs_cost__{_slug(model)}__{ppl_column[4:]}")
+    return text, written
