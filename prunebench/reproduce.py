@@ -176,6 +176,7 @@ def compare_runs(fresh_dir, reference_dir, tolerance: Tolerance | None = None,
         cell["within_tolerance"] = cell_ok
         cells.append(cell)
 
+    environment = _environment_differences(fresh_recs, ref_recs)
     differing = [c for c in cells if c.get("status") == "differs"]
     failed_fresh = [c for c in cells if c.get("status") == "failed in fresh"]
     exit_status = 1 if (differing or missing_in_fresh or failed_fresh) else 0
@@ -189,12 +190,31 @@ def compare_runs(fresh_dir, reference_dir, tolerance: Tolerance | None = None,
                     "differs": len(differing), "missing_in_fresh": len(missing_in_fresh),
                     "only_in_fresh": len(only_in_fresh), "failed": len(failed),
                     "key_mismatches": len(key_mismatches), "mask_mismatches": len(mask_mismatches)},
+        "environment_differences": environment,
         "rows": rows, "cells": cells, "missing_in_fresh": missing_in_fresh, "only_in_fresh": only_in_fresh,
         "failed": failed, "key_mismatches": key_mismatches, "mask_mismatches": mask_mismatches,
         "skipped_files": [{"side": side, "path": str(p), "reason": why}
                           for side, skipped in (("fresh", fresh_skipped), ("reference", ref_skipped))
                           for p, why in skipped],
     }
+
+
+# What can move float32 results between machines without any code change (a different CPU takes
+# other SIMD kernels, so sums round differently and near-tie mask choices can flip).
+ENV_FIELDS = ("cpu", "cpu_capability", "cpu_threads", "platform", "torch", "transformers", "device", "gpu")
+
+
+def _environment_differences(fresh_recs: list, ref_recs: list) -> list:
+    """[(field, fresh values, reference values)] for the ENV_FIELDS the two runs do not share."""
+    def values(recs, field):
+        return sorted({str((r.get("env") or {}).get(field)) for r in recs if r.get("status") == "ok"})
+
+    out = []
+    for field in ENV_FIELDS:
+        fresh, ref = values(fresh_recs, field), values(ref_recs, field)
+        if fresh != ref:
+            out.append((field, fresh, ref))
+    return out
 
 
 def _fmt(v) -> str:
@@ -238,6 +258,10 @@ def render_markdown(result: dict) -> str:
          [f"{_label(c)}: fresh {str(c['fresh_key'])[:12]}, reference {str(c['reference_key'])[:12]}"
           for c in result["key_mismatches"]]),
         ("Masks differ", [_label(c) for c in result["mask_mismatches"]]),
+        ("Environment differs (float32 kernels differ across CPUs: sums round differently and near-tie "
+         "mask choices of calibrated methods can flip, with no code change)",
+         [f"{field}: fresh {', '.join(f)}; reference {', '.join(r)}"
+          for field, f, r in result.get("environment_differences", [])]),
         ("Only in the fresh run (not compared)", [_label(c) for c in result["only_in_fresh"]]),
         ("Unreadable record files (skipped)", [f"{k['side']}: {k['path']}: {k['reason']}"
                                                for k in result["skipped_files"]]),

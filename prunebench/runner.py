@@ -425,7 +425,8 @@ def environment(device: str) -> dict:
 
     env = {"prunebench": __version__, "torch": torch.__version__, "transformers": version("transformers"),
            "lm_eval": version("lm_eval"), "python": sys.version.split()[0], "platform": platform.platform(),
-           "device": device, "cpu_threads": torch.get_num_threads(), "git_sha": _git_sha(),
+           "device": device, "cpu_threads": torch.get_num_threads(), "cpu": _cpu_model(),
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "git_sha": _git_sha(),
            "lock": lock_fingerprint()}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
@@ -464,6 +465,17 @@ def uncommitted_code() -> list:
     if out.returncode != 0:
         return []
     return [line[3:] for line in out.stdout.splitlines() if line.strip() and "__pycache__" not in line]
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (float32 kernels, hence the last bits of results, depend on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_sha():

@@ -250,3 +250,21 @@ def test_repository_lock_pins_every_line():
     assert len(pins) == len(lines)  # nothing unpinned or unparsable
     assert pins["torch"] == "2.13.0" and "transformers" in pins and "lm-eval" in pins
     assert lock_fingerprint()["file"] == "constraints.txt"
+
+
+def test_a_different_machine_is_named_beside_the_differences(tmp_path):
+    def other_cpu(records):
+        for r in records:
+            r["env"] = {"cpu": "Other CPU", "cpu_capability": "AVX2", "torch": "2.13.0"}
+
+    fresh, ref = _pair(tmp_path, other_cpu)
+    for path in (ref / "records").glob("*.json"):  # the reference ran elsewhere
+        r = json.loads(path.read_text())
+        r["env"] = {"cpu": "AMD EPYC", "cpu_capability": "AVX512", "torch": "2.13.0"}
+        atomic_write_json(path, r)
+    result = compare_runs(fresh, ref)
+    assert {f for f, _, _ in result["environment_differences"]} == {"cpu", "cpu_capability"}
+    text = render_markdown(result)
+    assert "## Environment differs" in text and "cpu: fresh Other CPU; reference AMD EPYC" in text
+    same = compare_runs(ref, ref)
+    assert same["environment_differences"] == [] and "Environment differs" not in render_markdown(same)
