@@ -11,12 +11,13 @@ prompt), times y = x W^T with
     scipy-csr  scipy.sparse CSR (its own C++ kernel)
 
 in float32 (the CPU sparse kernels' dtype), with fixed threads, warm-ups and the median of
-repeats, all in one run.  Speedups are dense time / path time; below 1 means slower than dense,
+repeats (after 2 warm-ups), all in one run.  Speedups are dense time / path time; below 1 means slower than dense,
 and is printed as it is.  2:4 has no CPU kernel here (torch's semi-structured sparsity needs
 CUDA), so it runs through the general sparse paths.
 
     python benchmarks/sparse_kernels.py                  # 2 threads, 20 repeats
     python benchmarks/sparse_kernels.py --threads 1 --repeats 50
+    python benchmarks/sparse_kernels.py --end-to-end     # and tokens/s of the whole model
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ import time
 import torch
 
 from prunebench.sparsity import nm_mask
+from prunebench.speed import KERNELS, kernel, median_seconds
 
 SHAPES = {"q,o": (576, 576), "k,v": (192, 576), "gate,up": (1536, 576), "down": (576, 1536)}
 MASKS = ("0.5", "0.6", "2:4")
 BATCHES = (1, 128)
-BSR_BLOCK = 16
 
 
 def random_mask(shape, spec: str, gen) -> torch.Tensor:
@@ -42,39 +43,9 @@ def random_mask(shape, spec: str, gen) -> torch.Tensor:
     return scores >= float(spec)  # keeps ~ (1 - s), positions at random
 
 
-def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def paths(weight: torch.Tensor):
-    """name -> callable(x [tokens, in]) -> y [tokens, out]; a path that cannot be built is left out."""
-    out = {"dense": lambda x: torch.nn.functional.linear(x, weight)}
-    try:
-        csr = weight.to_sparse_csr()
-        out["torch-csr"] = lambda x: (csr @ x.t()).t()
-    except (RuntimeError, NotImplementedError):
-        pass
-    try:
-        bsr = weight.to_sparse_bsr((BSR_BLOCK, BSR_BLOCK))
-        out["torch-bsr"] = lambda x: (bsr @ x.t()).t()
-    except (RuntimeError, NotImplementedError):
-        pass
-    try:
-        import numpy as np
-        import scipy.sparse
-
-        mat = scipy.sparse.csr_matrix(weight.numpy())
-        out["scipy-csr"] = lambda x: torch.from_numpy(np.asarray(mat @ x.numpy().T).T)
-    except ImportError:
-        pass
-    return out
+    """name -> callable(x [tokens, in]) -> y [tokens, out]; a kernel that cannot be built is left out."""
+    return {name: fn for name in KERNELS if (fn := kernel(name, weight)) is not None}
 
 
 def main() -> None:
@@ -82,13 +53,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--end-to-end", action="store_true",
-                    help="also decode with the embedded model: dense vs every linear through torch CSR at 50%%")
+                    help="also decode with the embedded model at each mask: dense kernels vs the fastest kernel per linear")
     ap.add_argument("--tokens", type=int, default=32, help="tokens to decode per end-to-end timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), float32, median of {args.repeats} "
-          f"after 3 warm-ups; MKL: {torch.backends.mkl.is_available()}")
+          f"after 2 warm-ups; MKL: {torch.backends.mkl.is_available()}")
     header = f"{'shape':8} {'[out,in]':>10} {'mask':>4} {'batch':>5} {'dense us':>9}"
     names = None
     rows = []
@@ -131,39 +102,26 @@ def main() -> None:
 
 
 def end_to_end(args) -> None:
-    """Greedy decoding, batch 1, KV cache, of SmolLM2-135M with 50% random unstructured masks:
-    dense kernels vs every prunable linear through torch CSR; tokens per second, median of 3."""
-    from prunebench.models import all_prunable, load_model
+    """Greedy decoding at batch 1 of SmolLM2-135M with random masks at 50%, 60% and 2:4: dense
+    kernels vs each linear on its fastest kernel (prunebench.speed.measure, what
+    `prunebench cost --speed` records per cell)."""
+    from prunebench import speed
+    from prunebench.models import all_prunable, load_model, weight_matrix
 
     model = load_model("smollm2-135m").model.eval()
-    gen = torch.Generator().manual_seed(1)
     modules = all_prunable(model)
-    with torch.no_grad():
-        for m in modules.values():
-            m.weight.mul_(random_mask(tuple(m.weight.shape), "0.5", gen))
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=gen)
-
-    def decode():
+    dense = {n: weight_matrix(m).detach().clone() for n, m in modules.items()}
+    print(f"\nend to end, SmolLM2-135M, greedy decode of {args.tokens} tokens at batch 1 (random masks):")
+    for spec in MASKS:
+        gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False)
+            for name, m in modules.items():
+                weight_matrix(m).copy_(dense[name] * random_mask(tuple(dense[name].shape), spec, gen))
+        r = speed.measure(model, tokens=args.tokens)
+        print(f"  mask {spec:>4}: dense kernels {r['dense_tokens_per_s']:6.1f} tokens/s, fastest kernel per linear "
+              f"{r['best_tokens_per_s']:6.1f} tokens/s ({r['speedup']:.2f}x; "
+              + ", ".join(f"{k} x{v}" for k, v in r["kernels"].items()) + ")")
 
-    dense_s = median_seconds(decode, 3, warmup=1)
-    saved = {}
-    for name, m in modules.items():
-        csr = m.weight.detach().to_sparse_csr()
-        saved[name] = m.forward
-
-        def forward(x, csr=csr, bias=m.bias):
-            y = (csr @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], csr.shape[0])
-            return y if bias is None else y + bias
-
-        m.forward = forward
-    csr_s = median_seconds(decode, 3, warmup=1)
-    for name, m in modules.items():
-        m.forward = saved[name]
-    print(f"\nend to end, SmolLM2-135M at 50% (random mask), greedy decode of {args.tokens} tokens, batch 1:")
-    print(f"  dense kernels  {args.tokens / dense_s:7.1f} tokens/s")
-    print(f"  torch CSR      {args.tokens / csr_s:7.1f} tokens/s  ({dense_s / csr_s:.2f}x dense)")
 
 if __name__ == "__main__":
     main()

@@ -134,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--out", help="where --results writes (default: <results>/report)")
     co.add_argument("--value-dtype", default="bfloat16", help="bytes per stored value: bfloat16, float16, float32")
     co.add_argument("--context", type=int, default=512, help="context length for attention FLOPs (default 512)")
+    co.add_argument("--speed", action="store_true",
+                    help="with --results: also measure each record's decode speed on this machine (minutes on a "
+                         "CPU; writes report/speed.csv, which later cost tables use)")
+    co.add_argument("--threads", type=int, help="torch threads for --speed (default: torch's default)")
+    _add_common(co)
     rp = sub.add_parser("reproduce", help="compare a fresh run with a reference run (exit 1 on a real difference)")
     rp.add_argument("--fresh", required=True, help="the fresh run's results directory")
     rp.add_argument("--reference", default=DEFAULT_RESULTS, help="the reference results directory (default: results)")
@@ -355,6 +360,10 @@ def cmd_cost(args) -> int:
         raise UserError(f"unknown --value-dtype {args.value_dtype!r}", hint=f"use one of {', '.join(costs.VALUE_BYTES)}")
     if args.context < 1:
         raise UserError(f"--context must be 1 or more, got {args.context}")
+    if (args.speed or args.threads is not None) and not args.results:
+        raise UserError("--speed and --threads measure the records of a results directory", hint="add --results DIR")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be 1 or more, got {args.threads}")
     value_bytes = costs.VALUE_BYTES[args.value_dtype]
     if args.results:
         from .records import load_records
@@ -364,7 +373,17 @@ def cmd_cost(args) -> int:
         check_results_dir(args.results, create=False)
         records = load_records(args.results)[0]
         out = Path(args.out) if args.out else Path(args.results) / "report"
-        text, written = write_cost_report(records, out, context=args.context, value_dtype=args.value_dtype)
+        if args.speed:
+            from .report.cost import write_speed_report
+
+            if args.threads is not None:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            text, written = write_speed_report(records, out, context=args.context, value_dtype=args.value_dtype,
+                                               progress=not getattr(args, "quiet", False))
+        else:
+            text, written = write_cost_report(records, out, context=args.context, value_dtype=args.value_dtype)
         sys.stdout.write(text)
         print(f"wrote {', '.join(str(p) for p in written)}")
         return 0

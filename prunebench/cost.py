@@ -39,6 +39,8 @@ class LinearCost:
     pattern: str  # "dense", "unstructured", "N:M", "hybrid"
     formats: dict = field(default_factory=dict)  # format -> bytes (the valid ones)
     best: str = "dense"
+    nm: tuple | None = None  # (N, M) of an N:M pattern or of a hybrid mask's N:M tiles
+    tile: int | None = None  # a hybrid mask's tile side
 
     @property
     def numel(self) -> int:
@@ -91,7 +93,7 @@ def linear_cost(name: str, rows: int, cols: int, kept: int, pattern: str, *, nm:
     # on a tie the structured format wins (what hardware accelerates), then bitmask, CSR, dense
     rank = {"dense": 3, "csr": 2, "bitmask": 1}
     best = min(formats, key=lambda k: (formats[k], rank.get(k, 0)))
-    return LinearCost(name, rows, cols, kept, pattern, formats, best)
+    return LinearCost(name, rows, cols, kept, pattern, formats, best, nm=tuple(nm) if nm else None, tile=tile)
 
 
 @dataclass

@@ -1,6 +1,10 @@
-"""The cost of each cell's mask beside its quality: a table (CSV, markdown) and a quality-vs-bytes
-plot with the Pareto front, from a results directory's records (prunebench.cost does the
-arithmetic; this module loads each model once for its shapes and writes the files)."""
+"""The cost of each cell's mask beside its quality: a table (CSV, markdown) and quality-vs-bytes
+and quality-vs-latency plots with the Pareto front, from a results directory's records
+(prunebench.cost does the arithmetic, prunebench.speed the timing; this module loads each model
+once and writes the files).
+
+Speed is measured on demand (`prunebench cost --results DIR --speed`, minutes on a CPU) into
+report/speed.csv, keyed by record; later cost tables pick it up for the records it names."""
 from __future__ import annotations
 
 import os
@@ -17,6 +21,7 @@ from prunebench.report.tables import format_sparsity_label, method_order, ok_row
 
 COST_CSV = "cost.csv"
 COST_MARKDOWN = "cost.md"
+SPEED_CSV = "speed.csv"
 MB = 1e6
 
 
@@ -49,7 +54,7 @@ def cost_frame(records: list, *, context: int = costs.DEFAULT_CONTEXT, value_dty
             total = costs.model_cost(costs.record_linears(record, shapes, value_bytes), shape, context=context,
                                      value_dtype=value_dtype)
         sp = record.get("sparsity") or {}
-        row = {"model": model, "method": record["method"]["name"], "sparsity_label": sp.get("label"),
+        row = {"key": record.get("key"), "model": model, "method": record["method"]["name"], "sparsity_label": sp.get("label"),
                "pattern": sp.get("pattern"), "achieved_sparsity": sp.get("achieved"),
                "linear_mb": total["linear_bytes"] / MB, "model_mb": total["model_bytes"] / MB,
                "linear_ratio": total["linear_ratio"], "model_ratio": total["model_ratio"],
@@ -82,8 +87,10 @@ def pareto_front(frame: pd.DataFrame, cost_column: str, quality_column: str) -> 
 def render_cost_markdown(frame: pd.DataFrame, ppl_column: str | None) -> str:
     if frame.empty:
         return "No ok records to cost.\n"
+    timed = "best_tokens_per_s" in frame.columns
     head = ["Model", "Method", "Sparsity", "achieved"] + (["PPL"] if ppl_column else []) + [
-        "linears MB", "model MB", "vs dense", "GFLOP/token", "vs dense", "formats"]
+        "linears MB", "model MB", "vs dense", "GFLOP/token", "vs dense"] + (
+        ["decode tok/s", "vs dense kernels"] if timed else []) + ["formats"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in frame.iterrows():
         cells = [model_display_name(r["model"]), method_display_name(r["method"]),
@@ -92,33 +99,52 @@ def render_cost_markdown(frame: pd.DataFrame, ppl_column: str | None) -> str:
             value = r.get(ppl_column)
             cells.append("-" if value is None or pd.isna(value) else f"{value:.2f}")
         cells += [f"{r['linear_mb']:.1f}", f"{r['model_mb']:.1f}", f"{r['model_ratio']:.3f}x",
-                  f"{r['gflops_per_token']:.3f}", f"{r['flops_ratio']:.3f}x", r["formats"]]
+                  f"{r['gflops_per_token']:.3f}", f"{r['flops_ratio']:.3f}x"]
+        if timed:
+            measured = pd.notna(r.get("best_tokens_per_s"))
+            cells += [f"{r['best_tokens_per_s']:.1f}" if measured else "-", f"{r['speedup']:.2f}x" if measured else "-"]
+        cells.append(r["formats"])
         lines.append("| " + " | ".join(cells) + " |")
     first = frame.iloc[0]
     lines += ["", f"Bytes: the smallest valid storage format of each linear (values in {first['value_dtype']}; "
               "dense, bitmask + values, CSR with int32 indices, N:M packed, or dense|2:4 tiles), plus every other "
               f"parameter dense; FLOPs per token at a context of {first['context']} (2 per kept weight, the output head, "
-              "attention). Arithmetic from each record's per-layer sparsity (prunebench/cost.py), not a measurement of "
-              "speed: see benchmarks/sparse_kernels.py for what the kernels on this machine make of it."]
+              "attention). Arithmetic from each record's per-layer sparsity (prunebench/cost.py)."]
+    if timed:
+        t = frame.dropna(subset=["best_tokens_per_s"]).iloc[0]
+        lines.append(f"Speed (measured, {SPEED_CSV}): greedy decoding of {int(t['tokens'])} tokens at batch 1 after a "
+                     f"{int(t['prompt_tokens'])}-token prompt, median of {int(t['repeats'])}, {int(t['threads'])} "
+                     f"thread(s) on {t['cpu']}; each linear on the fastest of dense, torch CSR/BSR and scipy CSR for "
+                     "its weight, masks drawn with the record's per-linear kept counts and pattern at random positions "
+                     "(prunebench/speed.py); `vs dense kernels`: the same model on dense matmuls (below 1: slower).")
+    else:
+        lines.append("Speed: not measured for these records (`prunebench cost --results DIR --speed`).")
     return "\n".join(lines) + "\n"
 
 
-def plot_quality_vs_cost(frame: pd.DataFrame, ppl_column: str, path, formats: Sequence[str] = DEFAULT_FORMATS):
-    rows = frame.dropna(subset=[ppl_column])
+COST_AXES = {"model_mb": "model size (MB, smallest valid format)",
+             "ms_per_token": "decode latency (ms/token, batch 1, fastest kernel per linear, measured)"}
+
+
+def plot_quality_vs_cost(frame: pd.DataFrame, ppl_column: str, path, formats: Sequence[str] = DEFAULT_FORMATS,
+                         cost_column: str = "model_mb"):
+    if cost_column not in frame.columns:
+        return []
+    rows = frame.dropna(subset=[ppl_column, cost_column])
     if rows.empty:
         return []
     figure = _new_figure(LINE_FIGURE_SIZE)
     axes = figure.add_subplot()
-    front = pareto_front(rows, "model_mb", ppl_column)
+    front = pareto_front(rows, cost_column, ppl_column)
     for method in sorted(rows["method"].unique(), key=method_order):
         mine = rows[rows["method"] == method]
-        axes.scatter(mine["model_mb"], mine[ppl_column], label=method_display_name(method), s=24)
-    on_front = rows[front].sort_values("model_mb")
-    axes.step(on_front["model_mb"], on_front[ppl_column], where="post", color="black", linewidth=0.8,
+        axes.scatter(mine[cost_column], mine[ppl_column], label=method_display_name(method), s=24)
+    on_front = rows[front].sort_values(cost_column)
+    axes.step(on_front[cost_column], on_front[ppl_column], where="post", color="black", linewidth=0.8,
               alpha=0.6, label="Pareto front")
     if rows[ppl_column].max() / max(rows[ppl_column].min(), 1e-9) > 10:
         axes.set_yscale("log")
-    axes.set_xlabel("model size (MB, smallest valid format)")
+    axes.set_xlabel(COST_AXES[cost_column])
     axes.set_ylabel(ppl_column.replace("ppl_", "perplexity, "))
     axes.grid(alpha=0.3)
     axes.legend(fontsize="x-small")
@@ -129,7 +155,8 @@ def write_cost_report(records: list, out_dir, *, context: int = costs.DEFAULT_CO
                       value_dtype: str = costs.DEFAULT_VALUE_DTYPE, shapes_of=model_shapes) -> tuple:
     """cost.csv, cost.md and quality_vs_cost__<model>__<ppl>.png under out_dir; returns (markdown, paths)."""
     out = Path(out_dir)
-    frame = cost_frame(records, context=context, value_dtype=value_dtype, shapes_of=shapes_of)
+    frame = with_speed(cost_frame(records, context=context, value_dtype=value_dtype, shapes_of=shapes_of),
+                       out / SPEED_CSV)
     ppl_columns = [c for c in frame.columns if c.startswith("ppl_")]
     ppl_column = ppl_columns[0] if ppl_columns else None
     text = render_cost_markdown(frame, ppl_column)
@@ -138,6 +165,78 @@ def write_cost_report(records: list, out_dir, *, context: int = costs.DEFAULT_CO
     written = [out / COST_CSV, out / COST_MARKDOWN]
     if ppl_column and not frame.empty:
         for model in frame["model"].unique():
-            written += plot_quality_vs_cost(frame[frame["model"] == model], ppl_column,
-                                            out / f"quality_vs_cost__{_slug(model)}__{ppl_column[4:]}")
+            mine = frame[frame["model"] == model]
+            written += plot_quality_vs_cost(mine, ppl_column, out / f"quality_vs_cost__{_slug(model)}__{ppl_column[4:]}")
+            written += plot_quality_vs_cost(mine, ppl_column, out / f"quality_vs_latency__{_slug(model)}__{ppl_column[4:]}",
+                                            cost_column="ms_per_token")
     return text, written
+
+
+SPEED_COLUMNS = ("best_tokens_per_s", "dense_tokens_per_s", "speedup", "ms_per_token", "dense_ms_per_token",
+                 "kernels", "tokens", "prompt_tokens", "repeats", "threads", "cpu", "torch")
+
+
+def with_speed(frame: pd.DataFrame, speed_csv: Path) -> pd.DataFrame:
+    """The cost frame with the measured speed of the records speed.csv names (by record key)."""
+    if frame.empty or not Path(speed_csv).is_file():
+        return frame
+    speed = pd.read_csv(speed_csv)
+    keep = ["key"] + [c for c in SPEED_COLUMNS if c in speed.columns]
+    return frame.merge(speed[keep], on="key", how="left")
+
+
+def speed_frame(records: list, *, measure=None, load=None, progress: bool = True) -> pd.DataFrame:
+    """Measured decode speed of every ok record (prunebench.speed), one model load per model;
+    records with the same per-linear kept counts and pattern share one measurement."""
+    import torch
+
+    from prunebench import speed
+    from prunebench.models import all_prunable, load_model, weight_matrix
+    from prunebench.progress import progress_bar
+    from prunebench.runner import environment
+
+    measure = measure or speed.measure
+    load = load or (lambda model_id: load_model(model_id).model)
+    loaded, measured, rows = {}, {}, []
+    todo = [r for r in records if r.get("status") == "ok"]
+    bar = progress_bar(total=len(todo), desc="speed", enabled=progress, unit="cell")
+    for record in todo:
+        bar.update()
+        model_id = record["model"]["id"]
+        if model_id not in loaded:
+            model = load(model_id)
+            modules = all_prunable(model)
+            dense = {n: weight_matrix(m).detach().clone() for n, m in modules.items()}
+            shapes = {n: tuple(w.shape) for n, w in dense.items()}
+            loaded[model_id] = (model, modules, dense, shapes)
+        model, modules, dense, shapes = loaded[model_id]
+        linears = costs.record_linears(record, shapes)
+        fingerprint = (model_id, tuple((c.name, c.kept, c.pattern, c.nm, c.tile) for c in linears))
+        if fingerprint not in measured:
+            masks = speed.masks_like(linears)
+            with torch.no_grad():
+                for name, module in modules.items():
+                    weight_matrix(module).copy_(dense[name] * masks[name].to(dense[name].dtype))
+            try:
+                measured[fingerprint] = measure(model)
+            finally:
+                with torch.no_grad():
+                    for name, module in modules.items():
+                        weight_matrix(module).copy_(dense[name])
+        result = dict(measured[fingerprint])
+        result["kernels"] = ", ".join(f"{k} x{v}" for k, v in result["kernels"].items())
+        sp = record.get("sparsity") or {}
+        rows.append({"key": record.get("key"), "model": model_id, "method": record["method"]["name"],
+                     "sparsity_label": sp.get("label"), **result, "cpu": environment("cpu").get("cpu")})
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def write_speed_report(records: list, out_dir, *, context: int = costs.DEFAULT_CONTEXT,
+                       value_dtype: str = costs.DEFAULT_VALUE_DTYPE, progress: bool = True, **kw) -> tuple:
+    """Measure every record's speed into speed.csv, then rewrite the cost table and plots with it."""
+    out = Path(out_dir)
+    frame = speed_frame(records, progress=progress, **kw)
+    write_text_atomic(out / SPEED_CSV, frame.to_csv(index=False))
+    text, written = write_cost_report(records, out, context=context, value_dtype=value_dtype)
+    return text, [out / SPEED_CSV] + written
