@@ -220,6 +220,10 @@ def test_patch_meets_its_effective_sparsity_with_valid_tiles(calib_windows, mode
     weights = [(n, weight_matrix(m)) for n, m in all_prunable(loaded.model).items()]
     check_output(weights, spec, report.stats["scope"])
     assert report.stats["dense_tiles"] < report.stats["tiles"]
+    # the recorded tile counts are those of the pruned weights
+    tiles = [hybrid_tiles(w != 0, 16) for _, w in weights]
+    assert report.stats["tiles"] == sum(t["dense"].numel() for t in tiles)
+    assert report.stats["dense_tiles"] == sum(int(t["dense"].sum()) for t in tiles)
     if mode == "tile":  # the frozen 2:4 masks are SparseGPT's, inside every 2:4 tile
         prior = load_tiny("llama")
         registry.create("sparsegpt", {"percdamp": 0.01}).prune(prior.model, _ctx(prior, calib_windows, "2:4"))
