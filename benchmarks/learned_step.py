@@ -9,6 +9,7 @@ as a ratio to the dense step, with and without the AdamW update, and the logits'
 
     python benchmarks/learned_step.py                                    # SmolLM2-135M, all three
     python benchmarks/learned_step.py --methods leap --model tiny:llama --seqlen 64
+    python benchmarks/learned_step.py --methods leap,leap:sampler=generator   # a config override
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def main() -> None:
     ap.add_argument("--methods", default="leap,maskllm,patch")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="rounds (each times dense and every method)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--preset", default="embedded")
     args = ap.parse_args()
@@ -58,63 +59,79 @@ def main() -> None:
             m.weight.grad = None
             m.weight.requires_grad_(False)
 
-    def timed(fn):
-        fn()  # warm-up
-        out = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t0)
-        return statistics.median(out)
-
     torch.set_flush_denormal(True)  # as the engine does
-    rows = []
-    dense_times = [timed(dense_step)]
-    for method in args.methods.split(","):
+    setups = []
+    for entry in args.methods.split(","):
+        method, _, overrides = entry.partition(":")
+        config = {"preset": args.preset, "prior_method": "magnitude"}
+        for item in filter(None, overrides.split(";")):
+            key, _, value = item.partition("=")
+            config[key] = value
         spec = SparsitySpec.parse(DEFAULT_SPECS[method])
-        pruner = registry.create(method, {"preset": args.preset, "prior_method": "magnitude"})
+        pruner = registry.create(method, config)
         ctx = PruneContext(sparsity=spec, progress=False, registry=registry, tokenizer=loaded.tokenizer)
         initial = pruner.init_logits(model, modules, ctx, PruneReport())
         frozen = pruner.frozen_keys()
         logits = {layer: {k: torch.nn.Parameter(t.float(), requires_grad=k not in frozen) for k, t in ps.items()}
                   for layer, ps in initial.items()}
         params = [p for ps in logits.values() for p in ps.values() if p.requires_grad]
-        pruner.begin(modules, spec)
         optimizer = masklearn.make_adamw(params, pruner.config)
-        patch = masklearn.MaskedLinears(modules, logits, pruner)
+        setups.append(dict(entry=entry, label=spec.label, pruner=pruner, spec=spec, logits=logits, params=params,
+                           optimizer=optimizer, steps=0, plain=[], with_opt=[]))
 
-        def step(with_optimizer, step_index=[0]):
-            patch.mode, patch.step = "soft", step_index[0]
-            patch.sched = pruner.schedule(0)
-            step_index[0] += 1
-            optimizer.zero_grad(set_to_none=True)
-            patch.stats.clear()
-            loss = masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
-            for term in pruner.regularisers(patch.stats, patch.sched)[0]:
-                loss = loss + term
-            loss.backward()
-            if with_optimizer:
-                optimizer.step()
-            patch.mode = "off"
-
-        plain = timed(lambda: step(False))
-        with_opt = timed(lambda: step(True))
+    def method_step(setup, with_optimizer):
+        """Seconds of one training step (mask sampling, forward, regularisers, backward, optionally
+        AdamW); installing the method's masked forwards is outside the timing."""
+        pruner = setup["pruner"]
+        pruner.begin(modules, setup["spec"])
+        patch = masklearn.MaskedLinears(modules, setup["logits"], pruner)
+        patch.mode, patch.step = "soft", setup["steps"]
+        patch.sched = pruner.schedule(0)
+        setup["steps"] += 1
+        t0 = time.perf_counter()
+        setup["optimizer"].zero_grad(set_to_none=True)
+        loss = masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        for term in pruner.regularisers(patch.stats, patch.sched)[0]:
+            loss = loss + term
+        loss.backward()
+        if with_optimizer:
+            setup["optimizer"].step()
+        seconds = time.perf_counter() - t0
         patch.remove()
-        dense_times.append(timed(dense_step))  # interleaved: each method next to a dense timing
-        n_logits = sum(p.numel() for p in params)
-        rows.append((method, spec.label, plain, with_opt, n_logits * 4, n_logits * 8))
-        del optimizer, params, logits, initial, patch
+        return seconds
+
+    def once(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    # Warm-up, then rounds: each round times dense and every method once (with and without the
+    # optimizer), so slow drifts of the machine fall on all of them alike.
+    dense_step()
+    for setup in setups:
+        method_step(setup, True)
+    dense_times = []
+    for _ in range(args.repeats):
+        dense_times.append(once(dense_step))
+        for setup in setups:
+            setup["plain"].append(method_step(setup, False))
+            setup["with_opt"].append(method_step(setup, True))
+    rows = []
+    for setup in setups:
+        n_logits = sum(p.numel() for p in setup["params"])
+        rows.append((setup["entry"], setup["label"], statistics.median(setup["plain"]),
+                     statistics.median(setup["with_opt"]), n_logits * 4, n_logits * 8))
 
     dense_s = statistics.median(dense_times)
     n_masked = sum(m.weight.numel() for m in modules.values())
     print(f"model {args.model}: {len(modules)} masked linears, {n_masked:,} masked weights; batch {args.batch} x "
           f"{args.seqlen} tokens; {torch.get_num_threads()} thread(s); preset {args.preset}; float32 logits")
-    print(f"dense forward+backward: {dense_s:.3f} s (median of {len(dense_times)} interleaved timings: "
+    print(f"dense forward+backward: {dense_s:.3f} s (median of {len(dense_times)} rounds: "
           + ", ".join(f"{t:.3f}" for t in dense_times) + ")")
-    print(f"{'method':10} {'spec':16} {'step s':>8} {'ratio':>6} {'+AdamW s':>9} {'ratio':>6} {'logits MiB':>11} "
+    print(f"{'method':24} {'spec':16} {'step s':>8} {'ratio':>6} {'+AdamW s':>9} {'ratio':>6} {'logits MiB':>11} "
           f"{'Adam MiB':>9}")
     for method, label, plain, with_opt, logit_bytes, adam_bytes in rows:
-        print(f"{method:10} {label:16} {plain:8.3f} {plain / dense_s:6.2f} {with_opt:9.3f} {with_opt / dense_s:6.2f} "
+        print(f"{method:24} {label:16} {plain:8.3f} {plain / dense_s:6.2f} {with_opt:9.3f} {with_opt / dense_s:6.2f} "
               f"{logit_bytes / 2**20:11.1f} {adam_bytes / 2**20:9.1f}")
     print(f"(goal for LEAP's step: <= {RATIO_GOAL}x the dense step)")
 

@@ -16,6 +16,10 @@ with tau and alpha linear in t/T, P initialised around a one-shot Wanda mask (pr
 AdamW (beta2 0.95, no weight decay), warm-up + cosine learning rate.  The hard mask is P > 0 (the
 authors' rule) or, as an option, an exact top-k on P at the target.
 
+L comes from prunebench.concrete's counter sampler, fused with the gate, M * W and the two sums
+the regularisers need in one pass (sampler="generator": torch's generator and unfused ops, the
+implementation before it; the same distribution, other draws).
+
 The math lives in small pure functions (schedules, sampling, regularisers, prior, final mask) so
 it can be tested without a model; `Leap.prune` wires them to a model.
 """
@@ -27,6 +31,8 @@ from typing import Optional
 
 import torch
 
+from prunebench.concrete import MASK_FLOOR, concrete_masked_weight
+from prunebench.concrete import backend as gate_backend
 from prunebench.errors import UserError
 from prunebench.masklearn import (LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, logistic_noise,
                                   lr_factor)
@@ -34,6 +40,11 @@ from prunebench.registry import Capabilities, PruneReport, register
 from prunebench.sparsity import SparsitySpec, mask_from_scores, n_to_prune
 
 FINAL_MASK_RULES = ("sign", "topk")
+# Where the gate noise comes from: "counter" (a hash of (seed, element), fused with the gate and
+# the masked weight in one pass: prunebench.concrete) or "generator" (torch's generator seeded per
+# layer and forward, then the chain of torch ops: the implementation before the fused pass, kept
+# so its results stay reproducible).  Same distribution, different draws.
+SAMPLERS = ("counter", "generator")
 # The sign rule's achieved sparsity may drift from the target (no projection); warn beyond this.
 SPARSITY_WARN_POINTS = 0.005
 
@@ -45,24 +56,25 @@ PRESETS = {
                   warmup_steps=5, lr_schedule="cosine", lr_final_ratio=0.0, grad_clip=1.0, tau_start=4.0, tau_end=0.05, alpha_start=25.0,
                   alpha_end=350.0, lambda_density=7.0, lambda_weight=10.0, prior_strength=3.0, init_std=0.014,
                   prior_method="wanda", final_mask="sign", logits_dtype="bfloat16", gradient_checkpointing=True,
-                  checkpoint_every=50, heldout_windows=16, heldout_every=100),
+                  checkpoint_every=50, heldout_windows=16, heldout_every=100, sampler="counter"),
     # SmolLM2-135M on a 2-core CPU, a few minutes per cell.  LEAP.md section 6: the paper's
     # schedule (tau 4, alpha 25 -> soft masks near 0.5) cannot recover in a short run, so this
     # preset starts colder (tau 1, alpha 100), as measured there.  120 steps of 2 x 256 tokens:
     # at 72 steps LEAP tied ADMM at 60% (68.47 vs 67.16); at 120 it beat it (57.45, measured
-    # with benchmarks/grids/leap_budget.yaml) and the held-out curve was flat after ~100 steps.
+    # with benchmarks/grids/leap_budget.yaml, generator sampler) and the held-out curve was
+    # flat after ~100 steps.
     # 240 windows read the ~194 of the Lee calibration stream about 1.24 times (recorded).
     "embedded": dict(steps=120, batch_size=2, seqlen=256, grad_accum=1, lr=1e-3, beta2=0.95, weight_decay=0.0,
                      warmup_steps=5, lr_schedule="cosine", lr_final_ratio=0.0, grad_clip=0.0, tau_start=1.0, tau_end=0.05, alpha_start=100.0,
                      alpha_end=350.0, lambda_density=7.0, lambda_weight=10.0, prior_strength=3.0, init_std=0.014,
                      prior_method="wanda", final_mask="topk", logits_dtype="float32", gradient_checkpointing=False,
-                     checkpoint_every=20, heldout_windows=4, heldout_every=12),
+                     checkpoint_every=20, heldout_windows=4, heldout_every=12, sampler="counter"),
     # A few steps on tiny random models, for unit and conformance tests.
     "tiny": dict(steps=6, batch_size=2, seqlen=32, grad_accum=1, lr=1e-2, beta2=0.95, weight_decay=0.0,
                  warmup_steps=2, lr_schedule="cosine", lr_final_ratio=0.0, grad_clip=0.0, tau_start=1.0, tau_end=0.05, alpha_start=100.0,
                  alpha_end=350.0, lambda_density=7.0, lambda_weight=10.0, prior_strength=3.0, init_std=0.014,
                  prior_method="wanda", final_mask="sign", logits_dtype="float32", gradient_checkpointing=False,
-                 checkpoint_every=0, heldout_windows=2, heldout_every=0),
+                 checkpoint_every=0, heldout_windows=2, heldout_every=0, sampler="counter"),
 }
 
 
@@ -72,9 +84,6 @@ PRESETS = {
 def soft_mask(logits: torch.Tensor, noise: torch.Tensor, alpha: float, tau: float) -> torch.Tensor:
     """The binary-concrete sample sigmoid((alpha * P + L) / tau) (reference, allocating version)."""
     return torch.sigmoid((alpha * logits.float() + noise) / tau)
-
-
-MASK_FLOOR = 1e-12  # sampled gates below this are exactly 0 (see SampledMaskedWeight.forward)
 
 
 class SampledMaskedWeight(torch.autograd.Function):
@@ -126,7 +135,9 @@ class SampledMaskedWeight(torch.autograd.Function):
         return grad_mask.to(ctx.logits_dtype), None, None, None, None, None
 
 
-def masked_weight(logits, weight, seed, alpha, tau, save_dtype=torch.float32):
+def masked_weight(logits, weight, seed, alpha, tau, save_dtype=torch.float32, sampler="generator"):
+    if sampler == "counter":
+        return concrete_masked_weight(logits, weight, seed, alpha, tau, save_dtype)
     return SampledMaskedWeight.apply(logits, weight, seed, alpha, tau, save_dtype)
 
 
@@ -213,6 +224,7 @@ class Leap(LearnedMaskPruner):
     summary = "learned end-to-end unstructured masks, binary-concrete logits with a Wanda prior (LEAP 2026)"
     capabilities = Capabilities(patterns=("unstructured",), needs_calibration=True, needs_gradients=True)
     logged_schedule = ("tau", "alpha")
+    engine_modules = ("prunebench.concrete",)  # the fused gate pass decides the draws too
 
     @dataclass
     class Config(MaskTrainingConfig):
@@ -225,10 +237,13 @@ class Leap(LearnedMaskPruner):
         lambda_density: Optional[float] = None  # weight of |density - target| (7)
         lambda_weight: Optional[float] = None  # weight of the kept-weight-norm term (10, decays to 0)
         final_mask: Optional[str] = None  # "sign" (P > 0, the authors' rule) | "topk" (exact, at the target)
+        sampler: Optional[str] = None  # gate noise: "counter" (fused pass) | "generator" (torch's, unfused)
 
         def validate(self):
             if self.final_mask not in FINAL_MASK_RULES:
                 raise UserError(f"unknown final_mask {self.final_mask!r}", hint=f"use one of {', '.join(FINAL_MASK_RULES)}")
+            if self.sampler not in SAMPLERS:
+                raise UserError(f"unknown sampler {self.sampler!r}", hint=f"use one of {', '.join(SAMPLERS)}")
             if self.tau_start <= 0 or self.tau_end <= 0:
                 raise UserError("tau must stay positive", hint="e.g. tau_start=4 tau_end=0.05")
 
@@ -254,7 +269,7 @@ class Leap(LearnedMaskPruner):
     def masked_weight(self, layer, index, logits, weight, seed, sched):
         p = logits["P"]
         save = p.dtype  # bf16 logits: the saved mask in bf16 too
-        w, msum, msq = masked_weight(p, weight, seed, sched["alpha"], sched["tau"], save)
+        w, msum, msq = masked_weight(p, weight, seed, sched["alpha"], sched["tau"], save, self.config.sampler)
         return w, {"mask_sum": msum, "masked_sq": msq}
 
     def regularisers(self, stats, sched):
@@ -272,6 +287,9 @@ class Leap(LearnedMaskPruner):
         # what the authors' P > 0 rule would give, whichever rule was used (LEAP.md: not reported there)
         report.stats["sign_rule_sparsity"] = 1.0 - sum(int((ps["P"] > 0).sum()) for ps in logits.values()) / self._n_masked
         report.stats["final_mask"] = c.final_mask
+        report.stats["sampler"] = c.sampler
+        if c.sampler == "counter":  # which implementation drew the gates (values agree to float rounding)
+            report.stats["gate_kernel"] = gate_backend(next(iter(logits.values()))["P"].device)
         achieved = 1.0 - sum(int(m.sum()) for m in masks.values()) / self._n_masked
         if abs(achieved - spec.target) > SPARSITY_WARN_POINTS:
             report.warnings.append(f"LEAP {c.final_mask} rule: achieved sparsity {achieved:.4f} is "

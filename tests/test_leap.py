@@ -244,12 +244,13 @@ def test_leap_lowers_training_loss_below_its_wanda_prior(calib_windows):
 # -- LEAP on the shared mask-learning engine is the LEAP it was before ------------------------------
 
 # Masks (sha256 of every layer's keep-mask, in layer order) and per-step training losses of the
-# implementation that predates prunebench.masklearn (commit 7be45e8, LEAP's own loop), seed 3.
+# implementation that predates prunebench.masklearn (commit 7be45e8, LEAP's own loop), seed 3,
+# with the gate noise it drew (torch's generator; the presets now use the fused counter sampler).
 PRE_ENGINE_LEAP = [
-    ("llama", "0.5", {'preset': 'tiny'},
+    ("llama", "0.5", {'preset': 'tiny', 'sampler': 'generator'},
      "1194045720be61683615fe065d496a44eb12a3a74d4e46ed446351fd52be2396",
      [-3.484456, -2.315073, -0.822082, 0.790511, 2.364296, 3.956992]),
-    ("qwen2", "0.6", {'preset': 'tiny', 'final_mask': 'topk', 'steps': 8, 'grad_accum': 2},
+    ("qwen2", "0.6", {'preset': 'tiny', 'final_mask': 'topk', 'steps': 8, 'grad_accum': 2, 'sampler': 'generator'},
      "ed8780f74637442e577cd11dca757e1c9ef531da41e29ae0520cf7c0e2b4c9da",
      [-2.988434, -2.280262, -1.285797, -0.174706, 0.922147, 2.058837, 3.229153, 4.360643]),
 ]
