@@ -26,6 +26,7 @@ def _grid_file(name, data_dir=False):
 def _committed_grids():
     yield "results", lambda: preset("embedded")
     yield "results/allocation", _grid_file("allocation.yaml")
+    yield "results/semistructured", _grid_file("semistructured.yaml")
     yield "results/leap_budget", _grid_file("leap_budget.yaml")
     yield "results/paper_tasks_local", _grid_file("paper_tasks_local.yaml", data_dir=True)
     yield "results/paper_tasks_local", _grid_file("paper_tasks_local_mmlu.yaml", data_dir=True)
