@@ -27,6 +27,7 @@ def _committed_grids():
     yield "results", lambda: preset("embedded")
     yield "results/allocation", _grid_file("allocation.yaml")
     yield "results/semistructured", _grid_file("semistructured.yaml")
+    yield "results/patch_tile", _grid_file("patch_tile.yaml")
     yield "results/leap_budget", _grid_file("leap_budget.yaml")
     yield "results/paper_tasks_local", _grid_file("paper_tasks_local.yaml", data_dir=True)
     yield "results/paper_tasks_local", _grid_file("paper_tasks_local_mmlu.yaml", data_dir=True)
