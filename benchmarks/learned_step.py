@@ -18,6 +18,7 @@ import statistics
 import time
 
 import torch
+import yaml
 
 from prunebench import masklearn, registry
 from prunebench.models import all_prunable, load_model
@@ -66,7 +67,7 @@ def main() -> None:
         config = {"preset": args.preset, "prior_method": "magnitude"}
         for item in filter(None, overrides.split(";")):
             key, _, value = item.partition("=")
-            config[key] = value
+            config[key] = yaml.safe_load(value)  # numbers and booleans as in a grid file
         spec = SparsitySpec.parse(DEFAULT_SPECS[method])
         pruner = registry.create(method, config)
         ctx = PruneContext(sparsity=spec, progress=False, registry=registry, tokenizer=loaded.tokenizer)
