@@ -51,8 +51,10 @@ SPARSITY_WARN_POINTS = 0.005
 # Hyperparameters of each preset.  A field the user leaves as None is filled from the preset.
 PRESETS = {
     # The paper's budget: 2000 steps x 256 sequences x 4096 tokens (about 2.1 B tokens), bf16,
-    # gradient checkpointing; schedules and loss weights are the authors' defaults.
-    "paper": dict(steps=2000, batch_size=256, seqlen=4096, grad_accum=64, lr=1e-3, beta2=0.95, weight_decay=0.0,
+    # gradient checkpointing; schedules and loss weights are the authors' defaults.  One mask draw
+    # per sequence (grad_accum 256: the authors' 4 GPUs x 64 accumulation steps, one sequence per
+    # GPU per draw), unique windows streamed from SlimPajama-6B, clipping at 1.0 (the trainer's).
+    "paper": dict(steps=2000, batch_size=256, seqlen=4096, grad_accum=256, streaming=True, dataset="slimpajama", lr=1e-3, beta2=0.95, weight_decay=0.0,
                   warmup_steps=5, lr_schedule="cosine", lr_final_ratio=0.0, grad_clip=1.0, tau_start=4.0, tau_end=0.05, alpha_start=25.0,
                   alpha_end=350.0, lambda_density=7.0, lambda_weight=10.0, prior_strength=3.0, init_std=0.014,
                   prior_method="wanda", final_mask="sign", logits_dtype="bfloat16", gradient_checkpointing=True,

@@ -38,8 +38,9 @@ from prunebench.sparsity import SparsitySpec
 MAX_PATTERNS = 35
 
 PRESETS = {
-    # The authors' LLaMA-2 script: 2000 iterations x 256 x 4096 tokens of C4, bf16.
-    "paper": dict(steps=2000, batch_size=256, seqlen=4096, grad_accum=64, lr=5e-4, beta2=0.95, weight_decay=0.1,
+    # The authors' LLaMA-2 script: 2000 iterations x 256 x 4096 tokens of C4, bf16; C4 streamed
+    # as unique windows.
+    "paper": dict(steps=2000, batch_size=256, seqlen=4096, grad_accum=64, streaming=True, dataset="c4", lr=5e-4, beta2=0.95, weight_decay=0.1,
                   warmup_steps=0, lr_schedule="cosine", lr_final_ratio=0.1, grad_clip=1.0, init_std=0.01,
                   prior_strength=3.0, prior_method="sparsegpt", prior_config={"percdamp": 0.1}, tau_start=4.0,
                   tau_end=0.05, kappa_start=100.0, kappa_end=500.0, lambda_weight=1e-5, logits_dtype="bfloat16",

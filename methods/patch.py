@@ -44,7 +44,10 @@ _COMMON = dict(beta2=0.95, weight_decay=0.0, warmup_steps=5, lr_schedule="cosine
                init_std=0.014, prior_strength=3.0, prior_method="sparsegpt", prior_config=None, frozen_method=None,
                frozen_config=None, tile_tau_start=4.0, tile_tau_end=0.05, group_tau_start=4.0, group_tau_end=0.05,
                group_kappa_start=100.0, group_kappa_end=500.0)
-_PAPER = dict(steps=2000, batch_size=256, seqlen=4096, grad_accum=64, logits_dtype="bfloat16",
+# The LEAP authors' protocol (their PATCH code): one mask draw per sequence (4 GPUs x 64
+# accumulation steps = 256 micro-batches of one), unique SlimPajama-6B windows streamed.
+_PAPER = dict(steps=2000, batch_size=256, seqlen=4096, grad_accum=256, streaming=True, dataset="slimpajama",
+              logits_dtype="bfloat16",
               gradient_checkpointing=True, checkpoint_every=50, heldout_windows=16, heldout_every=100, final_mask="sign")
 PRESETS = {
     # Joint mode, the authors' 0.5-1B setting: AdamW lr 1e-3, beta2 0.95, cosine with 5 warm-up

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = run.add_argument_group("executor")
     ex.add_argument("--executor", choices=["local", "slurm"], default="local",
                     help="local: this process (default); slurm: one submitit job array per grid")
+    ex.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="train each learned cell as N processes (torch.distributed; one per GPU, or gloo on CPU): "
+                         "local: through torchrun; slurm: N tasks per job")
     ex.add_argument("--slurm-partition", help="SLURM partition for the array tasks")
     ex.add_argument("--gpus-per-cell", type=int, default=None, help="GPUs per array task (default 0)")
     ex.add_argument("--timeout", type=int, default=None, metavar="MINUTES",
@@ -240,16 +243,19 @@ def executor_from_args(args):
     slurm_only = {"--slurm-partition": args.slurm_partition, "--gpus-per-cell": args.gpus_per_cell,
                   "--timeout": args.timeout, "--array-parallelism": args.array_parallelism,
                   "--cpus-per-cell": args.cpus_per_cell, "--mem-gb": args.mem_gb}
+    nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
+    if nproc < 1:
+        raise UserError(f"--nproc-per-node must be 1 or more, got {nproc}")
     if args.executor == "local":
         given = [flag for flag, v in slurm_only.items() if v is not None] + (["--no-wait"] if args.no_wait else [])
         if given:
             raise UserError(f"{', '.join(given)} only apply to --executor slurm")
-        return make_executor("local")
+        return make_executor("local", nproc_per_node=nproc)
     return make_executor("slurm", cluster=args.submitit_cluster, partition=args.slurm_partition,
                          gpus_per_cell=args.gpus_per_cell or 0,
                          timeout_min=240 if args.timeout is None else args.timeout,
                          array_parallelism=args.array_parallelism, cpus_per_cell=args.cpus_per_cell,
-                         mem_gb=args.mem_gb, wait=not args.no_wait)
+                         mem_gb=args.mem_gb, wait=not args.no_wait, nproc_per_node=nproc)
 
 
 def cmd_run(args) -> int:

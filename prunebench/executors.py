@@ -2,6 +2,8 @@
 
 Executors:
   local   - in this process, one loaded model shared by that model's cells (the default);
+  torchrun- local with --nproc-per-node N: each learned cell runs as N processes under torchrun
+            (torch.distributed data parallelism, prunebench.distributed); other cells in process;
   slurm   - one submitit job array per grid, one array task per cell; each task loads its model,
             runs the cell by key and writes its record into the (shared) results directory.
             `cluster="local"` runs the same array through submitit's local executor (tests).
@@ -196,6 +198,52 @@ class LocalExecutor:
         run_cells_in_process(grid, cells, results_dir, summary, **options)
 
 
+class TorchrunExecutor:
+    """Learned cells as `nproc_per_node` processes on this machine (torchrun, one per GPU, or
+    gloo processes on a CPU); every other cell in this process, as the local executor runs it."""
+
+    name = "torchrun"
+
+    def __init__(self, nproc_per_node: int):
+        if nproc_per_node < 2:
+            raise UserError(f"--nproc-per-node must be 2 or more for a multi-process run, got {nproc_per_node}")
+        self.nproc_per_node = nproc_per_node
+
+    def run(self, grid, cells, results_dir, summary, *, plugins=(), progress=True, **options) -> None:
+        import dataclasses
+        import subprocess
+        import sys
+
+        from . import registry
+        from .records import atomic_write_json
+        from .runner import run_cells_in_process
+
+        learned = [c for c in cells if getattr(registry.get(c.method), "kind", None) == "learned"]
+        others = [c for c in cells if c not in learned]
+        if others:
+            run_cells_in_process(grid, others, results_dir, summary, plugins=plugins, progress=progress, **options)
+        results_dir = Path(results_dir).resolve()
+        grid_data = dataclasses.asdict(grid)
+        for cell in learned:
+            work = results_dir / "work" / cell.key[:16]
+            spec_path, outcome_path = work / "torchrun_cell.json", work / "torchrun_outcome.json"
+            outcome_path.unlink(missing_ok=True)
+            atomic_write_json(spec_path, {"grid": grid_data, "results_dir": str(results_dir), "key": cell.key,
+                                          "outcome": str(outcome_path),
+                                          "options": {**options, "progress": progress,
+                                                      "plugins": [str(Path(p).resolve()) for p in plugins]}})
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={self.nproc_per_node}", "-m", "prunebench.cell_worker", str(spec_path)]
+            log.info("cell %s: %d processes (torchrun)", cell.label, self.nproc_per_node)
+            rc = subprocess.run(cmd).returncode
+            try:
+                outcome = json.loads(outcome_path.read_text())
+            except (OSError, ValueError):
+                outcome = {"key": cell.key, "status": "failed",
+                           "error": f"torchrun exited with {rc} before rank 0 wrote an outcome (see its output above)"}
+            _count(summary, outcome, cell)
+
+
 try:  # submitit is an optional extra; without it only the local executor exists
     from submitit.helpers import Checkpointable as _Checkpointable
 except ImportError:  # pragma: no cover
@@ -211,12 +259,18 @@ class CellTask(_Checkpointable):
     work_dir (LEAP) continues from there.
     """
 
-    def __init__(self, grid_data: dict, results_dir: str, key: str, options: dict):
+    def __init__(self, grid_data: dict, results_dir: str, key: str, options: dict, tasks: int = 1):
         self.grid_data, self.results_dir, self.key, self.options = grid_data, results_dir, key, options
+        self.tasks = tasks
 
     def __call__(self) -> dict:
         from .config import grid_from_dict
         from .runner import run_cell_by_key
+
+        if self.tasks > 1:  # one SLURM task per GPU: submitit describes the world as torchrun would
+            import submitit
+
+            submitit.helpers.TorchDistributedEnvironment().export()
 
         grid = grid_from_dict(self.grid_data, where="array task")
         return run_cell_by_key(grid, self.results_dir, self.key, **self.options)
@@ -237,7 +291,7 @@ class SubmititExecutor:
 
     def __init__(self, cluster: str = "slurm", partition: str | None = None, gpus_per_cell: int = 0,
                  timeout_min: int = 240, array_parallelism: int | None = None, cpus_per_cell: int | None = None,
-                 mem_gb: int | None = None, wait: bool = True):
+                 mem_gb: int | None = None, wait: bool = True, nproc_per_node: int = 1):
         if gpus_per_cell is not None and gpus_per_cell < 0:
             raise UserError(f"--gpus-per-cell must be 0 or more, got {gpus_per_cell}")
         if timeout_min is not None and timeout_min <= 0:
@@ -247,6 +301,9 @@ class SubmititExecutor:
         self.cluster, self.partition, self.gpus_per_cell = cluster, partition, gpus_per_cell
         self.timeout_min, self.array_parallelism = timeout_min, array_parallelism
         self.cpus_per_cell, self.mem_gb, self.wait = cpus_per_cell, mem_gb, wait
+        if nproc_per_node < 1:
+            raise UserError(f"--nproc-per-node must be 1 or more, got {nproc_per_node}")
+        self.nproc_per_node = nproc_per_node
 
     def make_executor(self, results_dir: Path):
         try:
@@ -260,7 +317,8 @@ class SubmititExecutor:
                             hint="run on a SLURM login node, or pass --submitit-cluster local to try it here") from None
         params = {"name": "prunebench", "timeout_min": self.timeout_min, "gpus_per_node": self.gpus_per_cell or 0,
                   "cpus_per_task": self.cpus_per_cell, "mem_gb": self.mem_gb,
-                  "slurm_partition": self.partition, "slurm_array_parallelism": self.array_parallelism}
+                  "slurm_partition": self.partition, "slurm_array_parallelism": self.array_parallelism,
+                  "tasks_per_node": self.nproc_per_node if self.nproc_per_node > 1 else None}
         executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
         return executor
 
@@ -273,7 +331,7 @@ class SubmititExecutor:
         executor = self.make_executor(results_dir)
         grid_data = dataclasses.asdict(grid)
         options = {**options, "plugins": tuple(str(Path(p).resolve()) for p in plugins), "progress": False}
-        tasks = [CellTask(grid_data, str(results_dir), c.key, options) for c in cells]
+        tasks = [CellTask(grid_data, str(results_dir), c.key, options, tasks=self.nproc_per_node) for c in cells]
         jobs = executor.submit_array(tasks)
         log.info("submitted %d cells as job array %s (%s); logs in %s", len(jobs),
                  jobs[0].job_id.split("_")[0] if jobs else "-", self.cluster, results_dir / "slurm_logs")
@@ -284,12 +342,16 @@ class SubmititExecutor:
         for job, cell in zip(jobs, cells):
             try:
                 outcome = job.result()
+                if isinstance(outcome, list):  # a multi-task job: rank 0's outcome is the cell's
+                    outcome = next((o for o in outcome if o.get("status") != "follower"), outcome[0])
             except Exception as exc:  # the job itself died (node failure, OOM, timeout without requeue)
                 outcome = {"key": cell.key, "status": "failed", "error": f"job {job.job_id}: {str(exc).strip()[-500:]}"}
             _count(summary, outcome, cell)
 
 
 def _count(summary, outcome: dict, cell) -> None:
+    if outcome.get("status") == "follower":
+        return
     status = outcome.get("status")
     if status == "ok":
         summary.ok += 1
@@ -310,7 +372,8 @@ def _count(summary, outcome: dict, cell) -> None:
 
 def make_executor(name: str, **options):
     if name in (None, "", "local"):
-        return LocalExecutor()
+        nproc = options.get("nproc_per_node") or 1
+        return TorchrunExecutor(nproc) if nproc > 1 else LocalExecutor()
     if name == "slurm":
         return SubmititExecutor(**options)
     raise UserError(f"unknown executor {name!r}", hint="use local or slurm")

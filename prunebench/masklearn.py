@@ -17,6 +17,12 @@ checkpoint and resume, the held-out curve of the hard mask, and the progress bar
 Randomness is counter-based: the data order is a function of (seed, step), and each layer's
 mask noise of (method, seed, step, micro-batch, layer), so a resumed run or an activation-
 checkpointing recomputation draws exactly what an uninterrupted run draws.
+
+Several processes (torchrun, SLURM tasks; prunebench.distributed) split each step's micro-batches
+by their global index, so they draw the same masks on the same sequences as one process with the
+same grad_accum would; DistributedDataParallel averages the gradients.  The training text is
+either the cell's dataset held in memory (the embedded default) or, with `streaming`, a stream of
+unique windows read on the fly (prunebench.stream: the papers' SlimPajama budget).
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .distributed import DataParallel
 from .errors import UserError
 from .models import all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
@@ -80,6 +87,17 @@ class MaskTrainingConfig:
     heldout_windows: Optional[int] = None  # training-stream windows kept out for a held-out loss
     heldout_every: Optional[int] = None  # held-out loss of the hard mask every N steps (0: start and end)
     dataset: Optional[str] = None  # training stream; None: the cell's calibration dataset
+    # Settings a preset may leave out (DEFAULTS then applies):
+    streaming: Optional[bool] = None  # read `dataset` as a stream of unique windows (prunebench.stream), not in memory
+    allow_stream_repeats: Optional[bool] = None  # streaming: start the corpus again when it runs out (recorded)
+    shard_optimizer_state: Optional[bool] = None  # several processes: split the AdamW moments (ZeroRedundancyOptimizer)
+
+    DEFAULTS: ClassVar[dict] = {"streaming": False, "allow_stream_repeats": False, "shard_optimizer_state": False}
+    # Why a preset departs from the authors' settings (`paper`), written into every record.
+    PRESET_PURPOSE: ClassVar[dict] = {
+        "embedded": "the embedded default: SmolLM2-135M on a 2-core CPU in minutes (a short budget that starts "
+                    "colder; the method's preset comment gives the measurements)",
+        "tiny": "tiny random models in unit tests"}
 
     def __post_init__(self):
         presets = type(self).PRESETS
@@ -87,6 +105,7 @@ class MaskTrainingConfig:
             raise UserError(f"unknown {type(self).__qualname__.split('.')[0]} preset {self.preset!r}",
                             hint=f"use one of {', '.join(presets)}")
         explicit = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        self._explicit = explicit - {"preset"}
         for key, value in presets[self.preset].items():
             if getattr(self, key) is None:
                 coupled = self.COUPLED.get(key)
@@ -94,8 +113,16 @@ class MaskTrainingConfig:
                     continue
                 setattr(self, key, value)
         # every setting comes from the preset (None only where the preset itself says None)
+        for key, value in self.DEFAULTS.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None
                    and f.name not in presets[self.preset] and f.name != "dataset"]
+        for name in self.DEFAULTS:
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.streaming and self.dataset is None:
+            raise UserError("streaming needs a corpus to stream", hint="set dataset: slimpajama, c4, redpajama or a path")
         if missing:
             raise UserError(f"preset {self.preset!r} sets no value for {', '.join(missing)}", hint="give them explicitly")
         if self.lr_schedule not in LR_SCHEDULES:
@@ -112,6 +139,21 @@ class MaskTrainingConfig:
 
     def validate(self) -> None:
         """A method's own checks of its fields (called after the preset is filled in)."""
+
+    def paper_differences(self) -> dict:
+        """{field: {"used", "paper", "why"}} for every setting that differs from the authors'
+        (the `paper` preset, or the paper preset this run is based on)."""
+        presets = type(self).PRESETS
+        reference = self.preset if self.preset.startswith("paper") else "paper"
+        paper = {**self.DEFAULTS, **presets.get(reference, {})}
+        out = {}
+        for key, value in paper.items():
+            used = getattr(self, key)
+            if used != value:
+                why = ("set for this run" if key in self._explicit
+                       else self.PRESET_PURPOSE.get(self.preset, f"preset {self.preset!r}"))
+                out[key] = {"used": used, "paper": value, "why": why}
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +332,8 @@ class LearnedMaskPruner(Pruner):
 
     def training_windows(self, ctx):
         """(dataset, train windows, held-out windows, stream fingerprint): every window of the
-        training text once, a seeded few of them held out."""
+        training text once, a seeded few of them held out.  With `streaming`, train is a
+        WindowStream whose first windows are the held-out ones."""
         from .data import stream_windows
 
         c = self.config
@@ -298,16 +341,37 @@ class LearnedMaskPruner(Pruner):
         if ctx.tokenizer is None:
             raise UserError(f"{self.display or self.name} draws its own training stream and needs the tokenizer "
                             "in the context", hint="the runner passes it; in scripts set PruneContext(tokenizer=...)")
+        if c.streaming:
+            return self._streamed_windows(ctx, dataset)
         windows, fingerprint = stream_windows(ctx.tokenizer, dataset, c.seqlen, ctx.data_dir)
         gen = torch.Generator().manual_seed(ctx.seed)
         order = torch.randperm(len(windows), generator=gen)
         n_heldout = min(c.heldout_windows, max(len(windows) - c.batch_size, 0))
         return dataset, windows[order[n_heldout:]], windows[order[:n_heldout]], fingerprint
 
-    def batch(self, train: torch.Tensor, step: int, seed: int) -> torch.Tensor:
+    def _streamed_windows(self, ctx, dataset):
+        """The papers' stream: unique windows read on the fly, none overlapping the cell's
+        evaluation text; the first `heldout_windows` are held out, training reads on from there."""
+        from .data import eval_text, tokenizer_fingerprint
+        from .identity import sha256_json
+        from .stream import WindowStream, open_documents
+
+        c = self.config
+        exclude = "\n\n".join(eval_text(d, ctx.data_dir) for d in ctx.eval_datasets) or None
+        stream = WindowStream(open_documents(dataset, ctx.data_dir), ctx.tokenizer, c.seqlen, exclude_text=exclude,
+                              allow_repeats=c.allow_stream_repeats)
+        heldout = stream.take(0, c.heldout_windows) if c.heldout_windows else torch.zeros(0, c.seqlen, dtype=torch.long)
+        fingerprint = sha256_json({"stream": stream.stats["fingerprint"], "tok": tokenizer_fingerprint(ctx.tokenizer),
+                                   "seqlen": c.seqlen, "excluded": stream.stats.get("excluded_text_sha256")})[:16]
+        return dataset, StreamedBatches(stream, len(heldout)), heldout, fingerprint
+
+    def batch(self, train, step: int, seed: int) -> torch.Tensor:
         """The sequences of optimizer step `step`: consecutive slices of a seeded permutation of
-        the whole stream, reshuffled (seed, epoch) when it runs out; a pure function of the step."""
+        the whole stream, reshuffled (seed, epoch) when it runs out; a pure function of the step.
+        A streamed source: the step's consecutive windows of the stream."""
         bs = self.config.batch_size
+        if isinstance(train, StreamedBatches):
+            return train.take(step * bs, bs)
         n = len(train)
         epoch, index = divmod(step, n // bs)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
@@ -335,22 +399,31 @@ class LearnedMaskPruner(Pruner):
         self.check_spec(ctx.sparsity)
         c, spec = self.config, ctx.sparsity
         who = self.display or self.name
-        report = PruneReport(stats={"config": dataclasses.asdict(c), "scope": self.report_scope(spec)})
+        report = PruneReport(stats={"config": dataclasses.asdict(c), "scope": self.report_scope(spec),
+                                    "paper_differences": c.paper_differences()})
         modules = all_prunable(model)
         device = torch.device(ctx.device)
         logits_dtype = resolve_dtype(c.logits_dtype)
         t_start = time.perf_counter()
 
+        dp = DataParallel.current()
+        micros = dp.micro_batches(c.grad_accum, who)  # this process's share of each step
         dataset, train, heldout, fingerprint = self.training_windows(ctx)
-        report.stats.update(dataset=dataset, train_windows=len(train), heldout_windows=len(heldout),
-                            stream_fingerprint=fingerprint, n_masked=sum(m.weight.numel() for m in modules.values()))
+        streamed = isinstance(train, StreamedBatches)
+        report.stats.update(dataset=dataset, heldout_windows=len(heldout), stream_fingerprint=fingerprint,
+                            n_masked=sum(m.weight.numel() for m in modules.values()))
+        if dp.active:
+            report.stats.update(processes=dp.world, micro_batches_per_process=len(micros))
+        if not streamed:
+            report.stats["train_windows"] = len(train)
         micro_size = c.batch_size // c.grad_accum
-        if len(train) < c.batch_size:
+        if not streamed and len(train) < c.batch_size:
             raise UserError(f"the {dataset} training stream has {len(train)} windows of {c.seqlen}, fewer than one "
                             f"batch of {c.batch_size}", hint="use a shorter seqlen or a larger dataset")
         windows_needed = c.steps * c.batch_size
-        report.stats["stream_repeats"] = round(windows_needed / len(train), 3)
-        if windows_needed > len(train):
+        if not streamed:
+            report.stats["stream_repeats"] = round(windows_needed / len(train), 3)
+        if not streamed and windows_needed > len(train):
             report.warnings.append(f"{who}: {c.steps} steps x {c.batch_size} sequences need {windows_needed} windows "
                                    f"but the {dataset} stream has {len(train)}: the text repeats "
                                    f"{windows_needed / len(train):.1f} times (risk of overfitting, LEAP.md section 6)")
@@ -372,7 +445,8 @@ class LearnedMaskPruner(Pruner):
         params = [p for layer in modules for p in logits[layer].values() if p.requires_grad]
         self.begin(modules, spec)
 
-        optimizer = make_adamw(params, c)
+        holder = dp.wrap(params)  # DDP averages the logit gradients across processes
+        optimizer = dp.make_optimizer(params, lambda ps: make_adamw(ps, c), c.shard_optimizer_state)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, c.steps, c.warmup_steps, c.lr_schedule, c.lr_final_ratio))
         curves = {"step": [], "loss": [], "ce": []}
@@ -400,7 +474,7 @@ class LearnedMaskPruner(Pruner):
         bar.update(start_step)
         try:
             if resumed is None:
-                self._heldout(model, patch, heldout, spec, 0, curves, micro_size, device)
+                self._heldout(model, patch, heldout, spec, 0, curves, micro_size, device, dp)
                 if curves.get("heldout_loss"):
                     report.stats["prior_heldout_loss"] = curves["heldout_loss"][0]
                     report.stats["prior_heldout_ppl"] = curves["heldout_ppl"][0]
@@ -408,28 +482,37 @@ class LearnedMaskPruner(Pruner):
                 sched = self.schedule(step)
                 patch.mode, patch.step, patch.sched = "soft", step, sched
                 optimizer.zero_grad(set_to_none=True)
-                batch_ids = self.batch(train, step, ctx.seed)
+                batch_ids = None if streamed else self.batch(train, step, ctx.seed)
                 logged = {"loss": 0.0, "ce": 0.0}
-                for micro in range(c.grad_accum):
+                for micro in micros:  # global micro-batch indices: the data and the noise follow them
                     patch.micro = micro
-                    ids = batch_ids[micro * micro_size:(micro + 1) * micro_size].to(device)
+                    if streamed:
+                        ids = train.take(step * c.batch_size + micro * micro_size, micro_size).to(device)
+                    else:
+                        ids = batch_ids[micro * micro_size:(micro + 1) * micro_size].to(device)
                     patch.stats.clear()
-                    out = model(input_ids=ids, use_cache=False)
-                    ce = lm_loss(out.logits, ids)
-                    terms, metrics = self.regularisers(patch.stats, sched)
-                    loss = ce
-                    for term in terms:
-                        loss = loss + term
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"{who}: non-finite loss {loss.item()} at step {step} "
-                                                 f"(micro-batch {micro}; ce {ce.item()})")
-                    (loss / c.grad_accum).backward()
+                    with dp.no_sync(holder, last_micro=micro == micros[-1]):
+                        out = holder(lambda: model(input_ids=ids, use_cache=False))
+                        ce = lm_loss(out.logits, ids)
+                        terms, metrics = self.regularisers(patch.stats, sched)
+                        loss = ce
+                        for term in terms:
+                            loss = loss + term
+                        finite = bool(torch.isfinite(loss))
+                        if dp.any_true(not finite):  # every process stops, not only the one that saw it
+                            where = (f"micro-batch {micro}; ce {ce.item()}" if not finite
+                                     else "on another process")
+                            raise FloatingPointError(f"{who}: non-finite loss {loss.item()} at step {step} ({where})")
+                        # / this process's share: DDP then averages over the processes, so the
+                        # gradient is the mean over all grad_accum micro-batches
+                        (loss / len(micros)).backward()
                     logged["loss"] += loss.item() / c.grad_accum
                     logged["ce"] += ce.item() / c.grad_accum
                     for name, value in metrics.items():
                         logged[name] = logged.get(name, 0.0) + value / c.grad_accum
                 del out, loss, ce, terms
                 patch.stats.clear()
+                logged = dp.sum_floats(logged)
                 if c.grad_clip:
                     norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
                     logged["grad_norm"] = float(norm)
@@ -446,12 +529,12 @@ class LearnedMaskPruner(Pruner):
                                 **{k: f"{sched[k]:.3g}" for k in self.logged_schedule})
                 done = step + 1
                 if c.heldout_every and done % c.heldout_every == 0 and done < c.steps:
-                    self._heldout(model, patch, heldout, spec, done, curves, micro_size, device)
+                    self._heldout(model, patch, heldout, spec, done, curves, micro_size, device, dp)
                 if state_path is not None and done % c.checkpoint_every == 0 and done < c.steps:
-                    self._save_state(state_path, run_key, logits, optimizer, scheduler, done, curves)
+                    self._checkpoint(dp, state_path, run_key, logits, optimizer, scheduler, done, curves)
             patch.mode = "off"
             masks = self.hard_masks(_detached(logits), spec)
-            self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, masks=masks)
+            self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, dp, masks=masks)
         finally:
             bar.close()
             patch.remove()
@@ -477,7 +560,14 @@ class LearnedMaskPruner(Pruner):
         if curves.get("heldout_loss"):
             report.stats["heldout_loss"] = curves["heldout_loss"][-1]
             report.stats["heldout_ppl"] = curves["heldout_ppl"][-1]
-        if state_path is not None and state_path.exists():
+        if streamed:
+            report.stats["stream"] = train.stats
+            report.stats["stream_repeats"] = train.stats["repeats"]
+            if train.stats["repeats"]:
+                report.warnings.append(f"{who}: the {dataset} stream ran out and was read {train.stats['passes']} "
+                                       f"times (allow_stream_repeats)")
+        dp.barrier()  # every process is past its last read of the checkpoint
+        if dp.is_main and state_path is not None and state_path.exists():
             state_path.unlink()  # the finished result is in the weights; a stale state must not resume
         del optimizer, params, logits
         return report
@@ -489,20 +579,23 @@ class LearnedMaskPruner(Pruner):
     # -- pieces of the loop -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _heldout(self, model, patch, heldout, spec, step, curves, micro_size, device, masks=None):
-        """Mean next-token loss of the current hard mask on the held-out windows."""
+    def _heldout(self, model, patch, heldout, spec, step, curves, micro_size, device, dp=DataParallel(), masks=None):
+        """Mean next-token loss of the current hard mask on the held-out windows (several
+        processes: each scores every world-th chunk, the sums are added)."""
         if len(heldout) == 0:
             return
         patch.hard = masks if masks is not None else self.hard_masks(_detached(patch.logits), spec)
         patch.mode = "hard"
         total, count = 0.0, 0
-        for start in range(0, len(heldout), max(micro_size, 1)):
+        starts = range(0, len(heldout), max(micro_size, 1))
+        for start in starts[dp.rank::dp.world]:
             ids = heldout[start:start + micro_size].to(device)
             out = model(input_ids=ids, use_cache=False)
             n_tok = ids[:, 1:].numel()
             total += lm_loss(out.logits, ids).item() * n_tok
             count += n_tok
-        loss = total / count
+        sums = dp.sum_floats({"total": total, "count": count})
+        loss = sums["total"] / sums["count"]
         for name, value in (("heldout_step", step), ("heldout_loss", round(loss, 6)),
                             ("heldout_ppl", round(math.exp(min(loss, 700.0)), 4)),
                             ("heldout_sparsity", round(mask_sparsity(patch.hard), 6))):
@@ -516,6 +609,15 @@ class LearnedMaskPruner(Pruner):
                "sparsity": ctx.sparsity.to_dict(), "seed": ctx.seed, "stream": fingerprint,
                "shapes": [[n, list(m.weight.shape)] for n, m in modules.items()]}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _checkpoint(self, dp, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
+        """Rank 0 writes the state (the sharded optimizer's moments gathered to it first); the
+        others wait, so a preemption after this step resumes every process from it."""
+        state = dp.full_optimizer_state(optimizer) if dp.active else None
+        if dp.is_main:
+            self._save_state(path, run_key, logits, optimizer if state is None else _Fixed(state), scheduler,
+                             step, curves)
+        dp.barrier()
 
     def _save_state(self, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
         """Atomic: write a temp file, then os.replace.  The noise and data order are counter-based
@@ -543,6 +645,31 @@ class LearnedMaskPruner(Pruner):
             return None
         torch.set_rng_state(state["torch_rng"])
         return state
+
+
+class _Fixed:
+    """An already gathered optimizer state, where _save_state asks an optimizer for it."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def state_dict(self):
+        return self._state
+
+
+class StreamedBatches:
+    """A WindowStream seen from the training loop: window i of training is the stream's window
+    offset + i (the first `offset` are the held-out ones)."""
+
+    def __init__(self, stream, offset: int):
+        self.stream, self.offset = stream, offset
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        return self.stream.take(self.offset + start, count)
+
+    @property
+    def stats(self) -> dict:
+        return self.stream.stats
 
 
 def _detached(logits: dict) -> dict:

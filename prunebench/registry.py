@@ -82,6 +82,7 @@ class PruneContext:
     data_dir: Optional[str] = None
     calibration_dataset: str = "lee"
     work_dir: Optional[Path] = None  # where long jobs may checkpoint (kept across preemptions)
+    eval_datasets: tuple = ()  # the cell's perplexity text: a streamed training text leaves it out
     extras: dict = field(default_factory=dict)
 
 

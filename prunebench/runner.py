@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, registry
+from . import __version__, distributed, registry
 from .config import DENSE, CellSpec, GridSpec
 from .data import WindowSpec, calibration_windows, eval_tokens, text_fingerprint
 from .environment_lock import lock_fingerprint
@@ -160,7 +160,11 @@ def run_cell_by_key(grid: GridSpec, results_dir, key: str, *, force: bool = Fals
                     save_masks: bool = False, lock_stale_s: float | None = None, plugins=()) -> dict:
     """Run one cell of `grid` in this (fresh) process: what each array task does.
 
-    Returns {"key", "status": ok | failed | skipped | busy, "error", "record"}.
+    Under torchrun or a multi-task SLURM job (prunebench.distributed) every process calls this:
+    rank 0 claims the cell, checks, evaluates and writes the record; the others join the
+    training of a learned method and return {"status": "follower"}.
+
+    Returns {"key", "status": ok | failed | skipped | busy | follower, "error", "record"}.
     """
     for plugin in plugins or ():
         registry.load_plugin(plugin)
@@ -168,16 +172,27 @@ def run_cell_by_key(grid: GridSpec, results_dir, key: str, *, force: bool = Fals
     if not matches:
         raise UserError(f"no cell with key {key[:12]} in this grid", hint="the grid changed since it was submitted")
     cell, results_dir = matches[0], Path(results_dir)
-    state, claim = _claim_cell(cell, results_dir, force, lock_stale_s)
-    if state != "run":
-        return {"key": key, "status": state, "error": None, "record": None}
-    session = ModelSession(cell.model, grid)
+    started = distributed.init_from_environment(grid.device)
     try:
-        record = run_cell(cell, session, grid, results_dir, progress=progress, save_masks=save_masks)
+        dp = distributed.DataParallel.current()
+        state, claim = _claim_cell(cell, results_dir, force, lock_stale_s) if dp.is_main else (None, None)
+        state = dp.broadcast(state)
+        if state != "run":
+            return {"key": key, "status": state, "error": None, "record": None}
+        session = ModelSession(cell.model, grid)
+        try:
+            if not dp.is_main:  # only a learned method trains across processes; rank 0 does the rest
+                if getattr(registry.get(cell.method), "kind", None) == "learned":
+                    _prune_cell(cell, session, grid, results_dir, progress=False)
+                return {"key": key, "status": "follower", "error": None, "record": None}
+            record = run_cell(cell, session, grid, results_dir, progress=progress, save_masks=save_masks)
+        finally:
+            _release(claim)
+            session.close()
+        return {"key": key, "status": record["status"], "error": record.get("error"), "record": record}
     finally:
-        _release(claim)
-        session.close()
-    return {"key": key, "status": record["status"], "error": record.get("error"), "record": record}
+        if started:
+            distributed.shutdown()
 
 
 class ModelSession:
@@ -219,28 +234,9 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         torch.cuda.reset_peak_memory_stats()
     lm_eval_tmp = None
     try:
-        loaded = session.get()
+        loaded, report, prune_s = _prune_cell(cell, session, grid, results_dir, progress, record)
         model, tokenizer = loaded.model, loaded.tokenizer
-        record["model"].update({k: loaded.info.get(k) for k in ("family", "n_params", "n_prunable", "architecture",
-                                                                 "revision", "file_sha256", "source")})
-        pruner = registry.create(cell.method, cell.method_config)
-        if cell.method != DENSE:
-            pruner.check_spec(cell.sparsity)
-        calibration = None
-        if pruner.capabilities.needs_calibration:
-            cs = cell.calibration
-            calibration, fingerprint = calibration_windows(
-                tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cs.seed, cs.encoding), grid.data_dir)
-            record["calibration"] = {**dataclasses.asdict(cs), "fingerprint": fingerprint,
-                                     "text": text_fingerprint(cs.dataset, "calibration", grid.data_dir, cs.encoding)}
-        work_dir = Path(results_dir) / "work" / cell.key[:16]
-        ctx = PruneContext(sparsity=cell.sparsity, calibration=calibration, device=grid.device, seed=cell.seed,
-                           progress=progress, logger=log, registry=registry, tokenizer=tokenizer,
-                           data_dir=grid.data_dir, calibration_dataset=cell.calibration.dataset, work_dir=work_dir)
-        torch.manual_seed(cell.seed)
-        t0 = time.perf_counter()
-        report = pruner.prune(model, ctx)
-        record["timing"]["prune_s"] = round(time.perf_counter() - t0, 3)
+        record["timing"]["prune_s"] = prune_s
         record["warnings"].extend(report.warnings)
         record["method"]["stats"] = _small({k: v for k, v in report.stats.items() if k != "allocation"})
 
@@ -289,6 +285,38 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
                                   + (f" and {len(replaced) - 10} more" if len(replaced) > 10 else ""))
     write_cell_record(results_dir, record, lm_eval_tmp)
     return record
+
+
+def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir, progress: bool,
+                record: dict | None = None):
+    """Load the model, build the method and its context, prune: (loaded, report, seconds).
+    What every process of a multi-process cell runs; `record` (rank 0) gets the model and
+    calibration details."""
+    loaded = session.get()
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if record is not None:
+        record["model"].update({k: loaded.info.get(k) for k in ("family", "n_params", "n_prunable", "architecture",
+                                                                 "revision", "file_sha256", "source")})
+    pruner = registry.create(cell.method, cell.method_config)
+    if cell.method != DENSE:
+        pruner.check_spec(cell.sparsity)
+    calibration = None
+    if pruner.capabilities.needs_calibration:
+        cs = cell.calibration
+        calibration, fingerprint = calibration_windows(
+            tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cs.seed, cs.encoding), grid.data_dir)
+        if record is not None:
+            record["calibration"] = {**dataclasses.asdict(cs), "fingerprint": fingerprint,
+                                     "text": text_fingerprint(cs.dataset, "calibration", grid.data_dir, cs.encoding)}
+    work_dir = Path(results_dir) / "work" / cell.key[:16]
+    ctx = PruneContext(sparsity=cell.sparsity, calibration=calibration, device=grid.device, seed=cell.seed,
+                       progress=progress, logger=log, registry=registry, tokenizer=tokenizer,
+                       data_dir=grid.data_dir, calibration_dataset=cell.calibration.dataset, work_dir=work_dir,
+                       eval_datasets=tuple(grid.eval.perplexity))
+    torch.manual_seed(cell.seed)
+    t0 = time.perf_counter()
+    report = pruner.prune(model, ctx)
+    return loaded, report, round(time.perf_counter() - t0, 3)
 
 
 def _lm_eval_dir(results_dir, record) -> Path:

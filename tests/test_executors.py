@@ -72,6 +72,7 @@ def test_cell_task_checkpoint_requeues_the_same_cell(tmp_path):
     (["--executor", "slurm", "--timeout", "0"], "--timeout must be a positive"),
     (["--executor", "slurm", "--array-parallelism", "0"], "--array-parallelism must be 1 or more"),
     (["--lock-timeout", "-1"], "--lock-timeout must be positive"),
+    (["--nproc-per-node", "0"], "--nproc-per-node must be 1 or more"),
 ])
 def test_bad_executor_flags_are_one_line_errors(tmp_path, capsys, argv, message):
     code = main(["run", "--models", "tiny:llama", "--methods", "magnitude", "--results", str(tmp_path), "-q", *argv])
@@ -85,3 +86,31 @@ def test_executor_rejects_bad_options():
 
     with pytest.raises(UserError):
         SubmititExecutor(gpus_per_cell=-1)
+
+
+TORCHRUN_GRID_YAML = """
+models: [tiny:llama]
+methods:
+  - {name: leap, config: {preset: tiny, steps: 2, batch_size: 2, grad_accum: 2, seqlen: 32, heldout_windows: 2, prior_method: magnitude}}
+  - magnitude
+sparsities: ["0.5"]
+calibration: {dataset: lee, n_samples: 4, seqlen: 32}
+eval: {perplexity: [lee], seqlen: 64, max_ppl_windows: 2, tasks: []}
+"""
+
+
+def test_a_learned_cell_runs_as_two_processes_through_torchrun(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(TORCHRUN_GRID_YAML)
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "prunebench.cli", "run", "--grid", str(grid), "--results", str(results), "-q",
+           "--nproc-per-node", "2", "--no-dense"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 cells: 2 ran ok" in done.stdout, done.stdout
+    records, _ = load_records(results)
+    by_method = {r["method"]["name"]: r for r in records}
+    assert by_method["leap"]["status"] == "ok" and by_method["magnitude"]["status"] == "ok"
+    assert by_method["leap"]["method"]["stats"]["processes"] == 2  # trained by both processes
+    assert "processes" not in by_method["magnitude"]["method"]["stats"]  # a one-shot cell runs in the runner
+    assert not list(locks_dir(results).glob("*.lock"))

@@ -1,0 +1,171 @@
+"""Data parallelism for the mask-learning engine, on torch.distributed.
+
+A learned cell may run as several processes (one per GPU, or several CPU processes with the gloo
+backend): `torchrun --nproc-per-node N`, or a SLURM job whose tasks submitit turns into a
+torch.distributed world.  Every process holds the frozen model and all logits; each runs its
+share of an optimizer step's micro-batches, and DistributedDataParallel averages the logit
+gradients before clipping and the update, so every process takes the same step.  With
+`shard_optimizer_state` the AdamW moments are split across the processes by torch's
+ZeroRedundancyOptimizer (ZeRO stage 1): two thirds of the training state of float logits.
+
+What a step computes does not depend on the process count: micro-batch k of step s reads the
+same sequences and draws the same mask noise whichever process runs it (both are functions of
+(seed, step, k) in prunebench.masklearn), so N processes compute what one process with the same
+global gradient accumulation computes, up to the order of the floating-point sums.
+
+Nothing here starts a process group at import; `init_from_environment` starts one only when the
+launcher's variables say there are several processes.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+# The launchers' variables (torchrun's; submitit's TorchDistributedEnvironment exports the same).
+WORLD_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
+# A collective that waits longer than this has lost a peer (the default is 30 minutes for gloo):
+# a cell's first step includes every process's one-shot prior, minutes at 8B.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def backend_for(device: str) -> str:
+    return "nccl" if str(device).startswith("cuda") else "gloo"
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started for this cell (1 outside torchrun / SLURM tasks)."""
+    try:
+        return int(os.environ.get(WORLD_ENV, "1"))
+    except ValueError:
+        raise UserError(f"{WORLD_ENV}={os.environ.get(WORLD_ENV)!r} is not a number",
+                        hint="launch with torchrun or prunebench run --nproc-per-node") from None
+
+
+def init_from_environment(device: str = "cpu") -> bool:
+    """Join the world the launcher describes (torchrun: env://).  True if this call started the
+    process group (the caller then ends it with `shutdown`)."""
+    if launched_world_size() <= 1 or dist.is_initialized():
+        return False
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get(LOCAL_RANK_ENV, "0")))
+    dist.init_process_group(backend=backend_for(device), timeout=COLLECTIVE_TIMEOUT)
+    return True
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """This process's place in the cell's world; world 1 is the plain single-process path."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "DataParallel":
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def micro_batches(self, grad_accum: int, who: str) -> range:
+        """The global micro-batch indices of one step this process runs: a contiguous share."""
+        if grad_accum % self.world:
+            raise UserError(f"{who}: grad_accum {grad_accum} micro-batches per step do not split over "
+                            f"{self.world} processes", hint=f"use a grad_accum divisible by {self.world}")
+        share = grad_accum // self.world
+        return range(self.rank * share, (self.rank + 1) * share)
+
+    def wrap(self, params: list) -> nn.Module:
+        """A module owning the trainable logits, under DistributedDataParallel when active: its
+        forward runs the given closure (the masked model's forward), so DDP sees every use of
+        the logits and averages their gradients at the end of the backward."""
+        holder = LogitHolder(params)
+        if not self.active:
+            return holder
+        from torch.nn.parallel import DistributedDataParallel
+
+        # broadcast_buffers: the holder has none; rank 0's initial logits reach every process.
+        return DistributedDataParallel(holder, broadcast_buffers=False)
+
+    def no_sync(self, module: nn.Module, last_micro: bool):
+        """Accumulate locally on all but a step's last micro-batch (one all-reduce per step)."""
+        if self.active and not last_micro:
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def sum_floats(self, values: dict) -> dict:
+        """{name: float} summed over the processes (the logged losses, the held-out sums)."""
+        if not self.active or not values:
+            return values
+        names = sorted(values)
+        t = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
+        dist.all_reduce(t)  # gloo and nccl both reduce float64 (nccl on the current device)
+        return dict(zip(names, t.tolist()))
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every process if it is True on any (a non-finite loss stops all of them)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def broadcast(self, obj):
+        """Rank 0's value of a picklable object, on every process."""
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def make_optimizer(self, params: list, build, shard: bool):
+        """AdamW from `build(params)`; with `shard`, torch's ZeroRedundancyOptimizer around the
+        same class and settings, so each process keeps the moments of its share of the logits."""
+        optimizer = build(params)
+        if not (shard and self.active):
+            return optimizer
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "betas", "eps", "weight_decay")}
+        return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)
+
+    def full_optimizer_state(self, optimizer):
+        """The whole optimizer state on rank 0 (None elsewhere); every process must call it."""
+        consolidate = getattr(optimizer, "consolidate_state_dict", None)
+        if consolidate is not None:
+            consolidate(to=0)
+        return optimizer.state_dict() if self.is_main else None
+
+
+class LogitHolder(nn.Module):
+    """The trainable logits as one module's parameters (the unit DDP synchronises)."""
+
+    def __init__(self, params: list):
+        super().__init__()
+        self.logits = nn.ParameterList(params)
+
+    def forward(self, run):
+        return run()

@@ -1,0 +1,118 @@
+"""Mask learning across processes (prunebench.distributed, the engine in prunebench.masklearn):
+two gloo processes on a CPU compute what one process with the same global gradient
+accumulation computes, and a preempted two-process run resumes to the mask of an uninterrupted one.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from prunebench import masklearn, registry
+from prunebench.data import WindowSpec, calibration_windows
+from prunebench.distributed import DataParallel
+from prunebench.errors import UserError
+from prunebench.models import all_prunable, load_tiny, weight_matrix
+from prunebench.registry import PruneContext
+from prunebench.sparsity import SparsitySpec
+
+# LEAP on a tiny Llama: 4 steps of 4 sequences, one sequence per micro-batch (so one mask draw
+# per sequence, as the authors' code draws), the held-out curve on 2 windows.
+CONFIG = {"preset": "tiny", "steps": 4, "batch_size": 4, "grad_accum": 4, "seqlen": 32, "heldout_windows": 2,
+          "heldout_every": 2, "final_mask": "topk", "checkpoint_every": 2}
+TARGET = "0.5"
+# Two processes add the same per-sequence gradients in another order (an all-reduce of two
+# partial sums instead of one running sum): float32 rounding, so the logits agree to about 1e-6
+# and a mask may differ only where two logits are that close (none did on this model).
+LOGIT_ATOL = 1e-5
+MASK_AGREEMENT = 0.999
+
+
+def _context(loaded, work_dir=None):
+    calib, _ = calibration_windows(loaded.tokenizer, WindowSpec("lee", 8, 64, 0))
+    return PruneContext(sparsity=SparsitySpec.parse(TARGET), calibration=calib, seed=0, progress=False,
+                        registry=registry, tokenizer=loaded.tokenizer, calibration_dataset="lee", work_dir=work_dir)
+
+
+def _train(config, work_dir=None):
+    loaded = load_tiny("llama")
+    report = registry.create("leap", config).prune(loaded.model, _context(loaded, work_dir))
+    masks = {n: (weight_matrix(m) != 0).clone() for n, m in all_prunable(loaded.model).items()}
+    return masks, report
+
+
+def _worker(rank, world, store_file, out_dir, config, preempt_at, work_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
+    try:
+        if preempt_at is not None:
+            original = masklearn.LearnedMaskPruner._checkpoint
+
+            def preempt(self, dp, path, run_key, logits, optimizer, scheduler, step, curves):
+                original(self, dp, path, run_key, logits, optimizer, scheduler, step, curves)
+                if step == preempt_at:
+                    raise KeyboardInterrupt("preempted")
+
+            masklearn.LearnedMaskPruner._checkpoint = preempt
+        try:
+            masks, report = _train(config, work_dir)
+        except KeyboardInterrupt:
+            return
+        torch.save({"masks": masks, "stats": {k: report.stats.get(k) for k in
+                                              ("processes", "micro_batches_per_process", "heldout_loss",
+                                               "resumed_from_step", "curves")}},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_two(tmp_path, name, config, preempt_at=None, work_dir=None):
+    """Spawn two gloo processes training `config`; their saved results (None if preempted)."""
+    out = tmp_path / name
+    out.mkdir()
+    store = tmp_path / f"{name}.store"
+    mp.spawn(_worker, args=(2, str(store), str(out), config, preempt_at, str(work_dir) if work_dir else None),
+             nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)] if (out / "rank0.pt").exists() else None
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """One uninterrupted two-process run (checkpointing, which changes nothing it computes), shared
+    by the tests: spawning processes is the slow part."""
+    tmp = tmp_path_factory.mktemp("two")
+    return _run_two(tmp, "full", CONFIG, work_dir=tmp / "work")
+
+
+def test_two_processes_learn_what_one_process_learns(tmp_path, two_process_run):
+    one_masks, one_report = _train(CONFIG, tmp_path / "one")
+    two = two_process_run
+    assert two[0]["stats"]["processes"] == 2 and two[0]["stats"]["micro_batches_per_process"] == 2
+    for name, mask in one_masks.items():
+        assert torch.equal(two[0]["masks"][name], two[1]["masks"][name]), f"{name}: the processes disagree"
+    agree = sum(int((two[0]["masks"][n] == m).sum()) for n, m in one_masks.items())
+    total = sum(m.numel() for m in one_masks.values())
+    assert agree / total >= MASK_AGREEMENT, f"masks agree on {agree / total:.6f} of weights"
+    # the logged losses are the same sums over all micro-batches
+    one_loss, two_loss = one_report.stats["curves"]["loss"], two[0]["stats"]["curves"]["loss"]
+    assert two_loss == pytest.approx(one_loss, rel=1e-4, abs=1e-5)
+    assert two[0]["stats"]["heldout_loss"] == pytest.approx(one_report.stats["heldout_loss"], rel=1e-4)
+
+
+def test_a_resumed_two_process_run_ends_with_the_uninterrupted_mask(tmp_path, two_process_run):
+    uninterrupted = two_process_run
+    assert _run_two(tmp_path, "cut", CONFIG, preempt_at=2, work_dir=tmp_path / "w_cut") is None
+    assert (tmp_path / "w_cut" / "leap_state.pt").is_file()
+    resumed = _run_two(tmp_path, "resumed", CONFIG, work_dir=tmp_path / "w_cut")
+    assert resumed[0]["stats"]["resumed_from_step"] == 2
+    for name, mask in uninterrupted[0]["masks"].items():
+        assert torch.equal(resumed[0]["masks"][name], mask), name
+    assert not (tmp_path / "w_cut" / "leap_state.pt").exists()
+
+
+def test_a_step_that_does_not_split_over_the_processes_is_refused():
+    with pytest.raises(UserError, match="do not split over 2 processes"):
+        DataParallel(rank=0, world=2).micro_batches(3, "LEAP")
+    assert list(DataParallel(rank=1, world=2).micro_batches(4, "LEAP")) == [2, 3]
+    assert list(DataParallel().micro_batches(4, "LEAP")) == [0, 1, 2, 3]
