@@ -103,8 +103,8 @@ class DataParallel:
             return holder
         from torch.nn.parallel import DistributedDataParallel
 
-        # broadcast_buffers: the holder has none; rank 0's initial logits reach every process.
-        return DistributedDataParallel(holder, broadcast_buffers=False)
+        # the holder has no buffers; at construction rank 0's initial logits reach every process
+        return DistributedDataParallel(holder)
 
     def no_sync(self, module: nn.Module, last_micro: bool):
         """Accumulate locally on all but a step's last micro-batch (one all-reduce per step)."""
