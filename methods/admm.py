@@ -92,20 +92,40 @@ def select_mask(scores: torch.Tensor, spec: SparsitySpec, sparsity: float) -> to
     """
     if spec.pattern != "nm":
         return mask_from_scores(scores, SparsitySpec(float(sparsity), "unstructured", scope=spec.scope or "layer"))
-    final = nm_mask(scores, spec.n, spec.m)
+    final = two_of_four(scores) if (spec.n, spec.m) == (2, 4) else None
+    if final is None:
+        final = nm_mask(scores, spec.n, spec.m)
     if sparsity >= spec.target - 1e-12:
         return final
-    rejected = ~final
-    k = min(n_to_prune(scores.numel(), sparsity), int(rejected.sum()))
-    keep = torch.ones_like(final)
-    if k > 0:
-        # The k lowest scores among the weights the final pattern rejects, ties by position: a
-        # selection over those weights only (no sort of the whole matrix).
-        flat_rejected = rejected.reshape(-1)
-        values = scores.reshape(-1).float()[flat_rejected]
-        drop = ~_keep_all_but_lowest(values.unsqueeze(0), k).squeeze(0)
-        keep.view(-1)[flat_rejected.nonzero().squeeze(1)[drop]] = False
+    flat_rejected = ~final.reshape(-1)
+    values = scores.reshape(-1).float().masked_select(flat_rejected)
+    k = min(n_to_prune(scores.numel(), sparsity), values.numel())
+    if k <= 0:
+        return torch.ones_like(final)
+    # The k lowest scores among the weights the final pattern rejects, ties by position: one
+    # selection over those weights only, written back in place (no sort, no index list).
+    keep = final.clone()
+    keep.view(-1).masked_scatter_(flat_rejected, _keep_all_but_lowest(values.unsqueeze(0), k).squeeze(0))
     return keep
+
+
+def two_of_four(scores: torch.Tensor) -> Optional[torch.Tensor]:
+    """nm_mask(scores, 2, 4) from a min/max network: each group's second-largest score is the
+    threshold, a third of the general ranking's work (ADMM re-selects its N:M mask 15 times per
+    layer).  None when a group ties at its threshold or the width is not a multiple of 4; the
+    general nm_mask then decides (ties by position)."""
+    rows, cols = scores.shape
+    if cols % 4:
+        return None
+    groups = scores.reshape(rows, cols // 4, 4)
+    a, b, c, d = groups.unbind(-1)
+    second = torch.maximum(torch.minimum(torch.maximum(a, b), torch.maximum(c, d)),
+                           torch.maximum(torch.minimum(a, b), torch.minimum(c, d)))
+    keep = groups >= second.unsqueeze(-1)
+    # every group keeps at least its top two, so the total is exact only when none keeps more
+    if int(keep.sum()) != rows * cols // 2:
+        return None
+    return keep.reshape(rows, cols)
 
 
 class AdmmSolver:

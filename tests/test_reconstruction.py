@@ -9,9 +9,9 @@ import torch
 
 from prunebench import registry
 from prunebench.registry import LayerStats, PruneContext
-from prunebench.sparsity import SparsitySpec, is_valid_mask, mask_from_scores
+from prunebench.sparsity import SparsitySpec, is_valid_mask, mask_from_scores, n_to_prune, nm_mask
 
-from prunebench.methods.admm import admm_prune, cubic_sparsity, select_mask
+from prunebench.methods.admm import admm_prune, cubic_sparsity, select_mask, two_of_four
 from prunebench.methods.sparsegpt import (CholeskyError, damped_inverse_cholesky, prepare_hessian,
                                           sparsegpt_prune)
 
@@ -229,3 +229,30 @@ def test_cubic_schedule_and_gradual_masks():
         assert m[final].all()  # only weights the final N:M mask rejects are pruned early
         prev = m
     assert torch.equal(prev, final) and is_valid_mask(final, spec)
+
+
+@pytest.mark.parametrize("n,m,cols", [(2, 4, 40), (4, 8, 48), (1, 3, 30), (3, 8, 43)])
+def test_gradual_nm_selection_equals_a_stable_sort(n, m, cols):
+    """ADMM's early N:M steps prune the k lowest of the weights the final pattern rejects, ties in
+    position order: the same as a stable sort of those weights, with ties (integer scores, the
+    cumulative-sum path) and without (float scores, the one-selection path)."""
+    gen = torch.Generator().manual_seed(n * 100 + cols)
+    spec = SparsitySpec.parse(f"{n}:{m}")
+    for scores in (torch.randint(0, 4, (12, cols), generator=gen).float(), torch.rand(12, cols, generator=gen)):
+        rejected = ~nm_mask(scores, n, m).flatten()
+        where = rejected.nonzero().squeeze(1)
+        for s in (0.02, 0.1, 0.25, 0.99 * spec.target):
+            k = min(n_to_prune(scores.numel(), s), where.numel())
+            expected = torch.ones(scores.numel(), dtype=torch.bool)
+            expected[where[torch.sort(scores.flatten()[where], stable=True).indices[:k]]] = False
+            assert torch.equal(select_mask(scores, spec, s).flatten(), expected)
+
+
+def test_two_of_four_network_equals_nm_mask():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.rand(64, 96, generator=gen)
+    assert torch.equal(two_of_four(scores), nm_mask(scores, 2, 4))
+    ties = torch.randint(0, 3, (16, 32), generator=gen).float()
+    assert two_of_four(ties) is None  # a tie at some group's threshold: nm_mask decides by position
+    assert two_of_four(torch.rand(4, 10, generator=gen)) is None  # a trailing short group
+    assert torch.equal(select_mask(ties, SparsitySpec.parse("2:4"), 0.5), nm_mask(ties, 2, 4))
