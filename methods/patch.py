@@ -15,7 +15,7 @@ target density and ga the gradient-accumulation steps (the authors scale both te
 Priors (strength 3): tiles from an unstructured one-shot mask at the target, each tile scored by
 its kept fraction, the top round(n_tiles * (2 rho - 1)) of each layer +1 and the rest -1, added
 to N(0, 0.014^2) logits in units of their std; the 2:4 logits *replaced* by (overlap - 1) * std * 3
-with the one-shot 2:4 mask.  Modes: joint (tiles and 2:4 learned together) and tile (the 2:4 masks
+with the one-shot 2:4 mask (or, group_init="add", MaskLLM's noise + prior, the embedded preset's).  Modes: joint (tiles and 2:4 learned together) and tile (the 2:4 masks
 frozen from a one-shot method or a MaskLLM result; only tiles learn).  Final mask: a tile is
 dense iff P_t > 0 (the authors' rule) or, as an option, the exact number of 2:4 tiles that meets
 the target; each group takes its argmax pattern.  Effective sparsity = 0.5 x (fraction of
@@ -31,19 +31,21 @@ import torch
 from prunebench.errors import UserError
 from prunebench.masklearn import (LearnedMaskPruner, MaskTrainingConfig, fading, gumbel_noise, linear_schedule,
                                   logistic_noise, lr_factor)
-from prunebench.methods.maskllm import argmax_pattern_mask, check_widths, nm_patterns, prior_overlap
+from prunebench.methods.maskllm import (argmax_pattern_mask, check_widths, nm_patterns, pattern_prior_logits,
+                                       prior_overlap)
 from prunebench.models import weight_matrix
 from prunebench.registry import Capabilities, register
 from prunebench.sparsity import SparsitySpec, expand_tiles, tile_sums
 
 MODES = ("joint", "tile")
+GROUP_INITS = ("replace", "add")
 FINAL_MASK_RULES = ("sign", "topk")
 SPARSITY_WARN_POINTS = 0.005
 
 _COMMON = dict(beta2=0.95, weight_decay=0.0, warmup_steps=5, lr_schedule="cosine", lr_final_ratio=0.0, grad_clip=1.0,
                init_std=0.014, prior_strength=3.0, prior_method="sparsegpt", prior_config=None, frozen_method=None,
-               frozen_config=None, tile_tau_start=4.0, tile_tau_end=0.05, group_tau_start=4.0, group_tau_end=0.05,
-               group_kappa_start=100.0, group_kappa_end=500.0)
+               frozen_config=None, group_init="replace", tile_tau_start=4.0, tile_tau_end=0.05, group_tau_start=4.0,
+               group_tau_end=0.05, group_kappa_start=100.0, group_kappa_end=500.0)
 # The LEAP authors' protocol (their PATCH code): one mask draw per sequence (4 GPUs x 64
 # accumulation steps = 256 micro-batches of one), unique SlimPajama-6B windows streamed.
 _PAPER = dict(steps=2000, batch_size=256, seqlen=4096, grad_accum=256, streaming=True, dataset="slimpajama",
@@ -66,10 +68,15 @@ PRESETS = {
     # sigmoid(+-1 + noise), about half open, so the soft density started at 0.68 against a 0.55
     # target at 45% and the run spent its steps closing tiles (measured: held-out 126.8 -> 108.8,
     # Lee PPL 98.65, above MaskLLM 2:4's 67.39).  At 100 the gates start at the prior's choice.
+    # The 2:4 logits start as MaskLLM's do (noise + prior, group_init="add"): from the authors'
+    # noise-free start every group's prior pattern leads by exactly 0.042, and at lr 1e-3 no
+    # argmax moved for ~40 of the 72 steps (held-out 126.8 -> 125.8 at step 36; Lee PPL 100.73 at
+    # 45%); with the noise near-tied groups move at once (measured at 45%: Lee PPL 59.93).
     "embedded": dict(_COMMON, steps=72, batch_size=2, seqlen=256, grad_accum=1, logits_dtype="float32",
                      gradient_checkpointing=False, checkpoint_every=20, heldout_windows=4, heldout_every=12,
                      final_mask="topk", mode="joint", lr=1e-3, tile_kappa_start=100.0, tile_kappa_end=350.0,
-                     lambda_density=7.0, lambda_weight=10.0, tile_tau_start=1.0, group_tau_start=1.0),
+                     lambda_density=7.0, lambda_weight=10.0, tile_tau_start=1.0, group_tau_start=1.0,
+                     group_init="add"),
     "tiny": dict(_COMMON, steps=6, batch_size=2, seqlen=32, grad_accum=1, logits_dtype="float32",
                  gradient_checkpointing=False, checkpoint_every=0, heldout_windows=2, heldout_every=0,
                  final_mask="topk", mode="joint", lr=1e-2, warmup_steps=2, tile_kappa_start=25.0,
@@ -80,6 +87,18 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------------------------
 # Tiles (pure functions)
+
+def group_prior_logits(keep: torch.Tensor, patterns: torch.Tensor, init_std: float, prior_strength: float, rule: str,
+                       generator: torch.Generator) -> torch.Tensor:
+    """The 2:4 logits' start from a one-shot 2:4 mask.  "replace" (the authors' PATCH code):
+    (overlap - 1) * init_std * strength, no noise, so every group's prior pattern leads each rival
+    by the same margin and no argmax moves until the gradients have closed it.  "add" (MaskLLM's
+    rule): N(0, init_std^2) plus the same prior in units of the draw's std, so near-tied groups
+    can move at once."""
+    if rule == "add":
+        return pattern_prior_logits(keep, patterns, init_std, prior_strength, generator)
+    return (prior_overlap(keep, patterns) - 1.0) * (init_std * prior_strength)
+
 
 def tile_prior(keep: torch.Tensor, tile: int, density: float) -> torch.Tensor:
     """+1 for the round(n_tiles * (2 rho - 1)) tiles with the largest kept fraction under an
@@ -134,6 +153,7 @@ class Patch(LearnedMaskPruner):
         prior_config: Optional[dict] = None  # config of the prior method
         frozen_method: Optional[str] = None  # tile mode: where the frozen 2:4 masks come from (None: prior_method)
         frozen_config: Optional[dict] = None  # its config (e.g. a MaskLLM preset)
+        group_init: Optional[str] = None  # joint mode's 2:4 logits: "replace" (the authors') | "add" (MaskLLM's)
         tile_tau_start: Optional[float] = None  # tile gate temperature, linear (4 -> 0.05)
         tile_tau_end: Optional[float] = None
         tile_kappa_start: Optional[float] = None  # tile logit scale, linear (25 -> 350; tile mode 100 -> 500)
@@ -153,6 +173,8 @@ class Patch(LearnedMaskPruner):
                 raise UserError(f"unknown final_mask {self.final_mask!r}", hint=f"use one of {', '.join(FINAL_MASK_RULES)}")
             if min(self.tile_tau_start, self.tile_tau_end, self.group_tau_start, self.group_tau_end) <= 0:
                 raise UserError("temperatures must stay positive", hint="e.g. tile_tau_start=4 tile_tau_end=0.05")
+            if self.group_init not in GROUP_INITS:
+                raise UserError(f"unknown group_init {self.group_init!r}", hint=f"use one of {', '.join(GROUP_INITS)}")
             if self.mode == "joint" and self.frozen_method is not None:
                 raise UserError("frozen_method applies to PATCH's tile mode only", hint="set mode=tile, or drop it")
 
@@ -194,8 +216,8 @@ class Patch(LearnedMaskPruner):
         del unstructured
         if c.mode == "joint":
             keep = self.one_shot_masks(model, modules, ctx, c.prior_method, nm, c.prior_config)
-            return {name: {"T": tiles[name],
-                           "G": (prior_overlap(keep[name], patterns) - 1.0) * (c.init_std * c.prior_strength)}
+            return {name: {"T": tiles[name], "G": group_prior_logits(keep[name], patterns, c.init_std, c.prior_strength,
+                                                                     c.group_init, gen)}
                     for name in modules}
         source = c.frozen_method or c.prior_method
         keep = self.one_shot_masks(model, modules, ctx, source, nm, c.frozen_config if c.frozen_method else c.prior_config)

@@ -232,3 +232,20 @@ def test_patch_meets_its_effective_sparsity_with_valid_tiles(calib_windows, mode
             two_four = torch.repeat_interleave(torch.repeat_interleave(tiles["nm"] & ~tiles["dense"], 16, 0), 16, 1)
             two_four = two_four[:w.shape[0], :w.shape[1]]
             assert torch.equal((w != 0)[two_four], (weight_matrix(m) != 0)[two_four]), name
+
+
+def test_patch_group_init_rules():
+    table = maskllm.nm_patterns(2, 4)
+    keep = nm_mask(torch.randn(16, 32, generator=torch.Generator().manual_seed(1)), 2, 4)
+    overlap = maskllm.prior_overlap(keep, table)
+    # the authors' rule: no noise, the prior pattern leads every rival by its missing overlap x 3 std
+    replaced = patch.group_prior_logits(keep, table, 0.014, 3.0, "replace", torch.Generator().manual_seed(2))
+    torch.testing.assert_close(replaced, (overlap - 1.0) * 0.042)
+    assert torch.equal(maskllm.argmax_pattern_mask(replaced, table, keep.shape), keep)
+    # MaskLLM's rule: the same draw as its own init, so groups differ and a few near-ties flip
+    added = patch.group_prior_logits(keep, table, 0.014, 3.0, "add", torch.Generator().manual_seed(2))
+    torch.testing.assert_close(added, maskllm.pattern_prior_logits(keep, table, 0.014, 3.0,
+                                                                   torch.Generator().manual_seed(2)))
+    assert 0.9 < (maskllm.argmax_pattern_mask(added, table, keep.shape) == keep).float().mean().item() < 1.0
+    with pytest.raises(UserError, match="group_init"):
+        registry.create("patch", {"preset": "tiny", "group_init": "mix"})
