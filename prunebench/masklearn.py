@@ -91,8 +91,10 @@ class MaskTrainingConfig:
     streaming: Optional[bool] = None  # read `dataset` as a stream of unique windows (prunebench.stream), not in memory
     allow_stream_repeats: Optional[bool] = None  # streaming: start the corpus again when it runs out (recorded)
     shard_optimizer_state: Optional[bool] = None  # several processes: split the AdamW moments (ZeroRedundancyOptimizer)
+    loss_chunk: Optional[int] = None  # tokens per chunk of the output head + cross-entropy (0: all at once)
 
-    DEFAULTS: ClassVar[dict] = {"streaming": False, "allow_stream_repeats": False, "shard_optimizer_state": False}
+    DEFAULTS: ClassVar[dict] = {"streaming": False, "allow_stream_repeats": False, "shard_optimizer_state": False,
+                                "loss_chunk": 0}
     # Why a preset departs from the authors' settings (`paper`), written into every record.
     PRESET_PURPOSE: ClassVar[dict] = {
         "embedded": "the embedded default: SmolLM2-135M on a 2-core CPU in minutes (a short budget that starts "
@@ -118,7 +120,7 @@ class MaskTrainingConfig:
                 setattr(self, key, value)
         missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None
                    and f.name not in presets[self.preset] and f.name != "dataset"]
-        for name in self.DEFAULTS:
+        for name in ("streaming", "allow_stream_repeats", "shard_optimizer_state"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.streaming and self.dataset is None:
@@ -135,6 +137,9 @@ class MaskTrainingConfig:
             raise UserError(f"lr_final_ratio {self.lr_final_ratio} is outside [0, 1]", hint="0 decays to zero, 0.1 to a tenth")
         if self.grad_clip < 0:
             raise UserError(f"grad_clip {self.grad_clip} is negative", hint="0 turns clipping off; the authors use 1.0")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise UserError(f"loss_chunk must be a whole number of tokens >= 0, got {self.loss_chunk!r}",
+                            hint="0 computes the loss over all tokens at once; 512 keeps one 512-token chunk of logits")
         self.validate()
 
     def validate(self) -> None:
@@ -470,11 +475,12 @@ class LearnedMaskPruner(Pruner):
             model.eval()  # no dropout: the only randomness is the mask noise
         patch = MaskedLinears(modules, logits, self)
         patch.seed = ctx.seed
+        head = OutputHead.of(model) if c.loss_chunk else None
         bar = progress_bar(total=c.steps, desc=f"{self.name} {spec.label}", enabled=ctx.progress, unit="step")
         bar.update(start_step)
         try:
             if resumed is None:
-                self._heldout(model, patch, heldout, spec, 0, curves, micro_size, device, dp)
+                self._heldout(model, patch, heldout, spec, 0, curves, micro_size, device, dp, head=head)
                 if curves.get("heldout_loss"):
                     report.stats["prior_heldout_loss"] = curves["heldout_loss"][0]
                     report.stats["prior_heldout_ppl"] = curves["heldout_ppl"][0]
@@ -492,8 +498,7 @@ class LearnedMaskPruner(Pruner):
                         ids = batch_ids[micro * micro_size:(micro + 1) * micro_size].to(device)
                     patch.stats.clear()
                     with dp.no_sync(holder, last_micro=micro == micros[-1]):
-                        out = holder(lambda: model(input_ids=ids, use_cache=False))
-                        ce = lm_loss(out.logits, ids)
+                        ce = holder(lambda: model_lm_loss(model, ids, head, c.loss_chunk))
                         terms, metrics = self.regularisers(patch.stats, sched)
                         loss = ce
                         for term in terms:
@@ -510,7 +515,7 @@ class LearnedMaskPruner(Pruner):
                     logged["ce"] += ce.item() / c.grad_accum
                     for name, value in metrics.items():
                         logged[name] = logged.get(name, 0.0) + value / c.grad_accum
-                del out, loss, ce, terms
+                del loss, ce, terms
                 patch.stats.clear()
                 logged = dp.sum_floats(logged)
                 if c.grad_clip:
@@ -529,12 +534,13 @@ class LearnedMaskPruner(Pruner):
                                 **{k: f"{sched[k]:.3g}" for k in self.logged_schedule})
                 done = step + 1
                 if c.heldout_every and done % c.heldout_every == 0 and done < c.steps:
-                    self._heldout(model, patch, heldout, spec, done, curves, micro_size, device, dp)
+                    self._heldout(model, patch, heldout, spec, done, curves, micro_size, device, dp, head=head)
                 if state_path is not None and done % c.checkpoint_every == 0 and done < c.steps:
                     self._checkpoint(dp, state_path, run_key, logits, optimizer, scheduler, done, curves)
             patch.mode = "off"
             masks = self.hard_masks(_detached(logits), spec)
-            self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, dp, masks=masks)
+            self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, dp, masks=masks,
+                          head=head)
         finally:
             bar.close()
             patch.remove()
@@ -579,7 +585,8 @@ class LearnedMaskPruner(Pruner):
     # -- pieces of the loop -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _heldout(self, model, patch, heldout, spec, step, curves, micro_size, device, dp=DataParallel(), masks=None):
+    def _heldout(self, model, patch, heldout, spec, step, curves, micro_size, device, dp=DataParallel(), masks=None,
+                 head=None):
         """Mean next-token loss of the current hard mask on the held-out windows (several
         processes: each scores every world-th chunk, the sums are added)."""
         if len(heldout) == 0:
@@ -590,9 +597,8 @@ class LearnedMaskPruner(Pruner):
         starts = range(0, len(heldout), max(micro_size, 1))
         for start in starts[dp.rank::dp.world]:
             ids = heldout[start:start + micro_size].to(device)
-            out = model(input_ids=ids, use_cache=False)
             n_tok = ids[:, 1:].numel()
-            total += lm_loss(out.logits, ids).item() * n_tok
+            total += model_lm_loss(model, ids, head, self.config.loss_chunk).item() * n_tok
             count += n_tok
         sums = dp.sum_floats({"total": total, "count": count})
         loss = sums["total"] / sums["count"]
@@ -710,3 +716,69 @@ def make_adamw(params, c):
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (float32)."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM split at its last hidden state, for a loss that applies the vocabulary head a
+    chunk of tokens at a time: the decoder, the head's linear layer and the logit soft-cap."""
+
+    decoder: nn.Module
+    linear: nn.Linear
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, model) -> "OutputHead":
+        """Only the plain head (a linear layer, optionally soft-capped as the config says) is
+        reproduced; a model whose forward does anything else to its logits is refused."""
+        config = getattr(model, "config", None)
+        text = getattr(config, "text_config", None) or config
+        get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        linear = get_head() if callable(get_head) else None
+        if decoder is None or decoder is model or not isinstance(linear, nn.Linear):
+            raise UserError(f"loss_chunk: cannot split {type(model).__name__} into a decoder and a linear output head",
+                            hint="set loss_chunk: 0 to compute the loss from the model's own logits")
+        for name in ("logits_scaling", "logit_scale", "output_multiplier_scale"):
+            value = getattr(text, name, None)
+            if value not in (None, 1, 1.0):
+                raise UserError(f"loss_chunk: {type(model).__name__} scales its logits ({name}={value}), which the "
+                                "chunked loss does not reproduce", hint="set loss_chunk: 0")
+        return cls(decoder, linear, getattr(text, "final_logit_softcapping", None) or None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.linear(hidden)
+        if self.softcap:  # in the model's dtype, as its own forward does
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: OutputHead) -> torch.Tensor:
+    return F.cross_entropy(head.logits(hidden).float(), targets, reduction="sum")
+
+
+def chunked_lm_loss(hidden: torch.Tensor, ids: torch.Tensor, head: OutputHead, chunk: int) -> torch.Tensor:
+    """lm_loss from the last hidden states, `chunk` tokens at a time: each chunk's logits are
+    recomputed in backward (torch.utils.checkpoint) instead of kept, so the [tokens, vocab]
+    logits never exist at once (Gemma-3's 262k vocabulary at 4096 tokens: 4.3 GB per float32
+    copy, of which the full loss keeps about three).  The same value as lm_loss up to the
+    order of the float sums."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    total = None
+    for start in range(0, h.shape[0], chunk):
+        part = checkpoint(_chunk_ce_sum, h[start:start + chunk], targets[start:start + chunk], head,
+                          use_reentrant=False)
+        total = part if total is None else total + part
+    return total / h.shape[0]
+
+
+def model_lm_loss(model, ids: torch.Tensor, head: Optional[OutputHead] = None, chunk: int = 0) -> torch.Tensor:
+    """Mean next-token loss of `model` on `ids`: from its logits, or with `chunk` > 0 through
+    `head` a chunk at a time."""
+    if not chunk:
+        return lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+    hidden = head.decoder(input_ids=ids, use_cache=False).last_hidden_state
+    return chunked_lm_loss(hidden, ids, head, chunk)
