@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,7 +436,7 @@ class LearnedMaskPruner(Pruner):
 
         state_path = Path(ctx.work_dir) / self.checkpoint_file if ctx.work_dir and c.checkpoint_every else None
         run_key = self._run_key(ctx, modules, fingerprint)
-        resumed = self._load_state(state_path, run_key, report)
+        resumed = self._load_state(state_path, run_key, report, dp)
 
         if resumed is None:
             t0 = time.perf_counter()
@@ -457,8 +458,13 @@ class LearnedMaskPruner(Pruner):
         curves = {"step": [], "loss": [], "ce": []}
         start_step = 0
         if resumed is not None:
-            optimizer.load_state_dict(resumed["optimizer"])
+            if resumed.get("optimizer_shard") is not None:  # this process's share of the sharded moments
+                optimizer.optim.load_state_dict(resumed["optimizer_shard"])
+            else:
+                optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr  # a shard restores only the local optimizer; the lr lives in the groups
             curves = resumed["curves"]
             start_step = resumed["step"]
             report.stats["resumed_from_step"] = start_step
@@ -573,8 +579,8 @@ class LearnedMaskPruner(Pruner):
                 report.warnings.append(f"{who}: the {dataset} stream ran out and was read {train.stats['passes']} "
                                        f"times (allow_stream_repeats)")
         dp.barrier()  # every process is past its last read of the checkpoint
-        if dp.is_main and state_path is not None and state_path.exists():
-            state_path.unlink()  # the finished result is in the weights; a stale state must not resume
+        if dp.is_main and state_path is not None:
+            _remove_state(state_path)  # the finished result is in the weights; a stale state must not resume
         del optimizer, params, logits
         return report
 
@@ -617,30 +623,46 @@ class LearnedMaskPruner(Pruner):
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def _checkpoint(self, dp, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
-        """Rank 0 writes the state (the sharded optimizer's moments gathered to it first); the
-        others wait, so a preemption after this step resumes every process from it."""
-        state = dp.full_optimizer_state(optimizer) if dp.active else None
+        """One process: the whole state in one file.  Several: a sharded checkpoint, one file per
+        process in a directory per step, nothing gathered (with shard_optimizer_state each process
+        writes only its own AdamW moments; the replicated logits, schedule and curves come from
+        rank 0 alone), made current when rank 0 atomically rewrites the pointer file."""
+        if not dp.active:
+            self._save_state(path, run_key, logits, optimizer, scheduler, step, curves)
+            return
+        local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this process's share
+        state = {"run_key": run_key, "step": step, "world": dp.world, "rank": dp.rank,
+                 "optimizer_shard": local.state_dict() if local is not None else None}
         if dp.is_main:
-            self._save_state(path, run_key, logits, optimizer if state is None else _Fixed(state), scheduler,
-                             step, curves)
+            state.update(_replicated_state(logits, None if local is not None else optimizer, scheduler, curves))
+        shard_dir = _shard_dir(path, step)
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save(state, shard_dir / f"rank{dp.rank}.pt")
+        dp.barrier()  # every shard is on disk before the pointer names them
+        if dp.is_main:
+            pointer = {"run_key": run_key, "step": step, "world": dp.world, "dir": shard_dir.name}
+            tmp = _pointer(path).with_name(f"{_pointer(path).name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(pointer))
+            os.replace(tmp, _pointer(path))
+            for old in path.parent.glob(f"{path.stem}.step*"):  # earlier steps: superseded
+                if old != shard_dir:
+                    shutil.rmtree(old, ignore_errors=True)
         dp.barrier()
 
     def _save_state(self, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
         """Atomic: write a temp file, then os.replace.  The noise and data order are counter-based
         functions of (seed, step), so no generator state is needed beyond the step."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"run_key": run_key, "step": step,
-                 "logits": {layer: {k: p.detach().cpu() for k, p in ps.items()} for layer, ps in logits.items()},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "curves": curves,
-                 "torch_rng": torch.get_rng_state()}
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        _atomic_save({"run_key": run_key, "step": step, **_replicated_state(logits, optimizer, scheduler, curves)}, path)
 
-    def _load_state(self, path: Optional[Path], run_key, report):
-        if path is None or not path.is_file():
+    def _load_state(self, path: Optional[Path], run_key, report, dp=DataParallel()):
+        if path is None:
             return None
         who = self.display or self.name
+        if dp.active:
+            return self._load_shards(path, run_key, report, dp, who)
+        if not path.is_file():
+            return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # a damaged checkpoint is not trusted
@@ -652,15 +674,70 @@ class LearnedMaskPruner(Pruner):
         torch.set_rng_state(state["torch_rng"])
         return state
 
+    def _load_shards(self, path: Path, run_key, report, dp, who):
+        """Every process reads rank 0's shard (the replicated state) and its own (its moments);
+        all of them resume, or none does."""
+        reason, state = None, None
+        try:
+            pointer = json.loads(_pointer(path).read_text())
+        except FileNotFoundError:
+            pointer = None
+        except (OSError, ValueError) as exc:
+            pointer, reason = None, f"ignored unreadable checkpoint pointer {_pointer(path)} ({exc})"
+        if pointer is not None:
+            if pointer.get("run_key") != run_key:
+                reason = f"ignored checkpoint {_pointer(path)} from a different run (config, data or seed differ)"
+            elif pointer.get("world") != dp.world:
+                reason = (f"ignored checkpoint {_pointer(path)}: written by {pointer.get('world')} processes, "
+                          f"this run has {dp.world} (the optimizer shards follow the process count)")
+            else:
+                try:
+                    shard_dir = path.parent / pointer["dir"]
+                    state = torch.load(shard_dir / "rank0.pt", map_location="cpu", weights_only=False)
+                    if dp.rank != 0:
+                        own = torch.load(shard_dir / f"rank{dp.rank}.pt", map_location="cpu", weights_only=False)
+                        state["optimizer_shard"] = own["optimizer_shard"]
+                    if state.get("run_key") != run_key or state.get("step") != pointer["step"]:
+                        raise ValueError("its shards do not match the pointer")
+                except Exception as exc:  # a damaged checkpoint is not trusted
+                    state, reason = None, f"ignored unreadable checkpoint {path.parent / pointer.get('dir', '?')} ({exc})"
+        if dp.any_true(state is None):  # one process cannot resume: none does
+            if reason is not None:
+                report.warnings.append(f"{who}: {reason}")
+            return None
+        torch.set_rng_state(state["torch_rng"])
+        return state
 
-class _Fixed:
-    """An already gathered optimizer state, where _save_state asks an optimizer for it."""
 
-    def __init__(self, state):
-        self._state = state
+def _replicated_state(logits, optimizer, scheduler, curves) -> dict:
+    """The part of a checkpoint every process holds alike (logits in their training dtype)."""
+    return {"logits": {layer: {k: p.detach().cpu() for k, p in ps.items()} for layer, ps in logits.items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict(), "curves": curves, "torch_rng": torch.get_rng_state()}
 
-    def state_dict(self):
-        return self._state
+
+def _atomic_save(state: dict, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _remove_state(path: Path) -> None:
+    """A checkpoint's every file: the single-process file, the pointer (first: without it the
+    shards are never read) and the shard directories."""
+    path.unlink(missing_ok=True)
+    _pointer(path).unlink(missing_ok=True)
+    for shard_dir in path.parent.glob(f"{path.stem}.step*"):
+        shutil.rmtree(shard_dir, ignore_errors=True)
+
+
+def _shard_dir(path: Path, step: int) -> Path:
+    return path.with_name(f"{path.stem}.step{step:07d}")
+
+
+def _pointer(path: Path) -> Path:
+    """The file naming the current sharded checkpoint of `path`."""
+    return path.with_name(f"{path.stem}.latest.json")
 
 
 class StreamedBatches:
