@@ -9,9 +9,13 @@ block's inputs, then run each block twice over the calibration tokens (once to g
 statistics, once to produce the next block's inputs), with no hooks and no arithmetic of its
 own.  `floor` runs it with the engine's batching (prunebench.layerwise.BLOCK_BATCH_WINDOWS
 windows per forward); `floor-1` one window per forward, as the reference implementations loop.
+`sparsegpt-reference` is SparseGPT organised as its reference implementation organises it
+(re-written here for timing: one window per forward, a Hessian per linear, a full sort per
+block), so prunebench's SparseGPT gets a ratio to it from the same run.
 
     python benchmarks/layerwise_methods.py --seqlen 256           # SmolLM2-135M, Lee, 32 x 256
     python benchmarks/layerwise_methods.py --methods floor,wanda,admm@2:4,sparsegpt+owl@0.7
+    python benchmarks/layerwise_methods.py --methods floor-1,sparsegpt-reference,sparsegpt --seqlen 256
     python benchmarks/layerwise_methods.py --model tiny:llama --n-samples 8 --seqlen 64
 """
 from __future__ import annotations
@@ -40,6 +44,8 @@ def run_one(args) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.method in ("floor", "floor-1"):
         return run_floor(args, loaded.model, windows, fingerprint, rss_before)
+    if args.method == "sparsegpt-reference":
+        return run_reference_sparsegpt(args, loaded.model, windows, fingerprint, rss_before)
     pruner = registry.create(args.method)
     assert isinstance(pruner, LayerwisePruner), f"{args.method} is not layer-wise"
     ctx = PruneContext(sparsity=SparsitySpec.parse(args.sparsity), calibration=windows, progress=False, registry=registry)
@@ -71,6 +77,83 @@ def run_floor(args, model, windows, fingerprint, rss_before) -> dict:
             "fingerprint": fingerprint, "warnings": 0}
 
 
+def run_reference_sparsegpt(args, model, windows, fingerprint, rss_before) -> dict:
+    """SparseGPT organised as the reference implementation organises it (locuslab/wanda
+    lib/prune.py and lib/sparsegpt.py), re-written here for timing only, so that prunebench's
+    SparseGPT can be compared with it in one run on one machine: one calibration window per block
+    forward; one Hessian per linear (q, k and v each their own), rescaled and added window by
+    window with a full X^T X; each linear factorised and pruned on its own; the mask of each
+    128-column block from a full sort of its saliencies; each column's error applied to the rest
+    of its block at once; the per-column losses the reference also computes."""
+    import math
+
+    import torch
+
+    from prunebench.layerwise import capture_block_inputs, run_block
+    from prunebench.models import find_blocks, prunable_linears, set_weight_matrix, weight_matrix
+
+    sparsity, blocksize, percdamp = float(args.sparsity), 128, 0.01
+    t0 = time.perf_counter()
+    hidden, block_args, block_kwargs = capture_block_inputs(model, windows, "cpu")
+    capture = time.perf_counter() - t0
+    _, blocks = find_blocks(model)
+    per_block = []
+    for block in blocks:
+        tb = time.perf_counter()
+        linears = prunable_linears(block)
+        hessians = {name: torch.zeros(weight_matrix(m).shape[1], weight_matrix(m).shape[1]) for name, m in linears.items()}
+        seen = dict.fromkeys(linears, 0)
+
+        def hook(name):
+            def add_batch(module, inputs):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).t().float()
+                hessians[name] *= seen[name] / (seen[name] + x.shape[1])
+                seen[name] += x.shape[1]
+                x = math.sqrt(2 / seen[name]) * x
+                hessians[name] += x @ x.t()
+            return add_batch
+
+        handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
+        run_block(block, hidden, block_args, block_kwargs, "cpu")  # the statistics pass
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for name, module in linears.items():
+                W = weight_matrix(module).detach().float().clone()
+                H = hessians.pop(name)
+                dead = torch.diagonal(H) == 0
+                H[dead, dead] = 1
+                W[:, dead] = 0
+                H += percdamp * torch.mean(torch.diagonal(H)) * torch.eye(H.shape[0])
+                Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+                losses = torch.zeros(W.shape[0])
+                for i1 in range(0, W.shape[1], blocksize):
+                    i2 = min(i1 + blocksize, W.shape[1])
+                    W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+                    Q1, Err1, Losses1 = torch.zeros_like(W1), torch.zeros_like(W1), torch.zeros_like(W1)
+                    saliency = W1 ** 2 / torch.diagonal(Hinv1).reshape(1, -1) ** 2
+                    threshold = torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)]
+                    pruned = saliency <= threshold
+                    for i in range(i2 - i1):
+                        w, d = W1[:, i], Hinv1[i, i]
+                        q = w.clone()
+                        q[pruned[:, i]] = 0
+                        Q1[:, i] = q
+                        Losses1[:, i] = (w - q) ** 2 / d ** 2
+                        err = (w - q) / d
+                        W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
+                        Err1[:, i] = err
+                    W[:, i1:i2] = Q1
+                    losses += torch.sum(Losses1, 1) / 2
+                    W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+                set_weight_matrix(module, W)
+        hidden = run_block(block, hidden, block_args, block_kwargs, "cpu")  # the propagation pass
+        per_block.append(round(time.perf_counter() - tb, 4))
+    return {"method": args.method, "seconds": time.perf_counter() - t0, "per_block_s": per_block, "capture_s": capture,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_prune_mb": rss_before,
+            "fingerprint": fingerprint, "warnings": 0}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -94,17 +177,21 @@ def main():
                "--threads", str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        rows[-1]["entry"] = entry if "@" in entry else f"{method}@{args.sparsity}" if not method.startswith("floor") else method
+        rows[-1]["entry"] = entry if "@" in entry else f"{method}@{args.sparsity}" if not method.startswith(("floor", "sparsegpt-ref")) else method
         print(f"  {entry}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
     floor = next((r["seconds"] for r in rows if r["method"] == "floor"), None)
     wanda = next((r["seconds"] for r in rows if r["method"] == "wanda"), None)
+    floor_1 = next((r["seconds"] for r in rows if r["method"] == "floor-1"), None)
+    reference = next((r["seconds"] for r in rows if r["method"] == "sparsegpt-reference"), None)
     print(f"model {args.model}, calibration {args.calibration} {args.n_samples} x {args.seqlen} "
           f"(fingerprint {rows[0]['fingerprint']}), threads {args.threads or 'default'}")
-    print(f"{'method':<26}{'prune s':>10}{'x floor':>10}{'x wanda':>10}{'peak RSS MB':>14}{'block s (min/median/max)':>28}")
+    print(f"{'method':<26}{'prune s':>10}{'x floor':>10}{'x floor-1':>10}{'x wanda':>10}{'x sgpt-ref':>11}"
+          f"{'peak RSS MB':>14}{'block s (min/median/max)':>28}")
     for r in rows:
         blocks = sorted(r["per_block_s"] or [0])
         ratio = lambda base: f"{r['seconds'] / base:.2f}" if base else "-"
-        print(f"{r['entry']:<26}{r['seconds']:>10.1f}{ratio(floor):>10}{ratio(wanda):>10}{r['peak_rss_mb']:>14.0f}"
+        print(f"{r['entry']:<26}{r['seconds']:>10.1f}{ratio(floor):>10}{ratio(floor_1):>10}{ratio(wanda):>10}"
+              f"{ratio(reference):>11}{r['peak_rss_mb']:>14.0f}"
               f"{f'{blocks[0]:.2f} / {blocks[len(blocks) // 2]:.2f} / {blocks[-1]:.2f}':>28}")
     print(json.dumps(rows))
 

@@ -15,8 +15,9 @@ target density and ga the gradient-accumulation steps (the authors scale both te
 Priors (strength 3): tiles from an unstructured one-shot mask at the target, each tile scored by
 its kept fraction, the top round(n_tiles * (2 rho - 1)) of each layer +1 and the rest -1, added
 to N(0, 0.014^2) logits in units of their std; the 2:4 logits *replaced* by (overlap - 1) * std * 3
-with the one-shot 2:4 mask (or, group_init="add", MaskLLM's noise + prior, the embedded preset's).  Modes: joint (tiles and 2:4 learned together) and tile (the 2:4 masks
-frozen from a one-shot method or a MaskLLM result; only tiles learn).  Final mask: a tile is
+with the one-shot 2:4 mask (or, group_init="add", MaskLLM's noise + prior, the embedded
+preset's).  Modes: joint (tiles and 2:4 learned together) and tile (the 2:4 masks frozen from a
+one-shot method or a MaskLLM result; only tiles learn).  Final mask: a tile is
 dense iff P_t > 0 (the authors' rule) or, as an option, the exact number of 2:4 tiles that meets
 the target; each group takes its argmax pattern.  Effective sparsity = 0.5 x (fraction of
 weights in 2:4 tiles).  (Facts: ../shared/METHODS.md section 2.)

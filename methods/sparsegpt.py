@@ -171,7 +171,7 @@ def sparsegpt_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, spec: Sparsi
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
         Wt = W[:, i1:i2].t().contiguous()  # [count, rows]
-        Errt = torch.zeros_like(Wt)
+        Errt = torch.empty_like(Wt)  # every row is written by its column's step
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diagonal(Hinv1)
 
@@ -194,8 +194,7 @@ def sparsegpt_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, spec: Sparsi
                     prune_t[i:i + g] = (~group_keep).to(Wt.dtype)
                 # The error of pruning column i (its pruned part over the OBS pivot) is pushed
                 # onto the later columns through row i of the Cholesky factor.
-                err = Wt[i] * prune_t[i] / d[i]
-                Errt[i] = err
+                err = torch.mul(Wt[i], prune_t[i], out=Errt[i]).div_(d[i])  # in place: no temporaries
                 if i + 1 < s2:
                     Wt[i + 1:s2].addr_(Hinv1[i, i + 1:s2], err, alpha=-1.0)
             if s2 < count:

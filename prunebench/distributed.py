@@ -152,13 +152,6 @@ class DataParallel:
         defaults = {k: v for k, v in optimizer.defaults.items() if k in ("lr", "betas", "eps", "weight_decay")}
         return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)
 
-    def full_optimizer_state(self, optimizer):
-        """The whole optimizer state on rank 0 (None elsewhere); every process must call it."""
-        consolidate = getattr(optimizer, "consolidate_state_dict", None)
-        if consolidate is not None:
-            consolidate(to=0)
-        return optimizer.state_dict() if self.is_main else None
-
 
 class LogitHolder(nn.Module):
     """The trainable logits as one module's parameters (the unit DDP synchronises)."""

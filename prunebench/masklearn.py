@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,8 +92,10 @@ class MaskTrainingConfig:
     streaming: Optional[bool] = None  # read `dataset` as a stream of unique windows (prunebench.stream), not in memory
     allow_stream_repeats: Optional[bool] = None  # streaming: start the corpus again when it runs out (recorded)
     shard_optimizer_state: Optional[bool] = None  # several processes: split the AdamW moments (ZeroRedundancyOptimizer)
+    loss_chunk: Optional[int] = None  # tokens per chunk of the output head + cross-entropy (0: all at once)
 
-    DEFAULTS: ClassVar[dict] = {"streaming": False, "allow_stream_repeats": False, "shard_optimizer_state": False}
+    DEFAULTS: ClassVar[dict] = {"streaming": False, "allow_stream_repeats": False, "shard_optimizer_state": False,
+                                "loss_chunk": 0}
     # Why a preset departs from the authors' settings (`paper`), written into every record.
     PRESET_PURPOSE: ClassVar[dict] = {
         "embedded": "the embedded default: SmolLM2-135M on a 2-core CPU in minutes (a short budget that starts "
@@ -118,7 +121,7 @@ class MaskTrainingConfig:
                 setattr(self, key, value)
         missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None
                    and f.name not in presets[self.preset] and f.name != "dataset"]
-        for name in self.DEFAULTS:
+        for name in ("streaming", "allow_stream_repeats", "shard_optimizer_state"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.streaming and self.dataset is None:
@@ -135,6 +138,9 @@ class MaskTrainingConfig:
             raise UserError(f"lr_final_ratio {self.lr_final_ratio} is outside [0, 1]", hint="0 decays to zero, 0.1 to a tenth")
         if self.grad_clip < 0:
             raise UserError(f"grad_clip {self.grad_clip} is negative", hint="0 turns clipping off; the authors use 1.0")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise UserError(f"loss_chunk must be a whole number of tokens >= 0, got {self.loss_chunk!r}",
+                            hint="0 computes the loss over all tokens at once; 512 keeps one 512-token chunk of logits")
         self.validate()
 
     def validate(self) -> None:
@@ -430,7 +436,7 @@ class LearnedMaskPruner(Pruner):
 
         state_path = Path(ctx.work_dir) / self.checkpoint_file if ctx.work_dir and c.checkpoint_every else None
         run_key = self._run_key(ctx, modules, fingerprint)
-        resumed = self._load_state(state_path, run_key, report)
+        resumed = self._load_state(state_path, run_key, report, dp)
 
         if resumed is None:
             t0 = time.perf_counter()
@@ -452,8 +458,13 @@ class LearnedMaskPruner(Pruner):
         curves = {"step": [], "loss": [], "ce": []}
         start_step = 0
         if resumed is not None:
-            optimizer.load_state_dict(resumed["optimizer"])
+            if resumed.get("optimizer_shard") is not None:  # this process's share of the sharded moments
+                optimizer.optim.load_state_dict(resumed["optimizer_shard"])
+            else:
+                optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
+            for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr  # a shard restores only the local optimizer; the lr lives in the groups
             curves = resumed["curves"]
             start_step = resumed["step"]
             report.stats["resumed_from_step"] = start_step
@@ -470,11 +481,12 @@ class LearnedMaskPruner(Pruner):
             model.eval()  # no dropout: the only randomness is the mask noise
         patch = MaskedLinears(modules, logits, self)
         patch.seed = ctx.seed
+        head = OutputHead.of(model) if c.loss_chunk else None
         bar = progress_bar(total=c.steps, desc=f"{self.name} {spec.label}", enabled=ctx.progress, unit="step")
         bar.update(start_step)
         try:
             if resumed is None:
-                self._heldout(model, patch, heldout, spec, 0, curves, micro_size, device, dp)
+                self._heldout(model, patch, heldout, spec, 0, curves, micro_size, device, dp, head=head)
                 if curves.get("heldout_loss"):
                     report.stats["prior_heldout_loss"] = curves["heldout_loss"][0]
                     report.stats["prior_heldout_ppl"] = curves["heldout_ppl"][0]
@@ -492,8 +504,7 @@ class LearnedMaskPruner(Pruner):
                         ids = batch_ids[micro * micro_size:(micro + 1) * micro_size].to(device)
                     patch.stats.clear()
                     with dp.no_sync(holder, last_micro=micro == micros[-1]):
-                        out = holder(lambda: model(input_ids=ids, use_cache=False))
-                        ce = lm_loss(out.logits, ids)
+                        ce = holder(lambda: model_lm_loss(model, ids, head, c.loss_chunk))
                         terms, metrics = self.regularisers(patch.stats, sched)
                         loss = ce
                         for term in terms:
@@ -510,7 +521,7 @@ class LearnedMaskPruner(Pruner):
                     logged["ce"] += ce.item() / c.grad_accum
                     for name, value in metrics.items():
                         logged[name] = logged.get(name, 0.0) + value / c.grad_accum
-                del out, loss, ce, terms
+                del loss, ce, terms
                 patch.stats.clear()
                 logged = dp.sum_floats(logged)
                 if c.grad_clip:
@@ -529,12 +540,13 @@ class LearnedMaskPruner(Pruner):
                                 **{k: f"{sched[k]:.3g}" for k in self.logged_schedule})
                 done = step + 1
                 if c.heldout_every and done % c.heldout_every == 0 and done < c.steps:
-                    self._heldout(model, patch, heldout, spec, done, curves, micro_size, device, dp)
+                    self._heldout(model, patch, heldout, spec, done, curves, micro_size, device, dp, head=head)
                 if state_path is not None and done % c.checkpoint_every == 0 and done < c.steps:
                     self._checkpoint(dp, state_path, run_key, logits, optimizer, scheduler, done, curves)
             patch.mode = "off"
             masks = self.hard_masks(_detached(logits), spec)
-            self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, dp, masks=masks)
+            self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, dp, masks=masks,
+                          head=head)
         finally:
             bar.close()
             patch.remove()
@@ -567,8 +579,8 @@ class LearnedMaskPruner(Pruner):
                 report.warnings.append(f"{who}: the {dataset} stream ran out and was read {train.stats['passes']} "
                                        f"times (allow_stream_repeats)")
         dp.barrier()  # every process is past its last read of the checkpoint
-        if dp.is_main and state_path is not None and state_path.exists():
-            state_path.unlink()  # the finished result is in the weights; a stale state must not resume
+        if dp.is_main and state_path is not None:
+            _remove_state(state_path)  # the finished result is in the weights; a stale state must not resume
         del optimizer, params, logits
         return report
 
@@ -579,7 +591,8 @@ class LearnedMaskPruner(Pruner):
     # -- pieces of the loop -------------------------------------------------------------------
 
     @torch.no_grad()
-    def _heldout(self, model, patch, heldout, spec, step, curves, micro_size, device, dp=DataParallel(), masks=None):
+    def _heldout(self, model, patch, heldout, spec, step, curves, micro_size, device, dp=DataParallel(), masks=None,
+                 head=None):
         """Mean next-token loss of the current hard mask on the held-out windows (several
         processes: each scores every world-th chunk, the sums are added)."""
         if len(heldout) == 0:
@@ -590,9 +603,8 @@ class LearnedMaskPruner(Pruner):
         starts = range(0, len(heldout), max(micro_size, 1))
         for start in starts[dp.rank::dp.world]:
             ids = heldout[start:start + micro_size].to(device)
-            out = model(input_ids=ids, use_cache=False)
             n_tok = ids[:, 1:].numel()
-            total += lm_loss(out.logits, ids).item() * n_tok
+            total += model_lm_loss(model, ids, head, self.config.loss_chunk).item() * n_tok
             count += n_tok
         sums = dp.sum_floats({"total": total, "count": count})
         loss = sums["total"] / sums["count"]
@@ -611,30 +623,46 @@ class LearnedMaskPruner(Pruner):
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def _checkpoint(self, dp, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
-        """Rank 0 writes the state (the sharded optimizer's moments gathered to it first); the
-        others wait, so a preemption after this step resumes every process from it."""
-        state = dp.full_optimizer_state(optimizer) if dp.active else None
+        """One process: the whole state in one file.  Several: a sharded checkpoint, one file per
+        process in a directory per step, nothing gathered (with shard_optimizer_state each process
+        writes only its own AdamW moments; the replicated logits, schedule and curves come from
+        rank 0 alone), made current when rank 0 atomically rewrites the pointer file."""
+        if not dp.active:
+            self._save_state(path, run_key, logits, optimizer, scheduler, step, curves)
+            return
+        local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this process's share
+        state = {"run_key": run_key, "step": step, "world": dp.world, "rank": dp.rank,
+                 "optimizer_shard": local.state_dict() if local is not None else None}
         if dp.is_main:
-            self._save_state(path, run_key, logits, optimizer if state is None else _Fixed(state), scheduler,
-                             step, curves)
+            state.update(_replicated_state(logits, None if local is not None else optimizer, scheduler, curves))
+        shard_dir = _shard_dir(path, step)
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save(state, shard_dir / f"rank{dp.rank}.pt")
+        dp.barrier()  # every shard is on disk before the pointer names them
+        if dp.is_main:
+            pointer = {"run_key": run_key, "step": step, "world": dp.world, "dir": shard_dir.name}
+            tmp = _pointer(path).with_name(f"{_pointer(path).name}.tmp{os.getpid()}")
+            tmp.write_text(json.dumps(pointer))
+            os.replace(tmp, _pointer(path))
+            for old in path.parent.glob(f"{path.stem}.step*"):  # earlier steps: superseded
+                if old != shard_dir:
+                    shutil.rmtree(old, ignore_errors=True)
         dp.barrier()
 
     def _save_state(self, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
         """Atomic: write a temp file, then os.replace.  The noise and data order are counter-based
         functions of (seed, step), so no generator state is needed beyond the step."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"run_key": run_key, "step": step,
-                 "logits": {layer: {k: p.detach().cpu() for k, p in ps.items()} for layer, ps in logits.items()},
-                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "curves": curves,
-                 "torch_rng": torch.get_rng_state()}
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        _atomic_save({"run_key": run_key, "step": step, **_replicated_state(logits, optimizer, scheduler, curves)}, path)
 
-    def _load_state(self, path: Optional[Path], run_key, report):
-        if path is None or not path.is_file():
+    def _load_state(self, path: Optional[Path], run_key, report, dp=DataParallel()):
+        if path is None:
             return None
         who = self.display or self.name
+        if dp.active:
+            return self._load_shards(path, run_key, report, dp, who)
+        if not path.is_file():
+            return None
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc:  # a damaged checkpoint is not trusted
@@ -646,15 +674,70 @@ class LearnedMaskPruner(Pruner):
         torch.set_rng_state(state["torch_rng"])
         return state
 
+    def _load_shards(self, path: Path, run_key, report, dp, who):
+        """Every process reads rank 0's shard (the replicated state) and its own (its moments);
+        all of them resume, or none does."""
+        reason, state = None, None
+        try:
+            pointer = json.loads(_pointer(path).read_text())
+        except FileNotFoundError:
+            pointer = None
+        except (OSError, ValueError) as exc:
+            pointer, reason = None, f"ignored unreadable checkpoint pointer {_pointer(path)} ({exc})"
+        if pointer is not None:
+            if pointer.get("run_key") != run_key:
+                reason = f"ignored checkpoint {_pointer(path)} from a different run (config, data or seed differ)"
+            elif pointer.get("world") != dp.world:
+                reason = (f"ignored checkpoint {_pointer(path)}: written by {pointer.get('world')} processes, "
+                          f"this run has {dp.world} (the optimizer shards follow the process count)")
+            else:
+                try:
+                    shard_dir = path.parent / pointer["dir"]
+                    state = torch.load(shard_dir / "rank0.pt", map_location="cpu", weights_only=False)
+                    if dp.rank != 0:
+                        own = torch.load(shard_dir / f"rank{dp.rank}.pt", map_location="cpu", weights_only=False)
+                        state["optimizer_shard"] = own["optimizer_shard"]
+                    if state.get("run_key") != run_key or state.get("step") != pointer["step"]:
+                        raise ValueError("its shards do not match the pointer")
+                except Exception as exc:  # a damaged checkpoint is not trusted
+                    state, reason = None, f"ignored unreadable checkpoint {path.parent / pointer.get('dir', '?')} ({exc})"
+        if dp.any_true(state is None):  # one process cannot resume: none does
+            if reason is not None:
+                report.warnings.append(f"{who}: {reason}")
+            return None
+        torch.set_rng_state(state["torch_rng"])
+        return state
 
-class _Fixed:
-    """An already gathered optimizer state, where _save_state asks an optimizer for it."""
 
-    def __init__(self, state):
-        self._state = state
+def _replicated_state(logits, optimizer, scheduler, curves) -> dict:
+    """The part of a checkpoint every process holds alike (logits in their training dtype)."""
+    return {"logits": {layer: {k: p.detach().cpu() for k, p in ps.items()} for layer, ps in logits.items()},
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict(), "curves": curves, "torch_rng": torch.get_rng_state()}
 
-    def state_dict(self):
-        return self._state
+
+def _atomic_save(state: dict, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _remove_state(path: Path) -> None:
+    """A checkpoint's every file: the single-process file, the pointer (first: without it the
+    shards are never read) and the shard directories."""
+    path.unlink(missing_ok=True)
+    _pointer(path).unlink(missing_ok=True)
+    for shard_dir in path.parent.glob(f"{path.stem}.step*"):
+        shutil.rmtree(shard_dir, ignore_errors=True)
+
+
+def _shard_dir(path: Path, step: int) -> Path:
+    return path.with_name(f"{path.stem}.step{step:07d}")
+
+
+def _pointer(path: Path) -> Path:
+    """The file naming the current sharded checkpoint of `path`."""
+    return path.with_name(f"{path.stem}.latest.json")
 
 
 class StreamedBatches:
@@ -710,3 +793,69 @@ def make_adamw(params, c):
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (float32)."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """A causal LM split at its last hidden state, for a loss that applies the vocabulary head a
+    chunk of tokens at a time: the decoder, the head's linear layer and the logit soft-cap."""
+
+    decoder: nn.Module
+    linear: nn.Linear
+    softcap: Optional[float] = None
+
+    @classmethod
+    def of(cls, model) -> "OutputHead":
+        """Only the plain head (a linear layer, optionally soft-capped as the config says) is
+        reproduced; a model whose forward does anything else to its logits is refused."""
+        config = getattr(model, "config", None)
+        text = getattr(config, "text_config", None) or config
+        get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
+        decoder = get_decoder() if callable(get_decoder) else None
+        linear = get_head() if callable(get_head) else None
+        if decoder is None or decoder is model or not isinstance(linear, nn.Linear):
+            raise UserError(f"loss_chunk: cannot split {type(model).__name__} into a decoder and a linear output head",
+                            hint="set loss_chunk: 0 to compute the loss from the model's own logits")
+        for name in ("logits_scaling", "logit_scale", "output_multiplier_scale"):
+            value = getattr(text, name, None)
+            if value not in (None, 1, 1.0):
+                raise UserError(f"loss_chunk: {type(model).__name__} scales its logits ({name}={value}), which the "
+                                "chunked loss does not reproduce", hint="set loss_chunk: 0")
+        return cls(decoder, linear, getattr(text, "final_logit_softcapping", None) or None)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.linear(hidden)
+        if self.softcap:  # in the model's dtype, as its own forward does
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: OutputHead) -> torch.Tensor:
+    return F.cross_entropy(head.logits(hidden).float(), targets, reduction="sum")
+
+
+def chunked_lm_loss(hidden: torch.Tensor, ids: torch.Tensor, head: OutputHead, chunk: int) -> torch.Tensor:
+    """lm_loss from the last hidden states, `chunk` tokens at a time: each chunk's logits are
+    recomputed in backward (torch.utils.checkpoint) instead of kept, so the [tokens, vocab]
+    logits never exist at once (Gemma-3's 262k vocabulary at 4096 tokens: 4.3 GB per float32
+    copy, of which the full loss keeps about three).  The same value as lm_loss up to the
+    order of the float sums."""
+    from torch.utils.checkpoint import checkpoint
+
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    targets = ids[:, 1:].reshape(-1)
+    total = None
+    for start in range(0, h.shape[0], chunk):
+        part = checkpoint(_chunk_ce_sum, h[start:start + chunk], targets[start:start + chunk], head,
+                          use_reentrant=False)
+        total = part if total is None else total + part
+    return total / h.shape[0]
+
+
+def model_lm_loss(model, ids: torch.Tensor, head: Optional[OutputHead] = None, chunk: int = 0) -> torch.Tensor:
+    """Mean next-token loss of `model` on `ids`: from its logits, or with `chunk` > 0 through
+    `head` a chunk at a time."""
+    if not chunk:
+        return lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+    hidden = head.decoder(input_ids=ids, use_cache=False).last_hidden_state
+    return chunked_lm_loss(hidden, ids, head, chunk)

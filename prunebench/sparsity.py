@@ -192,6 +192,9 @@ def _keep_all_but_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     if k >= scores.shape[1]:
         return ~keep
     threshold = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    at_or_below = scores <= threshold
+    if bool((at_or_below.sum(dim=1) == k).all()):  # no tie straddles the threshold (float scores:
+        return ~at_or_below                         # nearly always): the k lowest, no ordering needed
     below = scores < threshold
     at = scores == threshold
     still_needed = k - below.sum(dim=1, keepdim=True)

@@ -2,6 +2,7 @@
 two gloo processes on a CPU compute what one process with the same global gradient
 accumulation computes, and a preempted two-process run resumes to the mask of an uninterrupted one.
 """
+import json
 import os
 
 import pytest
@@ -100,15 +101,46 @@ def test_two_processes_learn_what_one_process_learns(tmp_path, two_process_run):
     assert two[0]["stats"]["heldout_loss"] == pytest.approx(one_report.stats["heldout_loss"], rel=1e-4)
 
 
-def test_a_resumed_two_process_run_ends_with_the_uninterrupted_mask(tmp_path, two_process_run):
-    uninterrupted = two_process_run
-    assert _run_two(tmp_path, "cut", CONFIG, preempt_at=2, work_dir=tmp_path / "w_cut") is None
-    assert (tmp_path / "w_cut" / "leap_state.pt").is_file()
-    resumed = _run_two(tmp_path, "resumed", CONFIG, work_dir=tmp_path / "w_cut")
+def _shards_at_cut(work_dir, step):
+    """The sharded checkpoint a preempted two-process run left: the pointer and one file per process."""
+    pointer = json.loads((work_dir / "leap_state.latest.json").read_text())
+    assert pointer["step"] == step and pointer["world"] == 2
+    shard_dir = work_dir / pointer["dir"]
+    shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [p.name for p in work_dir.iterdir() if p.name.startswith("leap_state.step")] == [shard_dir.name]
+    assert not (work_dir / "leap_state.pt").exists()  # no gathered single-file copy
+    return shards
+
+
+def _resume_and_compare(tmp_path, config, uninterrupted, work_dir):
+    resumed = _run_two(tmp_path, "resumed", config, work_dir=work_dir)
     assert resumed[0]["stats"]["resumed_from_step"] == 2
     for name, mask in uninterrupted[0]["masks"].items():
         assert torch.equal(resumed[0]["masks"][name], mask), name
-    assert not (tmp_path / "w_cut" / "leap_state.pt").exists()
+    assert not any(work_dir.iterdir())  # a finished run leaves no state to resume from
+
+
+def test_a_resumed_two_process_run_ends_with_the_uninterrupted_mask(tmp_path, two_process_run):
+    uninterrupted = two_process_run
+    assert _run_two(tmp_path, "cut", CONFIG, preempt_at=2, work_dir=tmp_path / "w_cut") is None
+    shards = _shards_at_cut(tmp_path / "w_cut", 2)
+    assert shards[0]["logits"] and shards[0]["optimizer"] is not None  # replicated: rank 0 writes it once
+    assert "logits" not in shards[1] and shards[1]["optimizer_shard"] is None
+    _resume_and_compare(tmp_path, CONFIG, uninterrupted, tmp_path / "w_cut")
+
+
+def test_sharded_optimizer_state_is_saved_by_each_process_and_resumes(tmp_path):
+    """shard_optimizer_state: each process writes only its own AdamW moments (together they are
+    every logit's, once), and the resumed run ends where the uninterrupted one does."""
+    config = dict(CONFIG, shard_optimizer_state=True)
+    uninterrupted = _run_two(tmp_path, "full", config, work_dir=tmp_path / "w_full")
+    assert _run_two(tmp_path, "cut", config, preempt_at=2, work_dir=tmp_path / "w_cut") is None
+    shards = _shards_at_cut(tmp_path / "w_cut", 2)
+    assert shards[0]["optimizer"] is None and "logits" not in shards[1]
+    moments = [len(s["optimizer_shard"]["state"]) for s in shards]
+    n_logits = sum(len(ps) for ps in shards[0]["logits"].values())
+    assert min(moments) > 0 and sum(moments) == n_logits, (moments, n_logits)
+    _resume_and_compare(tmp_path, config, uninterrupted, tmp_path / "w_cut")
 
 
 def test_a_step_that_does_not_split_over_the_processes_is_refused():

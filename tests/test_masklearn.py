@@ -249,3 +249,54 @@ def test_patch_group_init_rules():
     assert 0.9 < (maskllm.argmax_pattern_mask(added, table, keep.shape) == keep).float().mean().item() < 1.0
     with pytest.raises(UserError, match="group_init"):
         registry.create("patch", {"preset": "tiny", "group_init": "mix"})
+
+
+# -- the chunked loss (large vocabularies) ----------------------------------------------------------
+
+@pytest.mark.parametrize("family,softcap", [("llama", None), ("gemma3", None), ("gemma3", 3.0), ("opt", None)])
+def test_chunked_loss_equals_the_full_loss(calib_windows, family, softcap):
+    """The head and the cross-entropy a chunk at a time give the model's own loss and gradient
+    (a softcap from the config is applied as the model's forward applies it)."""
+    loaded = load_tiny(family)
+    model = loaded.model
+    if softcap:
+        (getattr(model.config, "text_config", None) or model.config).final_logit_softcapping = softcap
+    ids = calib_windows[:2, :40]
+    head = masklearn.OutputHead.of(model)
+    assert head.softcap == softcap
+    grads = []
+    for chunk in (0, 7, 512):
+        model.zero_grad(set_to_none=True)
+        loss = masklearn.model_lm_loss(model, ids, head if chunk else None, chunk)
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    full_loss, full_grads = grads[0]
+    for loss, g in grads[1:]:
+        assert loss == pytest.approx(full_loss, rel=1e-6)
+        assert g.keys() == full_grads.keys()
+        for name in g:
+            torch.testing.assert_close(g[name], full_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_chunked_loss_trains_to_the_same_mask(calib_windows):
+    loaded = load_tiny("llama")
+    masks = []
+    for chunk in (0, 9):
+        registry.create("leap", {"preset": "tiny", "steps": 4, "loss_chunk": chunk}).prune(
+            loaded.model, _ctx(loaded, calib_windows, "0.5"))
+        masks.append(_masks(loaded.model))
+        loaded = load_tiny("llama")
+    assert all(torch.equal(masks[0][n], masks[1][n]) for n in masks[0])
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "512"])
+def test_loss_chunk_is_validated(value):
+    with pytest.raises(UserError, match="loss_chunk"):
+        registry.create("leap", {"preset": "tiny", "loss_chunk": value})
+
+
+def test_chunked_loss_refuses_a_head_it_cannot_reproduce():
+    loaded = load_tiny("llama")
+    loaded.model.config.logits_scaling = 4.0
+    with pytest.raises(UserError, match="logits_scaling"):
+        masklearn.OutputHead.of(loaded.model)
