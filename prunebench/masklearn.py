@@ -43,6 +43,7 @@ from torch import nn
 
 from .distributed import DataParallel, LogitHolder, load_sharded, save_sharded
 from .errors import UserError
+from .records import atomic_write_json
 from .models import all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
 from .registry import Pruner, PruneReport
@@ -687,9 +688,7 @@ class LearnedMaskPruner(Pruner):
         dp.barrier()  # every shard is on disk before the pointer names them
         if dp.is_main:
             pointer = {"run_key": run_key, "step": step, "world": dp.world, "dir": shard_dir.name}
-            tmp = _pointer(path).with_name(f"{_pointer(path).name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(pointer))
-            os.replace(tmp, _pointer(path))
+            atomic_write_json(_pointer(path), pointer)
             for old in path.parent.glob(f"{path.stem}.step*"):  # earlier steps: superseded
                 if old != shard_dir:
                     shutil.rmtree(old, ignore_errors=True)
