@@ -182,7 +182,12 @@ class LayerLogits(nn.Module):
 
     def __init__(self, tensors: dict):
         super().__init__()
-        self.tensors = nn.ParameterDict(tensors)
+        # Assigned one by one: nn.ParameterDict(a plain dict) sorts the keys, and the order of
+        # the parameters is the order of the sums in the clipped gradient norm (PATCH's "T", "G"
+        # would become "G", "T" and the masks drift by rounding from those of the layer-major order).
+        self.tensors = nn.ParameterDict()
+        for key, tensor in tensors.items():
+            self.tensors[key] = tensor
 
     def forward(self, compute):
         return compute(dict(self.tensors))

@@ -181,3 +181,15 @@ def test_a_step_that_does_not_split_over_the_processes_is_refused():
         DataParallel(rank=0, world=2).micro_batches(3, "LEAP")
     assert list(DataParallel(rank=1, world=2).micro_batches(4, "LEAP")) == [2, 3]
     assert list(DataParallel().micro_batches(4, "LEAP")) == [0, 1, 2, 3]
+
+
+def test_logit_holder_keeps_the_layer_major_insertion_order():
+    # The clipped gradient norm sums the parameters' norms in this order; a sorted order (what
+    # nn.ParameterDict does to a plain dict) changed PATCH's learned masks by rounding.
+    from prunebench.distributed import LogitHolder
+
+    logits = {layer: {key: torch.nn.Parameter(torch.full((2,), float(10 * i + j)))
+                      for j, key in enumerate(("T", "G", "A"))} for i, layer in enumerate(("b.q", "a.k"))}
+    holder = LogitHolder(logits)
+    assert [p[0].item() for p in holder.trainable()] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    assert list(holder.full()["b.q"]) == ["T", "G", "A"]
