@@ -35,7 +35,9 @@ from dataclasses import dataclass
 GB = 1e9
 SEQLEN = 4096  # the authors' training sequence
 LOSS_CHUNK = 512  # tokens per chunk of a chunked cross-entropy
-BYTES = {"fp32": 4, "bf16": 2, "8bit": 1}
+# bytes per stored value; 8bit is `optimizer: adamw-8bit` (torchao's AdamW8bit): a 1-byte code
+# per value and a float32 scale per block of 256 values, as tests/test_optimizers.py measures
+BYTES = {"fp32": 4, "bf16": 2, "8bit": 1 + 4 / 256}
 
 
 @dataclass(frozen=True)

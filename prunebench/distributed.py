@@ -6,7 +6,11 @@ torch.distributed world.  Every process holds the frozen model and all logits; e
 share of an optimizer step's micro-batches, and DistributedDataParallel averages the logit
 gradients before clipping and the update, so every process takes the same step.  With
 `shard_optimizer_state` the AdamW moments are split across the processes by torch's
-ZeroRedundancyOptimizer (ZeRO stage 1): two thirds of the training state of float logits.
+ZeroRedundancyOptimizer (ZeRO stage 1): two thirds of the training state of float logits.  With
+`shard_logits` torch's FSDP2 (`fully_shard`) shards everything: each layer's logits are one FSDP
+unit, gathered in full only while that layer's masked weight is computed (and again for its
+backward), their gradients reduce-scattered, and each process keeps and updates its shard of
+the logits and of their moments; checkpoints then go through torch.distributed.checkpoint.
 
 What a step computes does not depend on the process count: micro-batch k of step s reads the
 same sequences and draws the same mask noise whichever process runs it (both are functions of
@@ -94,12 +98,22 @@ class DataParallel:
         share = grad_accum // self.world
         return range(self.rank * share, (self.rank + 1) * share)
 
-    def wrap(self, params: list) -> nn.Module:
-        """A module owning the trainable logits, under DistributedDataParallel when active: its
-        forward runs the given closure (the masked model's forward), so DDP sees every use of
-        the logits and averages their gradients at the end of the backward."""
-        holder = LogitHolder(params)
+    def wrap(self, holder: "LogitHolder", device="cpu", shard_logits: bool = False) -> nn.Module:
+        """The module a training step runs through (its forward runs the masked model's forward),
+        so the parallel wrapper sees every use of the logits: the holder itself on one process;
+        with several, DistributedDataParallel around it (the gradients averaged at the end of the
+        backward), or with `shard_logits` the holder under FSDP2, one unit per layer."""
         if not self.active:
+            return holder
+        if shard_logits:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(torch.device(device).type, (self.world,))
+            for unit in holder.layers:
+                fully_shard(unit, mesh=mesh)  # gathered for its own forward and backward only
+            fully_shard(holder, mesh=mesh)  # the root: it holds no logits of its own
+            holder.sharded = True
             return holder
         from torch.nn.parallel import DistributedDataParallel
 
@@ -107,10 +121,19 @@ class DataParallel:
         return DistributedDataParallel(holder)
 
     def no_sync(self, module: nn.Module, last_micro: bool):
-        """Accumulate locally on all but a step's last micro-batch (one all-reduce per step)."""
-        if self.active and not last_micro:
+        """Accumulate locally on all but a step's last micro-batch (one all-reduce per step).
+        Sharded logits reduce-scatter every micro-batch instead: accumulating would keep a full
+        unsharded gradient per layer, the memory sharding is there to save."""
+        if self.active and not last_micro and hasattr(module, "no_sync"):
             return module.no_sync()
         return contextlib.nullcontext()
+
+    def clip_grad_norm(self, params: list, max_norm: float) -> float:
+        """Clip the global gradient norm (over every process's shard when sharded); the norm."""
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP: the reduced value
+            norm = norm.full_tensor()
+        return float(norm)
 
     def sum_floats(self, values: dict) -> dict:
         """{name: float} summed over the processes (the logged losses, the held-out sums)."""
@@ -153,12 +176,83 @@ class DataParallel:
         return ZeroRedundancyOptimizer(params, optimizer_class=type(optimizer), **defaults)
 
 
-class LogitHolder(nn.Module):
-    """The trainable logits as one module's parameters (the unit DDP synchronises)."""
+class LayerLogits(nn.Module):
+    """One layer's logits ({key: tensor}): the unit FSDP gathers in full for this module's
+    forward, which computes the layer's masked weight, and shards again after it."""
 
-    def __init__(self, params: list):
+    def __init__(self, tensors: dict):
         super().__init__()
-        self.logits = nn.ParameterList(params)
+        # Assigned one by one: nn.ParameterDict(a plain dict) sorts the keys, and the order of
+        # the parameters is the order of the sums in the clipped gradient norm (PATCH's "T", "G"
+        # would become "G", "T" and the masks drift by rounding from those of the layer-major order).
+        self.tensors = nn.ParameterDict()
+        for key, tensor in tensors.items():
+            self.tensors[key] = tensor
+
+    def forward(self, compute):
+        return compute(dict(self.tensors))
+
+
+class LogitHolder(nn.Module):
+    """Every layer's trainable logits as one module (the unit DDP synchronises, FSDP's root).
+    Its forward runs a closure, the masked model's forward, inside which each layer's masked
+    weight is computed through that layer's `LayerLogits`."""
+
+    def __init__(self, logits: dict):
+        super().__init__()
+        self.names = list(logits)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.layers = nn.ModuleList(LayerLogits(logits[name]) for name in self.names)
+        self.sharded = False
 
     def forward(self, run):
         return run()
+
+    def layer(self, name: str) -> LayerLogits:
+        return self.layers[self.index[name]]
+
+    def trainable(self) -> list:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def full(self, device=None) -> dict:
+        """{layer: {key: detached tensor}}: the whole logits, gathered from every process's shard
+        when sharded (a collective: every process calls it), optionally moved to `device`."""
+        out = {}
+        for name, unit in zip(self.names, self.layers):
+            out[name] = {}
+            for key, p in unit.tensors.items():
+                t = p.detach()
+                if hasattr(t, "full_tensor"):
+                    t = t.full_tensor()
+                out[name][key] = t if device is None else t.to(device)
+        return out
+
+    def layout(self) -> dict:
+        """{layer: {key: [shape, trainable]}}: what a sharded checkpoint restores into."""
+        return {name: {key: [list(p.shape), p.requires_grad] for key, p in unit.tensors.items()}
+                for name, unit in zip(self.names, self.layers)}
+
+    def local_bytes(self) -> int:
+        """Bytes of logits this process holds (its shards when sharded)."""
+        return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in self.parameters())
+
+
+def save_sharded(directory, holder: LogitHolder, optimizer) -> None:
+    """Each process writes its own shards of the logits and of their optimizer state, nothing
+    gathered (torch.distributed.checkpoint; a collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    state = {"logits": holder.state_dict(), "optimizer": get_optimizer_state_dict(holder, optimizer)}
+    dcp.save(state, checkpoint_id=str(directory))
+
+
+def load_sharded(directory, holder: LogitHolder, optimizer) -> None:
+    """Read `save_sharded`'s files into the sharded logits and optimizer, in place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"logits": holder.state_dict(), "optimizer": get_optimizer_state_dict(holder, optimizer)}
+    dcp.load(state, checkpoint_id=str(directory))  # the logits' shards are written in place
+    holder.load_state_dict(state["logits"])
+    set_optimizer_state_dict(holder, optimizer, state["optimizer"])

@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import DataParallel
+from .distributed import DataParallel, LogitHolder, load_sharded, save_sharded
 from .errors import UserError
+from .records import atomic_write_json
 from .models import all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
 from .registry import Pruner, PruneReport
@@ -50,6 +51,9 @@ from .sparsity import SparsitySpec
 
 CHECKPOINT_VERSION = 1
 LR_SCHEDULES = ("cosine", "constant")
+# adamw: torch's AdamW, the moments in the logits' dtype (the authors' Hugging Face trainer);
+# adamw-8bit: torchao's AdamW8bit, the same update with both moments stored 8-bit, block-wise.
+OPTIMIZERS = ("adamw", "adamw-8bit")
 # u ~ U[0, 1) is clamped to [eps, 1 - eps] before a logit or a log, so the noise stays finite.
 NOISE_EPS = 1e-6
 
@@ -92,10 +96,12 @@ class MaskTrainingConfig:
     streaming: Optional[bool] = None  # read `dataset` as a stream of unique windows (prunebench.stream), not in memory
     allow_stream_repeats: Optional[bool] = None  # streaming: start the corpus again when it runs out (recorded)
     shard_optimizer_state: Optional[bool] = None  # several processes: split the AdamW moments (ZeroRedundancyOptimizer)
+    shard_logits: Optional[bool] = None  # several processes: shard the logits, gradients and moments per layer (FSDP2)
     loss_chunk: Optional[int] = None  # tokens per chunk of the output head + cross-entropy (0: all at once)
+    optimizer: Optional[str] = None  # "adamw" | "adamw-8bit" (the moments quantised to 8 bits; needs torchao)
 
     DEFAULTS: ClassVar[dict] = {"streaming": False, "allow_stream_repeats": False, "shard_optimizer_state": False,
-                                "loss_chunk": 0}
+                                "shard_logits": False, "loss_chunk": 0, "optimizer": "adamw"}
     # Why a preset departs from the authors' settings (`paper`), written into every record.
     PRESET_PURPOSE: ClassVar[dict] = {
         "embedded": "the embedded default: SmolLM2-135M on a 2-core CPU in minutes (a short budget that starts "
@@ -121,13 +127,27 @@ class MaskTrainingConfig:
                 setattr(self, key, value)
         missing = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is None
                    and f.name not in presets[self.preset] and f.name != "dataset"]
-        for name in ("streaming", "allow_stream_repeats", "shard_optimizer_state"):
+        for name in ("streaming", "allow_stream_repeats", "shard_optimizer_state", "shard_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.shard_logits and self.shard_optimizer_state:
+            raise UserError("shard_logits and shard_optimizer_state are two ways of sharding the moments",
+                            hint="shard_logits shards the moments too (FSDP); keep one of them")
         if self.streaming and self.dataset is None:
             raise UserError("streaming needs a corpus to stream", hint="set dataset: slimpajama, c4, redpajama or a path")
         if missing:
             raise UserError(f"preset {self.preset!r} sets no value for {', '.join(missing)}", hint="give them explicitly")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}", hint=f"use one of {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "adamw-8bit":
+            import importlib.util
+
+            if importlib.util.find_spec("torchao") is None:
+                raise UserError("optimizer adamw-8bit needs torchao, which is not installed",
+                                hint="pip install 'prunebench[eightbit]', or use optimizer: adamw")
+            if self.shard_optimizer_state:  # ZeRO rewrites the lr as a float, torchao keeps it a tensor
+                raise UserError("optimizer adamw-8bit does not run under shard_optimizer_state",
+                                hint="use shard_logits to shard 8-bit moments (FSDP)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UserError(f"unknown lr_schedule {self.lr_schedule!r}", hint=f"use one of {', '.join(LR_SCHEDULES)}")
         resolve_dtype(self.logits_dtype)
@@ -232,8 +252,10 @@ class MaskedLinears:
     overwrites them, never double counts).
     """
 
-    def __init__(self, modules: dict, logits: dict, pruner: "LearnedMaskPruner"):
-        self.modules, self.logits, self.pruner = modules, logits, pruner
+    def __init__(self, modules: dict, logits, pruner: "LearnedMaskPruner"):
+        # logits: a LogitHolder (the engine's), or {layer: {key: nn.Parameter}} (scripts, tests)
+        self.logits = logits if isinstance(logits, LogitHolder) else LogitHolder(logits)
+        self.modules, self.pruner = modules, pruner
         self.mode = "off"
         self.sched: dict = {}
         self.seed, self.step, self.micro = 0, 0, 0
@@ -251,10 +273,11 @@ class MaskedLinears:
             weight = weight_matrix(module)
             if self.mode == "soft":
                 seed = noise_seed(self.pruner.name, self.seed, self.step, self.micro, index)
-                weight, self.stats[name] = self.pruner.masked_weight(name, index, self.logits[name], weight, seed,
-                                                                     self.sched)
+                # through the layer's logits module: sharded logits are gathered only for it
+                weight, self.stats[name] = self.logits.layer(name)(
+                    lambda tensors: self.pruner.masked_weight(name, index, tensors, weight, seed, self.sched))
             elif self.mode == "hard":
-                weight = weight * self.hard[name].to(weight.dtype)
+                weight = weight * self.hard[name].to(device=weight.device, dtype=weight.dtype)
             return F.linear(x, weight, module.bias)
 
         return forward
@@ -442,29 +465,44 @@ class LearnedMaskPruner(Pruner):
             t0 = time.perf_counter()
             initial = self.init_logits(model, modules, ctx, report)
             report.stats["prior_s"] = round(time.perf_counter() - t0, 3)
+        elif resumed.get("layout") is not None:  # sharded logits: placeholders, the shards are read below
+            initial = {layer: {key: torch.zeros(shape) for key, (shape, _) in keys.items()}
+                       for layer, keys in resumed["layout"].items()}
         else:
             initial = resumed["logits"]
         frozen = self.frozen_keys()
-        logits = {layer: {key: nn.Parameter(t.to(device=device, dtype=logits_dtype), requires_grad=key not in frozen)
-                          for key, t in initial[layer].items()} for layer in modules}
+        holder = LogitHolder({layer: {key: nn.Parameter(t.to(device=device, dtype=logits_dtype),
+                                                        requires_grad=key not in frozen)
+                                      for key, t in initial[layer].items()} for layer in modules})
         del initial
-        params = [p for layer in modules for p in logits[layer].values() if p.requires_grad]
         self.begin(modules, spec)
 
-        holder = dp.wrap(params)  # DDP averages the logit gradients across processes
+        sharded = dp.active and c.shard_logits
+        # DDP averages the logit gradients across processes; FSDP shards the logits per layer
+        step_module = dp.wrap(holder, device, shard_logits=sharded)
+        params = holder.trainable()  # after wrapping: FSDP replaces them with their shards
         optimizer = dp.make_optimizer(params, lambda ps: make_adamw(ps, c), c.shard_optimizer_state)
+        if sharded:
+            report.stats["logits_bytes_per_process"] = holder.local_bytes()
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, c.steps, c.warmup_steps, c.lr_schedule, c.lr_final_ratio))
         curves = {"step": [], "loss": [], "ce": []}
         start_step = 0
         if resumed is not None:
-            if resumed.get("optimizer_shard") is not None:  # this process's share of the sharded moments
+            if resumed.get("layout") is not None:  # every process reads its shards of logits and moments
+                load_sharded(resumed["shard_dir"], holder, optimizer)
+            elif resumed.get("optimizer_shard") is not None:  # this process's share of the sharded moments
                 optimizer.optim.load_state_dict(resumed["optimizer_shard"])
             else:
                 optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
-                group["lr"] = lr  # a shard restores only the local optimizer; the lr lives in the groups
+                # a shard restores only the local optimizer; the lr lives in the groups (a tensor
+                # for torchao's optimizers, which must keep it one)
+                if torch.is_tensor(group["lr"]):
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
             curves = resumed["curves"]
             start_step = resumed["step"]
             report.stats["resumed_from_step"] = start_step
@@ -479,7 +517,7 @@ class LearnedMaskPruner(Pruner):
             model.train()  # transformers checkpoints only in training mode
         else:
             model.eval()  # no dropout: the only randomness is the mask noise
-        patch = MaskedLinears(modules, logits, self)
+        patch = MaskedLinears(modules, holder, self)
         patch.seed = ctx.seed
         head = OutputHead.of(model) if c.loss_chunk else None
         bar = progress_bar(total=c.steps, desc=f"{self.name} {spec.label}", enabled=ctx.progress, unit="step")
@@ -503,8 +541,8 @@ class LearnedMaskPruner(Pruner):
                     else:
                         ids = batch_ids[micro * micro_size:(micro + 1) * micro_size].to(device)
                     patch.stats.clear()
-                    with dp.no_sync(holder, last_micro=micro == micros[-1]):
-                        ce = holder(lambda: model_lm_loss(model, ids, head, c.loss_chunk))
+                    with dp.no_sync(step_module, last_micro=micro == micros[-1]):
+                        ce = step_module(lambda: model_lm_loss(model, ids, head, c.loss_chunk))
                         terms, metrics = self.regularisers(patch.stats, sched)
                         loss = ce
                         for term in terms:
@@ -514,8 +552,8 @@ class LearnedMaskPruner(Pruner):
                             where = (f"micro-batch {micro}; ce {ce.item()}" if not finite
                                      else "on another process")
                             raise FloatingPointError(f"{who}: non-finite loss {loss.item()} at step {step} ({where})")
-                        # / this process's share: DDP then averages over the processes, so the
-                        # gradient is the mean over all grad_accum micro-batches
+                        # / this process's share: DDP (FSDP) then averages over the processes, so
+                        # the gradient is the mean over all grad_accum micro-batches
                         (loss / len(micros)).backward()
                     logged["loss"] += loss.item() / c.grad_accum
                     logged["ce"] += ce.item() / c.grad_accum
@@ -525,8 +563,7 @@ class LearnedMaskPruner(Pruner):
                 patch.stats.clear()
                 logged = dp.sum_floats(logged)
                 if c.grad_clip:
-                    norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip)
-                    logged["grad_norm"] = float(norm)
+                    logged["grad_norm"] = dp.clip_grad_norm(params, c.grad_clip)
                     if not math.isfinite(logged["grad_norm"]):
                         raise FloatingPointError(f"{who}: non-finite gradient norm at step {step}")
                 optimizer.step()
@@ -542,9 +579,9 @@ class LearnedMaskPruner(Pruner):
                 if c.heldout_every and done % c.heldout_every == 0 and done < c.steps:
                     self._heldout(model, patch, heldout, spec, done, curves, micro_size, device, dp, head=head)
                 if state_path is not None and done % c.checkpoint_every == 0 and done < c.steps:
-                    self._checkpoint(dp, state_path, run_key, logits, optimizer, scheduler, done, curves)
+                    self._checkpoint(dp, state_path, run_key, holder, optimizer, scheduler, done, curves)
             patch.mode = "off"
-            masks = self.hard_masks(_detached(logits), spec)
+            masks = self.hard_masks(holder.full(), spec)
             self._heldout(model, patch, heldout, spec, c.steps, curves, micro_size, device, dp, masks=masks,
                           head=head)
         finally:
@@ -561,12 +598,12 @@ class LearnedMaskPruner(Pruner):
             for name, module in modules.items():
                 weight_matrix(module).mul_(masks[name].to(module.weight.dtype))
         achieved = mask_sparsity(masks)
-        self.finish(_detached(logits), masks, spec, report)
+        self.finish(holder.full(), masks, spec, report)
         report.stats.update(curves=curves, achieved_sparsity=achieved, steps=c.steps,
                             tokens_seen=(c.steps - start_step) * c.batch_size * c.seqlen,
                             train_s=round(time.perf_counter() - t_start, 3),
-                            logits_bytes=sum(p.numel() * p.element_size() for layer in logits.values()
-                                             for p in layer.values()),
+                            logits_bytes=sum(p.numel() * p.element_size() for p in holder.parameters()),
+                            optimizer_state_bytes_per_process=optimizer_state_bytes(optimizer),
                             per_layer_sparsity={name: round(1.0 - m.float().mean().item(), 6)
                                                 for name, m in masks.items()})
         if curves.get("heldout_loss"):
@@ -581,7 +618,7 @@ class LearnedMaskPruner(Pruner):
         dp.barrier()  # every process is past its last read of the checkpoint
         if dp.is_main and state_path is not None:
             _remove_state(state_path)  # the finished result is in the weights; a stale state must not resume
-        del optimizer, params, logits
+        del optimizer, params, holder, step_module
         return report
 
     def report_scope(self, spec: SparsitySpec) -> str:
@@ -597,7 +634,7 @@ class LearnedMaskPruner(Pruner):
         processes: each scores every world-th chunk, the sums are added)."""
         if len(heldout) == 0:
             return
-        patch.hard = masks if masks is not None else self.hard_masks(_detached(patch.logits), spec)
+        patch.hard = masks if masks is not None else self.hard_masks(patch.logits.full(), spec)
         patch.mode = "hard"
         total, count = 0.0, 0
         starts = range(0, len(heldout), max(micro_size, 1))
@@ -622,28 +659,36 @@ class LearnedMaskPruner(Pruner):
                "shapes": [[n, list(m.weight.shape)] for n, m in modules.items()]}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
-    def _checkpoint(self, dp, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
+    def _checkpoint(self, dp, path: Path, run_key, holder, optimizer, scheduler, step, curves) -> None:
         """One process: the whole state in one file.  Several: a sharded checkpoint, one file per
         process in a directory per step, nothing gathered (with shard_optimizer_state each process
         writes only its own AdamW moments; the replicated logits, schedule and curves come from
-        rank 0 alone), made current when rank 0 atomically rewrites the pointer file."""
+        rank 0 alone; with shard_logits torch.distributed.checkpoint writes each process's shards
+        of logits and moments beside rank 0's schedule and curves), made current when rank 0
+        atomically rewrites the pointer file."""
         if not dp.active:
-            self._save_state(path, run_key, logits, optimizer, scheduler, step, curves)
+            self._save_state(path, run_key, holder.full(), optimizer, scheduler, step, curves)
             return
-        local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this process's share
-        state = {"run_key": run_key, "step": step, "world": dp.world, "rank": dp.rank,
-                 "optimizer_shard": local.state_dict() if local is not None else None}
-        if dp.is_main:
-            state.update(_replicated_state(logits, None if local is not None else optimizer, scheduler, curves))
         shard_dir = _shard_dir(path, step)
         shard_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_save(state, shard_dir / f"rank{dp.rank}.pt")
+        if holder.sharded:
+            save_sharded(shard_dir, holder, optimizer)
+            if dp.is_main:
+                _atomic_save({"run_key": run_key, "step": step, "world": dp.world, "rank": 0,
+                              "layout": holder.layout(), **_replicated_state(None, None, scheduler, curves)},
+                             shard_dir / "rank0.pt")
+        else:
+            local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this process's share
+            state = {"run_key": run_key, "step": step, "world": dp.world, "rank": dp.rank,
+                     "optimizer_shard": local.state_dict() if local is not None else None}
+            if dp.is_main:
+                state.update(_replicated_state(holder.full(), None if local is not None else optimizer, scheduler,
+                                               curves))
+            _atomic_save(state, shard_dir / f"rank{dp.rank}.pt")
         dp.barrier()  # every shard is on disk before the pointer names them
         if dp.is_main:
             pointer = {"run_key": run_key, "step": step, "world": dp.world, "dir": shard_dir.name}
-            tmp = _pointer(path).with_name(f"{_pointer(path).name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(pointer))
-            os.replace(tmp, _pointer(path))
+            atomic_write_json(_pointer(path), pointer)
             for old in path.parent.glob(f"{path.stem}.step*"):  # earlier steps: superseded
                 if old != shard_dir:
                     shutil.rmtree(old, ignore_errors=True)
@@ -694,7 +739,8 @@ class LearnedMaskPruner(Pruner):
                 try:
                     shard_dir = path.parent / pointer["dir"]
                     state = torch.load(shard_dir / "rank0.pt", map_location="cpu", weights_only=False)
-                    if dp.rank != 0:
+                    state["shard_dir"] = shard_dir
+                    if dp.rank != 0 and state.get("layout") is None:  # sharded logits: read in _train
                         own = torch.load(shard_dir / f"rank{dp.rank}.pt", map_location="cpu", weights_only=False)
                         state["optimizer_shard"] = own["optimizer_shard"]
                     if state.get("run_key") != run_key or state.get("step") != pointer["step"]:
@@ -711,7 +757,8 @@ class LearnedMaskPruner(Pruner):
 
 def _replicated_state(logits, optimizer, scheduler, curves) -> dict:
     """The part of a checkpoint every process holds alike (logits in their training dtype)."""
-    return {"logits": {layer: {k: p.detach().cpu() for k, p in ps.items()} for layer, ps in logits.items()},
+    return {"logits": None if logits is None else {layer: {k: p.detach().cpu() for k, p in ps.items()}
+                                                   for layer, ps in logits.items()},
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict(), "curves": curves, "torch_rng": torch.get_rng_state()}
 
@@ -755,10 +802,6 @@ class StreamedBatches:
         return self.stream.stats
 
 
-def _detached(logits: dict) -> dict:
-    return {layer: {k: p.detach() for k, p in ps.items()} for layer, ps in logits.items()}
-
-
 def enable_checkpointing(model) -> bool:
     """Activation checkpointing of the decoder blocks, non-reentrant: the regulariser statistics
     leave the checkpointed blocks as side outputs, and the counter-based noise makes the
@@ -782,12 +825,35 @@ def disable_checkpointing(model) -> None:
 
 def make_adamw(params, c):
     """AdamW; the fused kernel where available (one pass per tensor instead of several: the
-    update touches every logit and both moments)."""
+    update touches every logit and both moments).  `optimizer: adamw-8bit`: torchao's AdamW8bit,
+    the same decoupled-decay update computed in float32 with both moments stored as 8-bit codes
+    and one float32 scale per block of 256 (2.03 bytes of state per logit instead of 8; tensors
+    under 4096 values keep float32 moments)."""
     kwargs = dict(lr=c.lr, betas=(0.9, c.beta2), weight_decay=c.weight_decay)
+    if getattr(c, "optimizer", "adamw") == "adamw-8bit":
+        from torchao.optim import AdamW8bit
+
+        return AdamW8bit(params, **kwargs)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, **kwargs)
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state this process holds: its shards' (DTensor, ZeRO), and for
+    quantised moments their codes and scales (the tensors inside the subclass)."""
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer: the local one
+
+    def nbytes(t) -> int:
+        if hasattr(t, "to_local"):
+            t = t.to_local()
+        if hasattr(t, "__tensor_flatten__"):  # a tensor subclass: count what it stores
+            names, _ = t.__tensor_flatten__()
+            return sum(nbytes(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    return sum(nbytes(v) for state in inner.state.values() for v in state.values() if torch.is_tensor(v))
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,8 @@ def _worker(rank, world, store_file, out_dir, config, preempt_at, work_dir):
             return
         torch.save({"masks": masks, "stats": {k: report.stats.get(k) for k in
                                               ("processes", "micro_batches_per_process", "heldout_loss",
-                                               "resumed_from_step", "curves")}},
+                                               "resumed_from_step", "curves", "logits_bytes",
+                                               "logits_bytes_per_process")}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -143,8 +144,52 @@ def test_sharded_optimizer_state_is_saved_by_each_process_and_resumes(tmp_path):
     _resume_and_compare(tmp_path, config, uninterrupted, tmp_path / "w_cut")
 
 
+def test_sharded_logits_learn_what_one_process_learns_and_resume(tmp_path):
+    """shard_logits (FSDP2): each process holds half the logits, the two learn the mask one
+    process learns (the gradients are reduce-scattered every micro-batch, so summed in another
+    order: the same tolerance), each writes only its shards, and a preempted run resumes to the
+    uninterrupted mask."""
+    config = dict(CONFIG, shard_logits=True)
+    one_masks, one_report = _train(dict(config), tmp_path / "one")  # one process: nothing to shard
+    two = _run_two(tmp_path, "full", config, work_dir=tmp_path / "w_full")
+    stats = two[0]["stats"]
+    assert stats["logits_bytes"] == one_report.stats["logits_bytes"]
+    assert stats["logits_bytes_per_process"] == pytest.approx(stats["logits_bytes"] / 2, rel=0.05)
+    for name, mask in one_masks.items():
+        assert torch.equal(two[0]["masks"][name], two[1]["masks"][name]), f"{name}: the processes disagree"
+    agree = sum(int((two[0]["masks"][n] == m).sum()) for n, m in one_masks.items())
+    assert agree / sum(m.numel() for m in one_masks.values()) >= MASK_AGREEMENT
+    assert stats["curves"]["loss"] == pytest.approx(one_report.stats["curves"]["loss"], rel=1e-4, abs=1e-5)
+
+    assert _run_two(tmp_path, "cut", config, preempt_at=2, work_dir=tmp_path / "w_cut") is None
+    work_dir = tmp_path / "w_cut"
+    pointer = json.loads((work_dir / "leap_state.latest.json").read_text())
+    shard_dir = work_dir / pointer["dir"]
+    meta = torch.load(shard_dir / "rank0.pt", weights_only=False)
+    assert meta["logits"] is None and meta["optimizer"] is None and meta["layout"]  # no gathered copy
+    assert sorted(p.name for p in shard_dir.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    _resume_and_compare(tmp_path, config, two, work_dir)
+
+
+def test_sharding_the_logits_and_the_moments_twice_is_refused():
+    with pytest.raises(UserError, match="two ways of sharding"):
+        registry.create("leap", dict(CONFIG, shard_logits=True, shard_optimizer_state=True))
+
+
 def test_a_step_that_does_not_split_over_the_processes_is_refused():
     with pytest.raises(UserError, match="do not split over 2 processes"):
         DataParallel(rank=0, world=2).micro_batches(3, "LEAP")
     assert list(DataParallel(rank=1, world=2).micro_batches(4, "LEAP")) == [2, 3]
     assert list(DataParallel().micro_batches(4, "LEAP")) == [0, 1, 2, 3]
+
+
+def test_logit_holder_keeps_the_layer_major_insertion_order():
+    # The clipped gradient norm sums the parameters' norms in this order; a sorted order (what
+    # nn.ParameterDict does to a plain dict) changed PATCH's learned masks by rounding.
+    from prunebench.distributed import LogitHolder
+
+    logits = {layer: {key: torch.nn.Parameter(torch.full((2,), float(10 * i + j)))
+                      for j, key in enumerate(("T", "G", "A"))} for i, layer in enumerate(("b.q", "a.k"))}
+    holder = LogitHolder(logits)
+    assert [p[0].item() for p in holder.trainable()] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0]
+    assert list(holder.full()["b.q"]) == ["T", "G", "A"]
