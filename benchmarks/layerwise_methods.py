@@ -11,11 +11,16 @@ own.  `floor` runs it with the engine's batching (prunebench.layerwise.BLOCK_BAT
 windows per forward); `floor-1` one window per forward, as the reference implementations loop.
 `sparsegpt-reference` is SparseGPT organised as its reference implementation organises it
 (re-written here for timing: one window per forward, a Hessian per linear, a full sort per
-block), so prunebench's SparseGPT gets a ratio to it from the same run.
+block), so prunebench's SparseGPT gets a ratio to it from the same run.  `sparsegpt-locuslab`
+runs the authors' own code instead: the SparseGPT class of a local checkout of locuslab/wanda
+(`--reference-checkout`, its lib/sparsegpt.py; not shipped here), driven as its prune_sparsegpt
+drives it.
 
     python benchmarks/layerwise_methods.py --seqlen 256           # SmolLM2-135M, Lee, 32 x 256
     python benchmarks/layerwise_methods.py --methods floor,wanda,admm@2:4,sparsegpt+owl@0.7
     python benchmarks/layerwise_methods.py --methods floor-1,sparsegpt-reference,sparsegpt --seqlen 256
+    python benchmarks/layerwise_methods.py --methods floor-1,sparsegpt-locuslab,sparsegpt --seqlen 256 \
+        --reference-checkout ~/src/wanda
     python benchmarks/layerwise_methods.py --model tiny:llama --n-samples 8 --seqlen 64
 """
 from __future__ import annotations
@@ -29,6 +34,21 @@ import time
 
 
 def run_one(args) -> dict:
+    """Run one entry and add the fraction of zeros it left in the decoder's prunable linears (the
+    same count for every entry, so a driver that pruned the wrong thing shows)."""
+    from prunebench.models import all_prunable, weight_matrix
+
+    row, model = _run_entry(args)
+    zeros = total = 0
+    for module in all_prunable(model).values():
+        w = weight_matrix(module)
+        zeros, total = zeros + int((w == 0).sum()), total + w.numel()
+    row["achieved_sparsity"] = zeros / max(total, 1)
+    row["sparsity"] = args.sparsity if not args.method.startswith("floor") else "dense"
+    return row
+
+
+def _run_entry(args):
     import torch
 
     from prunebench import registry
@@ -43,9 +63,11 @@ def run_one(args) -> dict:
     windows, fingerprint = calibration_windows(loaded.tokenizer, WindowSpec(args.calibration, args.n_samples, args.seqlen, 0))
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.method in ("floor", "floor-1"):
-        return run_floor(args, loaded.model, windows, fingerprint, rss_before)
+        return run_floor(args, loaded.model, windows, fingerprint, rss_before), loaded.model
     if args.method == "sparsegpt-reference":
-        return run_reference_sparsegpt(args, loaded.model, windows, fingerprint, rss_before)
+        return run_reference_sparsegpt(args, loaded.model, windows, fingerprint, rss_before), loaded.model
+    if args.method == "sparsegpt-locuslab":
+        return run_locuslab_sparsegpt(args, loaded.model, windows, fingerprint, rss_before), loaded.model
     pruner = registry.create(args.method)
     assert isinstance(pruner, LayerwisePruner), f"{args.method} is not layer-wise"
     ctx = PruneContext(sparsity=SparsitySpec.parse(args.sparsity), calibration=windows, progress=False, registry=registry)
@@ -54,7 +76,7 @@ def run_one(args) -> dict:
     seconds = time.perf_counter() - t0
     return {"method": args.method, "seconds": seconds, "per_block_s": report.stats.get("per_block_s"),
             "capture_s": report.stats.get("capture_s"), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_prune_mb": rss_before, "fingerprint": fingerprint, "warnings": len(report.warnings)}
+            "rss_before_prune_mb": rss_before, "fingerprint": fingerprint, "warnings": len(report.warnings)}, loaded.model
 
 
 def run_floor(args, model, windows, fingerprint, rss_before) -> dict:
@@ -154,6 +176,63 @@ def run_reference_sparsegpt(args, model, windows, fingerprint, rss_before) -> di
             "fingerprint": fingerprint, "warnings": 0}
 
 
+def run_locuslab_sparsegpt(args, model, windows, fingerprint, rss_before) -> dict:
+    """The authors' SparseGPT class (locuslab/wanda lib/sparsegpt.py, from `--reference-checkout`)
+    driven as their lib/prune.py prune_sparsegpt drives it: a forward hook on every linear of the
+    block calls add_batch, one calibration window per block forward, then fasterprune(sparsity,
+    prune_n, prune_m, percdamp=0.01, blocksize=128) linear by linear, then the propagation pass.
+    Its one CUDA call, torch.cuda.synchronize() after each linear, is a no-op without a GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from prunebench.layerwise import capture_block_inputs, run_block
+    from prunebench.models import find_blocks, prunable_linears
+
+    if not args.reference_checkout:
+        raise SystemExit("sparsegpt-locuslab needs --reference-checkout: a local clone of locuslab/wanda")
+    source = Path(args.reference_checkout).expanduser() / "lib" / "sparsegpt.py"
+    if not source.is_file():
+        raise SystemExit(f"{source} not found: --reference-checkout must be a clone of locuslab/wanda")
+    spec = importlib.util.spec_from_file_location("locuslab_sparsegpt", source)
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    if not torch.cuda.is_available():
+        torch.cuda.synchronize = lambda *a, **k: None
+    prune_n, prune_m = (int(x) for x in args.sparsity.split(":")) if ":" in args.sparsity else (0, 0)
+    sparsity = prune_n / prune_m if prune_m else float(args.sparsity)
+
+    t0 = time.perf_counter()
+    hidden, block_args, block_kwargs = capture_block_inputs(model, windows, "cpu")
+    capture = time.perf_counter() - t0
+    _, blocks = find_blocks(model)
+    per_block = []
+    with torch.no_grad():
+        for block in blocks:
+            tb = time.perf_counter()
+            linears = prunable_linears(block)
+            gpts = {name: reference.SparseGPT(module) for name, module in linears.items()}
+
+            def add_batch(name):
+                def hook(_, inp, out):
+                    gpts[name].add_batch(inp[0].data, out.data)
+                return hook
+
+            handles = [linears[name].register_forward_hook(add_batch(name)) for name in gpts]
+            run_block(block, hidden, block_args, block_kwargs, "cpu")  # the statistics pass
+            for h in handles:
+                h.remove()
+            for name in gpts:
+                gpts[name].fasterprune(sparsity, prune_n=prune_n, prune_m=prune_m, percdamp=0.01, blocksize=128)
+                gpts[name].free()
+            hidden = run_block(block, hidden, block_args, block_kwargs, "cpu")  # the propagation pass
+            per_block.append(round(time.perf_counter() - tb, 4))
+    return {"method": args.method, "seconds": time.perf_counter() - t0, "per_block_s": per_block, "capture_s": capture,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_prune_mb": rss_before,
+            "fingerprint": fingerprint, "warnings": 0}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -164,6 +243,9 @@ def main():
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--reference-checkout", default="",
+                   help="a local clone of locuslab/wanda, for the sparsegpt-locuslab entry")
+    p.add_argument("--out", default="", help="also write the rows, the commit and the CPU to this JSON file (atomically)")
     p.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method and print JSON
     args = p.parse_args()
     if args.method:
@@ -174,26 +256,47 @@ def main():
         method, _, sparsity = entry.partition("@")
         cmd = [sys.executable, __file__, "--method", method, "--model", args.model, "--sparsity", sparsity or args.sparsity,
                "--calibration", args.calibration, "--n-samples", str(args.n_samples), "--seqlen", str(args.seqlen),
-               "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+               "--threads", str(args.threads), "--reference-checkout", args.reference_checkout]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"{entry} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        rows[-1]["entry"] = entry if "@" in entry else f"{method}@{args.sparsity}" if not method.startswith(("floor", "sparsegpt-ref")) else method
+        rows[-1]["entry"] = method if method.startswith("floor") else f"{method}@{sparsity or args.sparsity}"
         print(f"  {entry}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
     floor = next((r["seconds"] for r in rows if r["method"] == "floor"), None)
     wanda = next((r["seconds"] for r in rows if r["method"] == "wanda"), None)
     floor_1 = next((r["seconds"] for r in rows if r["method"] == "floor-1"), None)
-    reference = next((r["seconds"] for r in rows if r["method"] == "sparsegpt-reference"), None)
+    # The SparseGPT references at each sparsity (the mean where an entry is repeated).
+    def mean_seconds(method):
+        by_sparsity = {}
+        for r in rows:
+            if r["method"] == method:
+                by_sparsity.setdefault(r["sparsity"], []).append(r["seconds"])
+        return {k: sum(v) / len(v) for k, v in by_sparsity.items()}
+    rewrite, authors = mean_seconds("sparsegpt-reference"), mean_seconds("sparsegpt-locuslab")
     print(f"model {args.model}, calibration {args.calibration} {args.n_samples} x {args.seqlen} "
           f"(fingerprint {rows[0]['fingerprint']}), threads {args.threads or 'default'}")
-    print(f"{'method':<26}{'prune s':>10}{'x floor':>10}{'x floor-1':>10}{'x wanda':>10}{'x sgpt-ref':>11}"
-          f"{'peak RSS MB':>14}{'block s (min/median/max)':>28}")
+    print(f"{'method':<28}{'prune s':>9}{'x floor':>9}{'x floor-1':>10}{'x wanda':>9}{'x sgpt-ref':>11}"
+          f"{'x locuslab':>11}{'zeros':>8}{'peak RSS MB':>13}{'block s (min/median/max)':>27}")
     for r in rows:
         blocks = sorted(r["per_block_s"] or [0])
         ratio = lambda base: f"{r['seconds'] / base:.2f}" if base else "-"
-        print(f"{r['entry']:<26}{r['seconds']:>10.1f}{ratio(floor):>10}{ratio(floor_1):>10}{ratio(wanda):>10}"
-              f"{ratio(reference):>11}{r['peak_rss_mb']:>14.0f}"
-              f"{f'{blocks[0]:.2f} / {blocks[len(blocks) // 2]:.2f} / {blocks[-1]:.2f}':>28}")
+        print(f"{r['entry']:<28}{r['seconds']:>9.1f}{ratio(floor):>9}{ratio(floor_1):>10}{ratio(wanda):>9}"
+              f"{ratio(rewrite.get(r['sparsity'])):>11}{ratio(authors.get(r['sparsity'])):>11}"
+              f"{r['achieved_sparsity']:>8.4f}{r['peak_rss_mb']:>13.0f}"
+              f"{f'{blocks[0]:.2f} / {blocks[len(blocks) // 2]:.2f} / {blocks[-1]:.2f}':>27}")
     print(json.dumps(rows))
+    if args.out:
+        import platform
+
+        import torch
+
+        from prunebench.records import atomic_write_json
+        from prunebench.runner import _cpu_model, _git_sha
+
+        atomic_write_json(args.out, {"benchmark": "layerwise_methods", "command": sys.argv[1:], "commit": _git_sha(),
+                                     "cpu": _cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                                     "python": platform.python_version(), "rows": rows})
 
 
 if __name__ == "__main__":
