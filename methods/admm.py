@@ -92,21 +92,45 @@ def select_mask(scores: torch.Tensor, spec: SparsitySpec, sparsity: float) -> to
     """
     if spec.pattern != "nm":
         return mask_from_scores(scores, SparsitySpec(float(sparsity), "unstructured", scope=spec.scope or "layer"))
-    final = two_of_four(scores) if (spec.n, spec.m) == (2, 4) else None
+    bounds = _pair_bounds(scores) if (spec.n, spec.m) == (2, 4) and scores.shape[1] % 4 == 0 else None
+    final = _two_of_four(scores, bounds) if bounds is not None else None
     if final is None:
+        bounds = None
         final = nm_mask(scores, spec.n, spec.m)
     if sparsity >= spec.target - 1e-12:
         return final
     flat_rejected = ~final.reshape(-1)
-    values = scores.reshape(-1).float().masked_select(flat_rejected)
-    k = min(n_to_prune(scores.numel(), sparsity), values.numel())
+    k = min(n_to_prune(scores.numel(), sparsity), scores.numel() - int(final.sum()))
     if k <= 0:
         return torch.ones_like(final)
+    if bounds is not None:
+        keep = _early_two_of_four(scores, final, bounds, k)
+        if keep is not None:
+            return keep
     # The k lowest scores among the weights the final pattern rejects, ties by position: one
     # selection over those weights only, written back in place (no sort, no index list).
+    values = scores.reshape(-1).float().masked_select(flat_rejected)
     keep = final.clone()
     keep.view(-1).masked_scatter_(flat_rejected, _keep_all_but_lowest(values.unsqueeze(0), k).squeeze(0))
     return keep
+
+
+def _pair_bounds(scores: torch.Tensor):
+    """Per group of 4 (a, b, c, d): min(a, b), max(a, b), min(c, d), max(c, d), each [rows, cols/4]."""
+    rows, cols = scores.shape
+    a, b, c, d = scores.reshape(rows, cols // 4, 4).unbind(-1)
+    return torch.minimum(a, b), torch.maximum(a, b), torch.minimum(c, d), torch.maximum(c, d)
+
+
+def _two_of_four(scores: torch.Tensor, bounds) -> Optional[torch.Tensor]:
+    lo_ab, hi_ab, lo_cd, hi_cd = bounds
+    second_highest = torch.maximum(torch.minimum(hi_ab, hi_cd), torch.maximum(lo_ab, lo_cd))
+    rows, cols = scores.shape
+    keep = scores.reshape(rows, cols // 4, 4) >= second_highest.unsqueeze(-1)
+    # every group keeps at least its top two, so the total is exact only when none keeps more
+    if int(keep.sum()) != rows * cols // 2:
+        return None
+    return keep.reshape(rows, cols)
 
 
 def two_of_four(scores: torch.Tensor) -> Optional[torch.Tensor]:
@@ -114,18 +138,24 @@ def two_of_four(scores: torch.Tensor) -> Optional[torch.Tensor]:
     threshold, a third of the general ranking's work (ADMM re-selects its N:M mask 15 times per
     layer).  None when a group ties at its threshold or the width is not a multiple of 4; the
     general nm_mask then decides (ties by position)."""
-    rows, cols = scores.shape
-    if cols % 4:
+    if scores.shape[1] % 4:
         return None
-    groups = scores.reshape(rows, cols // 4, 4)
-    a, b, c, d = groups.unbind(-1)
-    second = torch.maximum(torch.minimum(torch.maximum(a, b), torch.maximum(c, d)),
-                           torch.maximum(torch.minimum(a, b), torch.minimum(c, d)))
-    keep = groups >= second.unsqueeze(-1)
-    # every group keeps at least its top two, so the total is exact only when none keeps more
-    if int(keep.sum()) != rows * cols // 2:
+    return _two_of_four(scores, _pair_bounds(scores))
+
+
+def _early_two_of_four(scores: torch.Tensor, final: torch.Tensor, bounds, k: int) -> Optional[torch.Tensor]:
+    """An early 2:4 step (k of the weights `final` rejects pruned) without gathering the rejected
+    weights: they are each group's two lowest, whose values the same min/max network gives
+    directly, so the step is one half-size selection (an unstructured step selects over the
+    whole matrix).  None when a tie straddles the k-th value: position order then decides."""
+    lo_ab, hi_ab, lo_cd, hi_cd = bounds
+    lowest = torch.minimum(lo_ab, lo_cd)
+    second_lowest = torch.minimum(torch.maximum(lo_ab, lo_cd), torch.minimum(hi_ab, hi_cd))
+    threshold = torch.kthvalue(torch.cat([lowest.reshape(-1), second_lowest.reshape(-1)]).float(), k).values
+    pruned = (scores <= threshold) & ~final
+    if int(pruned.sum()) != k:
         return None
-    return keep.reshape(rows, cols)
+    return ~pruned
 
 
 class AdmmSolver:

@@ -11,7 +11,7 @@ from prunebench import registry
 from prunebench.registry import LayerStats, PruneContext
 from prunebench.sparsity import SparsitySpec, is_valid_mask, mask_from_scores, n_to_prune, nm_mask
 
-from prunebench.methods.admm import admm_prune, cubic_sparsity, select_mask, two_of_four
+from prunebench.methods.admm import _early_two_of_four, _pair_bounds, admm_prune, cubic_sparsity, select_mask, two_of_four
 from prunebench.methods.sparsegpt import (CholeskyError, damped_inverse_cholesky, prepare_hessian,
                                           sparsegpt_prune)
 
@@ -245,6 +245,28 @@ def test_gradual_nm_selection_equals_a_stable_sort(n, m, cols):
             k = min(n_to_prune(scores.numel(), s), where.numel())
             expected = torch.ones(scores.numel(), dtype=torch.bool)
             expected[where[torch.sort(scores.flatten()[where], stable=True).indices[:k]]] = False
+            assert torch.equal(select_mask(scores, spec, s).flatten(), expected)
+
+
+def test_early_two_of_four_steps_equal_a_stable_sort():
+    """The network path of ADMM's early 2:4 steps (no gather of the rejected weights) prunes the
+    same weights as a stable sort of the rejected ones; where a tie straddles the k-th value
+    (every group a permutation of 0..3: no tie inside a group, ties everywhere across groups) it
+    declines and the position-ordered path decides."""
+    gen = torch.Generator().manual_seed(7)
+    spec = SparsitySpec.parse("2:4")
+    distinct = torch.rand(24, 64, generator=gen)
+    permuted = torch.stack([torch.randperm(4, generator=gen) for _ in range(24 * 16)]).float().view(24, 64)
+    for scores, network_decides in ((distinct, True), (permuted, False)):
+        final = two_of_four(scores)
+        assert final is not None
+        rejected = ~final.flatten()
+        where = rejected.nonzero().squeeze(1)
+        for s in (0.03, 0.2, 0.45):
+            k = n_to_prune(scores.numel(), s)
+            expected = torch.ones(scores.numel(), dtype=torch.bool)
+            expected[where[torch.sort(scores.flatten()[where], stable=True).indices[:k]]] = False
+            assert (_early_two_of_four(scores, final, _pair_bounds(scores), k) is not None) == network_decides
             assert torch.equal(select_mask(scores, spec, s).flatten(), expected)
 
 
