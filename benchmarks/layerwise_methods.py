@@ -74,9 +74,15 @@ def _run_entry(args):
     t0 = time.perf_counter()
     report = pruner.prune(loaded.model, ctx)
     seconds = time.perf_counter() - t0
-    return {"method": args.method, "seconds": seconds, "per_block_s": report.stats.get("per_block_s"),
-            "capture_s": report.stats.get("capture_s"), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_prune_mb": rss_before, "fingerprint": fingerprint, "warnings": len(report.warnings)}, loaded.model
+    return _row(args, seconds, report.stats.get("per_block_s"), report.stats.get("capture_s"), rss_before, fingerprint,
+                len(report.warnings)), loaded.model
+
+
+def _row(args, seconds, per_block, capture, rss_before, fingerprint, warnings=0) -> dict:
+    """One entry's result: its time, per-block times and peak RSS (this process's high-water mark)."""
+    return {"method": args.method, "seconds": seconds, "per_block_s": per_block, "capture_s": capture,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_prune_mb": rss_before,
+            "fingerprint": fingerprint, "warnings": warnings}
 
 
 def run_floor(args, model, windows, fingerprint, rss_before) -> dict:
@@ -94,9 +100,7 @@ def run_floor(args, model, windows, fingerprint, rss_before) -> dict:
         run_block(block, hidden, block_args, block_kwargs, "cpu")  # the statistics pass
         hidden = run_block(block, hidden, block_args, block_kwargs, "cpu")  # the propagation pass
         per_block.append(round(time.perf_counter() - tb, 4))
-    return {"method": args.method, "seconds": time.perf_counter() - t0, "per_block_s": per_block, "capture_s": capture,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_prune_mb": rss_before,
-            "fingerprint": fingerprint, "warnings": 0}
+    return _row(args, time.perf_counter() - t0, per_block, capture, rss_before, fingerprint)
 
 
 def run_reference_sparsegpt(args, model, windows, fingerprint, rss_before) -> dict:
@@ -171,9 +175,7 @@ def run_reference_sparsegpt(args, model, windows, fingerprint, rss_before) -> di
                 set_weight_matrix(module, W)
         hidden = run_block(block, hidden, block_args, block_kwargs, "cpu")  # the propagation pass
         per_block.append(round(time.perf_counter() - tb, 4))
-    return {"method": args.method, "seconds": time.perf_counter() - t0, "per_block_s": per_block, "capture_s": capture,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_prune_mb": rss_before,
-            "fingerprint": fingerprint, "warnings": 0}
+    return _row(args, time.perf_counter() - t0, per_block, capture, rss_before, fingerprint)
 
 
 def run_locuslab_sparsegpt(args, model, windows, fingerprint, rss_before) -> dict:
@@ -228,9 +230,7 @@ def run_locuslab_sparsegpt(args, model, windows, fingerprint, rss_before) -> dic
                 gpts[name].free()
             hidden = run_block(block, hidden, block_args, block_kwargs, "cpu")  # the propagation pass
             per_block.append(round(time.perf_counter() - tb, 4))
-    return {"method": args.method, "seconds": time.perf_counter() - t0, "per_block_s": per_block, "capture_s": capture,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rss_before_prune_mb": rss_before,
-            "fingerprint": fingerprint, "warnings": 0}
+    return _row(args, time.perf_counter() - t0, per_block, capture, rss_before, fingerprint)
 
 
 def main():
