@@ -1,6 +1,6 @@
 """Grid and cell specifications, YAML loading and presets.
 
-A grid is models x methods x sparsities plus one calibration, evaluation and seed setting;
+A grid is models x seeds x methods x sparsities plus one calibration and evaluation setting;
 it expands into cells.  Every spec is a dataclass and loading rejects unknown keys, so a typo
 in a grid file is an error, not a silently ignored option.
 """
@@ -66,8 +66,8 @@ class CalibrationSpec:
     dataset: str = "lee"
     n_samples: int = 128
     seqlen: int = 2048
-    seed: int = 0
     encoding: str = "utf-8"  # for a dataset named by a text path
+    # No seed here: which windows are drawn follows the cell's seed (the grid's `seeds` axis).
 
 
 @dataclass
@@ -89,7 +89,9 @@ class GridSpec:
     sparsities: list = field(default_factory=lambda: ["0.5"])
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
-    seed: int = 0
+    # One cell per seed for every method the seed changes (the calibration draw and the method's
+    # own random choices); a seed-invariant cell (dense, magnitude) runs once, at the first seed.
+    seeds: list = field(default_factory=lambda: [0])
     dtype: str = "float32"
     device: str = "cpu"
     data_dir: Optional[str] = None
@@ -97,7 +99,8 @@ class GridSpec:
     trust_remote_code: bool = False
 
     def cells(self) -> list["CellSpec"]:
-        """Dense once per model (a cell of its own), then every method x sparsity."""
+        """Dense once per model (a cell of its own), then per seed every method x sparsity; a
+        seed-invariant method (Capabilities.seed_dependent false) only at the first seed."""
         from .models import check_model_spec
 
         for model in self.models:
@@ -107,22 +110,26 @@ class GridSpec:
         cells = []
         for model in self.models:
             if self.include_dense or any(m.name == DENSE for m in methods):
-                cells.append(self._cell(model, MethodSpec(DENSE), SparsitySpec(0.0)))
-            for method in methods:
-                if method.name == DENSE:
-                    continue
-                pruner_cls = registry.get(method.name)
-                own = None if method.sparsities is None else [SparsitySpec.parse(x) for x in method.sparsities]
-                for sp in own or sparsities:
-                    if sp.pattern not in pruner_cls.capabilities.patterns:
-                        raise UserError(f"method {method.name!r} does not support the {sp.pattern_name} pattern",
-                                        hint=f"it supports: {', '.join(pruner_cls.capabilities.patterns)}")
-                    cells.append(self._cell(model, method, sp))
+                cells.append(self._cell(model, MethodSpec(DENSE), SparsitySpec(0.0), self.seeds[0]))
+            # seed-major, so an interrupted grid holds whole seeds; a seed-invariant cell runs at the first
+            for seed in self.seeds:
+                for method in methods:
+                    if method.name == DENSE:
+                        continue
+                    pruner_cls = registry.get(method.name)
+                    if seed != self.seeds[0] and not pruner_cls.capabilities.seed_dependent:
+                        continue
+                    own = None if method.sparsities is None else [SparsitySpec.parse(x) for x in method.sparsities]
+                    for sp in own or sparsities:
+                        if sp.pattern not in pruner_cls.capabilities.patterns:
+                            raise UserError(f"method {method.name!r} does not support the {sp.pattern_name} pattern",
+                                            hint=f"it supports: {', '.join(pruner_cls.capabilities.patterns)}")
+                        cells.append(self._cell(model, method, sp, seed))
         return cells
 
-    def _cell(self, model, method, sparsity) -> "CellSpec":
+    def _cell(self, model, method, sparsity, seed) -> "CellSpec":
         return CellSpec(model=model, method=method.name, method_config=method.resolved_config(),
-                        sparsity=sparsity, calibration=self.calibration, eval=self.eval, seed=self.seed,
+                        sparsity=sparsity, calibration=self.calibration, eval=self.eval, seed=seed,
                         dtype=self.dtype, device=self.device, data_dir=self.data_dir)
 
 
@@ -157,7 +164,8 @@ class CellSpec:
             calibration = None
             if pruner.capabilities.needs_calibration:
                 cs = self.calibration
-                calibration = {**dataclasses.asdict(cs),
+                # the draw's seed is the cell's (the key has held it here since schema 2)
+                calibration = {**dataclasses.asdict(cs), "seed": self.seed,
                                "text_sha256": text_fingerprint(cs.dataset, "calibration", self.data_dir, cs.encoding)["sha256"]}
             ev = self.eval
             evaluation = {**dataclasses.asdict(ev), "code_sha256": evaluation_code_sha256(),
@@ -186,7 +194,7 @@ class CellSpec:
 
     @property
     def label(self) -> str:
-        return f"{self.model} | {self.method} | {self.sparsity_label}"
+        return f"{self.model} | {self.method} | {self.sparsity_label} | seed {self.seed}"
 
 
 def tasks_data_fingerprint(tasks, data_dir) -> dict:
@@ -249,11 +257,52 @@ def _check_items(data: dict, where: str) -> None:
                                       "sparsities": "e.g. sparsities: ['0.5', '2:4']"}[name])
 
 
+SEED_LIMIT = 2 ** 63  # seeds feed torch and numpy generators, which take a signed 64-bit integer
+SEEDS_HINT = "e.g. seeds: [0, 1, 2] in a grid file or --seeds 0,1,2"
+
+
+def check_seeds(seeds, where: str = "seeds") -> list:
+    """A non-empty list of distinct integers in [0, 2^63); strings of digits (the CLI's) become ints."""
+    if isinstance(seeds, (int, str)) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, (list, tuple)) or not seeds:
+        raise UserError(f"{where} must be a non-empty list of integers, got {seeds!r}"[:200], hint=SEEDS_HINT)
+    out = []
+    for seed in seeds:
+        if isinstance(seed, str):
+            try:
+                seed = int(seed.strip())
+            except ValueError:
+                pass
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise UserError(f"{where}: {seed!r} is not an integer"[:200], hint=SEEDS_HINT)
+        if not 0 <= seed < SEED_LIMIT:
+            raise UserError(f"{where}: {seed} is outside 0 .. 2^63-1"[:200], hint=SEEDS_HINT)
+        if seed in out:
+            raise UserError(f"{where}: seed {seed} is listed twice", hint="name each seed once")
+        out.append(seed)
+    return out
+
+
+def _seeds_from_legacy(data: dict, where: str) -> dict:
+    """`seed: N` is shorthand for `seeds: [N]`; a calibration seed of its own is gone (the draw
+    follows the cell's seed), so a grid file that sets one is told where the setting went."""
+    if "seed" in data:
+        if "seeds" in data:
+            raise UserError(f"{where}: give seeds or seed, not both", hint=SEEDS_HINT)
+        data["seeds"] = data.pop("seed")
+    calibration = data.get("calibration")
+    if isinstance(calibration, dict) and "seed" in calibration:
+        raise UserError(f"{where}: calibration.seed is not a setting: the calibration draw follows the cell's seed",
+                        hint=f"drop it and list the seeds at the top level ({SEEDS_HINT})")
+    return data
+
+
 def grid_from_dict(data: dict, where: str = "grid") -> GridSpec:
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a mapping of grid keys, got {type(data).__name__}",
                         hint="a grid file looks like: models: [...], methods: [...], sparsities: [...]")
-    data = dict(data)
+    data = _seeds_from_legacy(dict(data), where)
     if "preset" in data:
         if not isinstance(data["preset"], str):
             raise UserError(f"{where}: preset must be a name, got {data['preset']!r}"[:200], hint=f"known presets: {', '.join(PRESETS)}")
@@ -283,6 +332,8 @@ def grid_from_dict(data: dict, where: str = "grid") -> GridSpec:
         if listy in data and isinstance(data[listy], (str, int, float)) and not isinstance(data[listy], bool):
             data[listy] = [s.strip() for s in str(data[listy]).split(",") if s.strip()]
     _check_items(data, where)
+    if "seeds" in data:
+        data["seeds"] = check_seeds(data["seeds"], f"{where}: seeds")
     grid = _build(GridSpec, data, where)
     if not grid.models:
         raise UserError("the grid has no models", hint="--models smollm2-135m")

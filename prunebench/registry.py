@@ -38,9 +38,17 @@ class Capabilities:
     needs_calibration: bool = True
     needs_gradients: bool = False
     statistics: str = STATS_NONE
+    # Whether the cell's seed can change the result: the calibration draw does, and a method
+    # drawing random numbers without calibration says so here. None: exactly when it calibrates.
+    # A seed-invariant method runs once per setting, at the grid's first seed.
+    uses_seed: Optional[bool] = None
+
+    @property
+    def seed_dependent(self) -> bool:
+        return self.needs_calibration if self.uses_seed is None else bool(self.uses_seed)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "seed_dependent": self.seed_dependent}
 
 
 @dataclass

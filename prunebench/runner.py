@@ -38,6 +38,9 @@ from .sparsity import measure_sparsity, pack_mask
 
 log = logging.getLogger("prunebench")
 
+# A tiny random model's weights come from this seed, never from a cell's: its seeds vary the
+# calibration draw and the method, on one model (the model's fingerprint assumes a fixed seed).
+TINY_MODEL_SEED = 0
 OFF_TARGET_PP = 0.5  # a cell whose achieved sparsity is further than this (in points) is flagged
 
 
@@ -208,7 +211,7 @@ class ModelSession:
     def get(self):
         if self._loaded is None:
             self._loaded = load_model(self.model_id, dtype=self.grid.dtype, trust_remote_code=self.grid.trust_remote_code,
-                                      seed=self.grid.seed)
+                                      seed=TINY_MODEL_SEED)
             self._snapshot = snapshot_prunable(self._loaded.model)
         restore_prunable(self._loaded.model, self._snapshot)
         return self._loaded
@@ -304,9 +307,9 @@ def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_d
     if pruner.capabilities.needs_calibration:
         cs = cell.calibration
         calibration, fingerprint = calibration_windows(
-            tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cs.seed, cs.encoding), grid.data_dir)
+            tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cell.seed, cs.encoding), grid.data_dir)
         if record is not None:
-            record["calibration"] = {**dataclasses.asdict(cs), "fingerprint": fingerprint,
+            record["calibration"] = {**dataclasses.asdict(cs), "seed": cell.seed, "fingerprint": fingerprint,
                                      "text": text_fingerprint(cs.dataset, "calibration", grid.data_dir, cs.encoding)}
     work_dir = Path(results_dir) / "work" / cell.key[:16]
     ctx = PruneContext(sparsity=cell.sparsity, calibration=calibration, device=grid.device, seed=cell.seed,
@@ -406,6 +409,8 @@ def _record_skeleton(cell: CellSpec, grid: GridSpec) -> dict:
         "memory": {},
         "warnings": [],
         "seed": cell.seed,
+        # whether another seed could give other figures (the calibration draw, the method's noise)
+        "seed_dependent": registry.get(cell.method).capabilities.seed_dependent,
         "spec": cell.identity(),
         "env": environment(grid.device),
     }

@@ -53,6 +53,7 @@ def check_dtype(dtype) -> None:
 
 def check_grid(grid) -> list:
     """Validate a whole grid up front; returns its cells (with their keys computed)."""
+    from .config import check_seeds
     from .data import _check_data_dir, check_dataset_name
     from .models import check_model_spec, max_positions
 
@@ -61,8 +62,7 @@ def check_grid(grid) -> list:
         _check_data_dir(grid.data_dir)
     check_device(grid.device)
     check_dtype(grid.dtype)
-    if isinstance(grid.seed, bool) or not isinstance(grid.seed, int) or grid.seed < 0:
-        raise UserError(f"seed must be a non-negative integer, got {grid.seed!r}")
+    check_seeds(grid.seeds)
     for model in grid.models:
         check_model_spec(model)
     if len(set(grid.models)) != len(grid.models):
