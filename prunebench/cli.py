@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="local copies of the standard data files (layout of shared/data)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", help="float32, bfloat16, float16")
-    run.add_argument("--seed", type=int)
+    run.add_argument("--seeds", metavar="S[,S...]",
+                     help="comma-separated seeds: one cell per seed for every method the seed changes (the "
+                          "calibration draw and the method's own randomness); e.g. 0,1,2")
+    run.add_argument("--seed", help=argparse.SUPPRESS)  # the one-seed spelling of --seeds
     run.add_argument("--no-dense", action="store_true", help="do not add the dense baseline cell")
     run.add_argument("--results", default=DEFAULT_RESULTS, help="results directory (default: results)")
     run.add_argument("--force", action="store_true", help="redo cells that already have ok records")
@@ -142,11 +145,25 @@ def build_parser() -> argparse.ArgumentParser:
                          "CPU; writes report/speed.csv, which later cost tables use)")
     co.add_argument("--threads", type=int, help="torch threads for --speed (default: torch's default)")
     _add_common(co)
+    cmp = sub.add_parser("compare", help="method A minus method B on every metric, with intervals over seeds and "
+                                         "windows / items, and the verdict")
+    _add_common(cmp)
+    cmp.add_argument("--results", default=DEFAULT_RESULTS)
+    cmp.add_argument("a", metavar="A", help="a method name (or alias), as in the records")
+    cmp.add_argument("b", metavar="B", help="the method it is compared with")
+    cmp.add_argument("--model", help="only this model id (default: every model both were run on)")
+    cmp.add_argument("--sparsity", help="only this sparsity label: 0.5, 2:4, hybrid:0.35/64 (default: every shared one)")
+    cmp.add_argument("--format", choices=["md", "csv"], default="md")
+
     rp = sub.add_parser("reproduce", help="compare a fresh run with a reference run (exit 1 on a real difference)")
     rp.add_argument("--fresh", required=True, help="the fresh run's results directory")
     rp.add_argument("--reference", default=DEFAULT_RESULTS, help="the reference results directory (default: results)")
-    rp.add_argument("--tolerance-ppl", type=float, metavar="X", help="relative perplexity tolerance (default 1e-3)")
-    rp.add_argument("--tolerance-acc", type=float, metavar="X", help="absolute accuracy tolerance (default: exact)")
+    rp.add_argument("--sd-multiple", type=float, metavar="K",
+                    help="a figure reproduces within K x the reference's seed SD of its mean (default 3)")
+    rp.add_argument("--tolerance-ppl", type=float, metavar="X",
+                    help="relative perplexity floor, for cells without a seed spread (default 1e-3)")
+    rp.add_argument("--tolerance-acc", type=float, metavar="X",
+                    help="absolute accuracy floor, for cells without a seed spread (default: exact)")
     rp.add_argument("--require-identical-masks", action="store_true", help="a cell whose masks differ fails too")
     rp.add_argument("--write-reference-report", action="store_true",
                     help="also write reproduction.{json,md} into the reference's report dir")
@@ -173,7 +190,8 @@ def main(argv=None) -> int:
             if not getattr(args, "quiet", False):
                 log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
         return {"run": cmd_run, "check": cmd_check, "list": cmd_list, "report": cmd_report, "export": cmd_export,
-                "eval": cmd_eval, "reproduce": cmd_reproduce, "cost": cmd_cost}[args.command](args)
+                "eval": cmd_eval, "reproduce": cmd_reproduce, "cost": cmd_cost,
+                "compare": cmd_compare}[args.command](args)
     except UserError as exc:
         print(f"prunebench: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -193,6 +211,18 @@ _EXAMPLES = {"--models": "--models smollm2-135m", "--methods": "--methods wanda,
              "--sparsities": "--sparsities 0.5,2:4"}
 
 
+def _seeds_arg(args):
+    from .config import check_seeds
+
+    if args.seeds is not None and args.seed is not None:
+        raise UserError("give --seeds or --seed, not both", hint="--seeds 0,1,2")
+    value = args.seeds if args.seeds is not None else args.seed
+    if value is None:
+        return None
+    flag = "--seeds" if args.seeds is not None else "--seed"
+    return check_seeds(value.split(","), flag)
+
+
 def grid_from_args(args):
     from .config import grid_from_dict, load_grid, preset
 
@@ -209,7 +239,7 @@ def grid_from_args(args):
         if value is not None and not _csv(value):
             raise UserError(f"{flag} {value!r} names nothing", hint=f"give a comma-separated list, e.g. {_EXAMPLES[flag]}")
     overrides = {"models": _csv(args.models), "methods": _csv(args.methods), "sparsities": _csv(args.sparsities),
-                 "data_dir": args.data_dir, "device": args.device, "dtype": args.dtype, "seed": args.seed}
+                 "data_dir": args.data_dir, "device": args.device, "dtype": args.dtype, "seeds": _seeds_arg(args)}
     if overrides["methods"] is not None:
         # A method named on the command line keeps the config the grid gives it (e.g. the
         # embedded preset's CPU-sized LEAP), so `--methods leap,admm` stays on that grid's budget.
@@ -335,7 +365,8 @@ def cmd_list(args) -> int:
         alias = f" (alias: {', '.join(m['aliases'])})" if m["aliases"] else ""
         print(f"{m['name']}{alias} [{m['kind']}]: {m['summary']}")
         print(f"    patterns: {', '.join(caps['patterns'])}; calibration: {'yes' if caps['needs_calibration'] else 'no'}; "
-              f"gradients: {'yes' if caps['needs_gradients'] else 'no'}; statistics: {caps['statistics']}")
+              f"gradients: {'yes' if caps['needs_gradients'] else 'no'}; statistics: {caps['statistics']}; "
+              f"one cell per seed: {'yes' if caps['seed_dependent'] else 'no'}")
         if m["defaults"]:
             print("    defaults: " + ", ".join(f"{k}={v!r}" for k, v in m["defaults"].items()))
     print("\nsparsity allocations (compose with a layer-wise method: wanda+owl, sparsegpt+alphapruning):")
@@ -486,12 +517,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .records import load_records, records_frame
+    from .report.compare import compare_methods, render
+
+    records, skipped = load_records(args.results)
+    for path, reason in skipped:
+        log.warning("skipped unreadable record %s: %s", path, reason)
+    if not records:
+        raise UserError(f"no records under {Path(args.results) / 'records'}", hint="pass --results DIR")
+    rows = compare_methods(records_frame(records), args.a, args.b, model=args.model, sparsity=args.sparsity)
+    sys.stdout.write(rows.to_csv(index=False, lineterminator="\n") if args.format == "csv" else render(rows))
+    return 0
+
+
 def cmd_reproduce(args) -> int:
-    from .reproduce import ACC_ABS_TOL, PPL_REL_TOL, Tolerance, reproduce
+    from .reproduce import ACC_ABS_TOL, PPL_REL_TOL, SD_MULTIPLE, Tolerance, reproduce
 
     tol = Tolerance(ppl_rel=PPL_REL_TOL if args.tolerance_ppl is None else args.tolerance_ppl,
-                    acc_abs=ACC_ABS_TOL if args.tolerance_acc is None else args.tolerance_acc)
-    if tol.ppl_rel < 0 or tol.acc_abs < 0:
+                    acc_abs=ACC_ABS_TOL if args.tolerance_acc is None else args.tolerance_acc,
+                    sd_multiple=SD_MULTIPLE if args.sd_multiple is None else args.sd_multiple)
+    if tol.ppl_rel < 0 or tol.acc_abs < 0 or tol.sd_multiple < 0:
         raise UserError("tolerances must not be negative")
     return reproduce(args.fresh, args.reference, tolerance=tol, write_reference_report=args.write_reference_report,
                      require_identical_masks=args.require_identical_masks)

@@ -153,6 +153,14 @@ def _finite(value) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+def seed_dependent(record: dict) -> bool:
+    """Whether the record's seed could change its figures: what the runner wrote, else (older
+    records) whether its key holds a calibration draw."""
+    if "seed_dependent" in record:
+        return bool(record["seed_dependent"])
+    return (record.get("spec") or {}).get("calibration") is not None
+
+
 def records_frame(records: list[dict]):
     """Flatten records into one row per cell, in the column convention of prunebench.report.
 
@@ -177,6 +185,8 @@ def records_frame(records: list[dict]):
             "prune_s": (r.get("timing") or {}).get("prune_s"), "eval_s": (r.get("timing") or {}).get("eval_s"),
             "n_warnings": len(r.get("warnings") or []), "created_at": r.get("created_at"),
             "mask_sha256": sp.get("mask_sha256"),
+            "seed": r.get("seed", (r.get("spec") or {}).get("seed", 0)),
+            "seed_dependent": seed_dependent(r),
             # A failed rerun keeps the ok record; these say how the latest attempt went.
             "last_attempt_status": (r.get("_last_attempt") or {}).get("status", r.get("status")),
             "last_attempt_at": (r.get("_last_attempt") or {}).get("created_at", r.get("created_at")),

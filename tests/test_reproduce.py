@@ -62,8 +62,9 @@ def test_identical_runs_reproduce(tmp_path, capsys):
     assert reproduce(fresh, ref) == 0
     out = capsys.readouterr().out
     assert "**REPRODUCED**: 3 of 3 reference cells" in out
-    assert "| Model | Method | Sparsity | Metric | Fresh | Reference | Rel. diff | Masks identical | Within tol. |" in out
-    assert "| smollm2-135m | wanda | 0.5 | ppl:lee | 66.3532 | 66.3532 | 0 | yes | yes |" in out
+    assert ("| Model | Method | Sparsity | Seed | Metric | Fresh | Reference mean ± SD (seeds) | Diff | Allowed | "
+            "Masks identical | Within noise |") in out
+    assert "| smollm2-135m | wanda | 0.5 | 0 | ppl:lee | 66.3532 | 66.3532 (1) | 0 | 0.0663532 (0.001 relative) | yes | yes |" in out
     data = json.loads((fresh / "report" / "reproduction.json").read_text())
     assert data["exit_status"] == 0 and data["reproduced"] is True
     assert len(data["rows"]) == 6  # 3 cells x (perplexity + accuracy)
@@ -88,7 +89,7 @@ def test_perplexity_beyond_tolerance_fails(tmp_path):
     assert _rows(result, "wanda")[f"acc:{TASK}"]["within_tolerance"] is True
     assert _cell(result, "wanda")["status"] == "differs" and _cell(result, "dense")["status"] == "reproduced"
     assert "**NOT REPRODUCED**" in render_markdown(result)
-    assert "| 2.0e-03 | yes | **NO** |" in render_markdown(result)
+    assert "| 0.132706 | 0.0663532 (0.001 relative) | yes | **NO** |" in render_markdown(result)
     # A looser tolerance lets the same figures through.
     assert compare_runs(fresh, ref, Tolerance(ppl_rel=1e-2))["exit_status"] == 0
 
@@ -124,7 +125,8 @@ def test_changed_mask_is_flagged(tmp_path):
     # Same figures: listed, not a failure, unless identical masks are required.
     assert result["exit_status"] == 0
     md = render_markdown(result)
-    assert "## Masks differ" in md and "| 66.3532 | 66.3532 | 0 | no | yes |" in md and "| unknown | yes |" in md
+    assert "## Masks differ" in md and "| 66.3532 | 66.3532 (1) | 0 | 0.0663532 (0.001 relative) | no | yes |" in md
+    assert "| unknown | yes |" in md
     assert compare_runs(fresh, ref, require_identical_masks=True)["exit_status"] == 1
 
 
@@ -150,7 +152,7 @@ def test_diverged_cell(tmp_path):
     row = _rows(result, "leap")["ppl:lee"]
     assert row["fresh"] == "diverged" and row["rel_diff"] is None and row["within_tolerance"] is False
     assert result["exit_status"] == 1
-    assert "| diverged | 43.6715 | - |" in render_markdown(result)
+    assert "| diverged | 43.6715 (1) | - | - |" in render_markdown(result)
     # An older record holding inf instead of the flag reads as diverged; the JSON stays strict.
     old = copy.deepcopy(BASE[2])
     old["eval"]["perplexity"]["lee"]["value"] = float("inf")
@@ -173,7 +175,7 @@ def test_failed_cell_in_fresh_run(tmp_path):
     result = compare_runs(*_pair(tmp_path, edit))
     assert result["exit_status"] == 1
     assert result["failed"] == [{"model": "smollm2-135m", "method": "wanda", "sparsity": "0.5", "side": "fresh",
-                                 "error": "RuntimeError: boom"}]
+                                 "seed": 0, "error": "RuntimeError: boom"}]
     assert _cell(result, "wanda")["status"] == "failed in fresh"
     assert "## Failed cells" in render_markdown(result)
 

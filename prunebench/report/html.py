@@ -30,6 +30,7 @@ from prunebench.report import tables
 from prunebench.report.paper import PAPER_BASELINE, PERCENT, method_display_name, model_display_name, task_display_name
 from prunebench.report.tables import (
     format_number,
+    format_sd,
     format_sparsity_label,
     gain_table,
     layout_caption,
@@ -38,6 +39,7 @@ from prunebench.report.tables import (
     ok_rows,
     paper_layout,
     paper_reference_frame,
+    perplexity_sds,
     perplexity_tables,
     ppl_seqlens,
     sparsity_label_order,
@@ -50,7 +52,7 @@ HTML_NAME = "index.html"
 SCREENSHOT_NAME = "index.png"
 REPRODUCTION_JSON = "reproduction.json"
 COMPARISON_COLUMNS = ["model", "sparsity", "method", "baseline", "metric", "diff", "lo", "hi",
-                      "significant"]
+                      "significant", "n_seeds", "baseline_n_seeds", "noise"]
 NO_INTERVALS = "no intervals available"
 NO_REPRODUCTION = "no reproduction run"
 SCREENSHOT_WIDTH = 1280
@@ -188,8 +190,10 @@ def _perplexity_section(df: pd.DataFrame) -> str:
         window = (", ".join(map(str, seqlens)) + "-token windows") if seqlens else "window length not stated"
         labels = [c for c in table.columns if c not in ("model", "method")]
         headers = [("Model", "text"), ("Method", "text")] + [(format_sparsity_label(l), "num") for l in labels]
+        sds = perplexity_sds(df).get(dataset, {})
         rows = [f"<tr><td>{_e(model_display_name(r['model']))}</td><td>{_e(method_display_name(r['method']))}</td>"
-                + "".join(_td(_e(format_number(r[l])), css="r") for l in labels) + "</tr>"
+                + "".join(_td(_e(format_number(r[l]) + format_sd(sds.get((r['model'], r['method'], l)))),
+                              sort=r[l], css="r") for l in labels) + "</tr>"
                 for _, r in table.iterrows()]
         parts.append(f"<h3>{_e(dataset)} ({_e(window)})</h3>")
         parts.append(_table(headers, rows, css="paper-table"))
@@ -251,6 +255,12 @@ def _finite_number(value) -> float | None:
     return None if _missing(number) or not math.isfinite(number) else float(number)
 
 
+def _seeds_text(row) -> str:
+    """"3 vs 1": the seeds behind the method and the baseline."""
+    a, b = getattr(row, "n_seeds", None), getattr(row, "baseline_n_seeds", None)
+    return "-" if _missing(a) or _missing(b) else f"{int(a)} vs {int(b)}"
+
+
 def _comparisons_section(comparisons: pd.DataFrame | None) -> str:
     title = '<h2 id="intervals">Comparisons: 95% intervals</h2>'
     if comparisons is None or not isinstance(comparisons, pd.DataFrame) or comparisons.empty:
@@ -277,7 +287,7 @@ def _comparisons_section(comparisons: pd.DataFrame | None) -> str:
         scales[metric] = (min([0.0] + values), max([0.0] + values))
     headers = [("Model", "text"), ("Sparsity", "num"), ("Method", "text"), ("Baseline", "text"),
                ("Metric", "text"), ("Diff", "num"), ("95% interval", "num"), ("vs 0", "num"),
-               ("Significant", "text")]
+               ("Significant", "text"), ("Seeds", "text"), ("Interval covers", "text")]
     rows = []
     for row in frame.itertuples(index=False):
         significant = _truthy(row.significant)
@@ -295,10 +305,13 @@ def _comparisons_section(comparisons: pd.DataFrame | None) -> str:
             f"<td>{_e(method_display_name(str(row.method)))}</td><td>{_e(method_display_name(str(row.baseline)))}</td>"
             f"<td>{_e(metric)}</td>{_td(_e(_num(diff)), sort=diff, css='r')}"
             f"{_td(_e(f'[{_num(lo)}, {_num(hi)}]'), sort=lo, css='r')}{_td(plot, sort=diff)}"
-            f"{_td(_e(label), sort=label)}</tr>")
-    note = ('<p class="caption">Method minus baseline with its 95% interval; in the bar the dot is the '
+            f"{_td(_e(label), sort=label)}{_td(_e(_seeds_text(row)))}"
+            f"{_td(_e('-' if _missing(row.noise) else str(row.noise)))}</tr>")
+    note = ('<p class="caption">Method minus baseline with its 95% interval (two-level bootstrap: the seeds of '
+            'each side, then the shared windows / items); in the bar the dot is the '
             'difference and the dashed line zero (one scale per metric), red where the interval excludes '
-            'zero.</p>')
+            'zero. "evaluation noise only": a side that depends on the seed has one seed, so no verdict '
+            'rests on that interval.</p>')
     return title + note + _table(headers, rows, table_id="intervals-table", sortable=True) + without
 
 

@@ -108,8 +108,11 @@ NOT_SIGNIFICANT = Marker(
 NO_INTERVAL = Marker("¶", r"$^{\P}$", uncertainty.NO_ITEM_DATA)
 NOT_COMPARABLE = Marker(
     "≠", r"$^{\neq}$", "no interval: not scored on the same windows / items as its baseline")
+EVAL_NOISE_ONLY = Marker(
+    "ᵉ", r"$^{\mathrm{e}}$", "evaluation noise only: a side that depends on the calibration seed was run with "
+    "one seed, so the seed's noise is not in this interval and no verdict may rest on it")
 MARKERS = (AVG_INCONSISTENT, AVG_ROUNDING, AVG_PARTIAL, AVG_PUBLISHED_ONLY, SIBLING_STUDY,
-           NOT_SIGNIFICANT, NO_INTERVAL, NOT_COMPARABLE)
+           NOT_SIGNIFICANT, NO_INTERVAL, NOT_COMPARABLE, EVAL_NOISE_ONLY)
 DIVERGED = "diverged"
 
 
@@ -223,7 +226,7 @@ def _present(frame: pd.DataFrame, column: str) -> bool:
 def accuracy_tasks(df: pd.DataFrame) -> list[str]:
     """Every task with at least one accuracy value: paper tasks in paper order, then the rest."""
     tasks = [column[len("acc_"):] for column in df.columns
-             if column.startswith("acc_") and _present(df, column)]
+             if column.startswith("acc_") and not column.endswith((PER_SEED, SEED_SD)) and _present(df, column)]
     return [task for task in PAPER_TASKS if task in tasks] + sorted(
         task for task in tasks if task not in PAPER_TASKS)
 
@@ -261,7 +264,7 @@ def ppl_datasets(df: pd.DataFrame) -> list[str]:
     paper's) first."""
     datasets = sorted(
         column[len("ppl_"):] for column in df.columns
-        if column.startswith("ppl_") and not column.endswith("_seqlen")
+        if column.startswith("ppl_") and not column.endswith(("_seqlen", PER_SEED, SEED_SD))
         and _has_ppl(df, column[len("ppl_"):]).any())
     return sorted(datasets, key=lambda name: (name != PAPER_PPL_DATASET, name))
 
@@ -286,19 +289,59 @@ def average_accuracy(df: pd.DataFrame, tasks: Sequence[str] | None = None,
     return means
 
 
+CELL_KEYS = ["model", "method", "pattern", "sparsity_label"]
+PER_SEED = "_per_seed"   # suffix: a figure's (or a score vector's) values in seed order
+SEED_SD = "_sd"          # suffix: a figure's sample SD over seeds
+
+
+def figure_columns(frame: pd.DataFrame) -> list[str]:
+    """The figures a cell reports per seed: every perplexity and accuracy column."""
+    return [c for c in frame.columns if (c.startswith("ppl_") and not c.endswith("_seqlen") or c.startswith("acc_"))
+            and not c.endswith((PER_SEED, SEED_SD))]
+
+
+def _score_columns(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c.startswith(("window_nll_", "per_item_")) and not c.startswith("per_item_tasks_")
+            and not c.endswith(PER_SEED)]
+
+
 def collapse_duplicate_cells(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (model, method, pattern, sparsity label). Repeated records of a cell (seeds,
-    reruns) are averaged, never silently dropped; `n_records` counts them."""
-    keys = ["model", "method", "pattern", "sparsity_label"]
+    """One row per (model, method, pattern, sparsity label): every numeric column averaged over
+    the cell's records, never silently dropped, and what its seeds say: `seeds` (sorted),
+    `n_seeds`, per figure `<figure>_sd` (sample SD over seeds; NaN below two) and
+    `<figure>_per_seed`, and per score vector (window NLL, per-item correctness)
+    `<scores>_per_seed`, the two-level bootstrap's input. `n_records` counts the records: more
+    records than seeds (reruns of a seed under other keys) are averaged, without an interval."""
     if frame.empty:
-        return frame.assign(n_records=pd.Series(dtype=int))
-    numeric = [c for c in frame.columns if c not in keys and pd.api.types.is_numeric_dtype(frame[c])]
-    other = [c for c in frame.columns if c not in keys and c not in numeric]
-    grouped = frame.groupby(keys, sort=False, dropna=False)
+        return frame.assign(n_records=pd.Series(dtype=int), n_seeds=pd.Series(dtype=int))
+    if "seed" not in frame.columns:
+        frame = frame.assign(seed=0)
+    numeric = [c for c in frame.columns if c not in CELL_KEYS and pd.api.types.is_numeric_dtype(frame[c])]
+    other = [c for c in frame.columns if c not in CELL_KEYS and c not in numeric]
+    grouped = frame.groupby(CELL_KEYS, sort=False, dropna=False)
     collapsed = grouped[numeric].mean() if numeric else grouped.size().to_frame("n_records")[[]]
     if other:
         collapsed = collapsed.join(grouped[other].first())
     collapsed["n_records"] = grouped.size()
+    figures, scores = figure_columns(frame), _score_columns(frame)
+    extra: dict[str, list] = {c: [] for c in ["seeds", "n_seeds"] + [f + SEED_SD for f in figures]
+                              + [f + PER_SEED for f in figures] + [c + PER_SEED for c in scores]}
+    for _, group in grouped:
+        by_seed = group.assign(seed=group["seed"].fillna(0).astype(int)).sort_values("seed", kind="stable")
+        seeds = list(dict.fromkeys(by_seed["seed"].tolist()))
+        extra["seeds"].append(seeds)
+        extra["n_seeds"].append(len(seeds))
+        for f in figures:
+            values = [None if pd.isna(v) else float(v)
+                      for v in pd.to_numeric(by_seed.groupby("seed", sort=True)[f].mean(), errors="coerce")]
+            extra[f + PER_SEED].append(values)
+            known = [v for v in values if v is not None]
+            extra[f + SEED_SD].append(uncertainty.seed_spread(known)[1] if len(known) > 1 else math.nan)
+        firsts = by_seed.groupby("seed", sort=True).first()
+        for c in scores:
+            extra[c + PER_SEED].append([None if _missing(v) else v for v in firsts[c]])
+    for column, values in extra.items():
+        collapsed[column] = pd.Series(values, index=collapsed.index, dtype=object if column != "n_seeds" else int)
     return collapsed.reset_index()
 
 
@@ -371,6 +414,8 @@ class Difference:
     rel_lo: float | None = None
     rel_hi: float | None = None
     n: int | None = None
+    n_seeds: tuple[int, int] | None = None  # seeds behind each side
+    noise: str | None = None  # which noise the interval covers (SEEDS_AND_EVAL, EVAL_ONLY, NO_SEED_NOISE)
 
     @property
     def significant(self) -> bool | None:
@@ -388,8 +433,40 @@ class Difference:
             return NOT_COMPARABLE
         return NO_INTERVAL
 
+    @property
+    def markers(self) -> tuple[Marker, ...]:
+        """The marker above, then EVAL_NOISE_ONLY for an interval that misses the seed's noise."""
+        found = [m for m in (self.marker,) if m is not None]
+        if self.lo is not None and self.noise == EVAL_ONLY:
+            found.append(EVAL_NOISE_ONLY)
+        return tuple(found)
 
-MEAN_OF_RECORDS = "no interval (mean of several records)"
+
+MEAN_OF_RECORDS = "no interval (mean of several records of one seed)"
+# What an interval's width covers.
+SEEDS_AND_EVAL = "seeds and evaluation"
+EVAL_ONLY = "evaluation noise only"         # a seed-dependent side has a single seed
+NO_SEED_NOISE = "evaluation (seed-invariant cells)"  # neither side can move with the seed
+
+
+def _noise(row: pd.Series, base: pd.Series) -> tuple[tuple[int, int], str]:
+    counts = (_n_seeds(row), _n_seeds(base))
+    dependent = [_truthy(_cell(r, "seed_dependent")) for r in (row, base)]
+    if not any(dependent):
+        return counts, NO_SEED_NOISE
+    if any(d and k < 2 for d, k in zip(dependent, counts)):
+        return counts, EVAL_ONLY
+    return counts, SEEDS_AND_EVAL
+
+
+def _n_seeds(row: pd.Series) -> int:
+    return int(_value(row, "n_seeds") or 1)
+
+
+def _per_seed(row: pd.Series, column: str) -> list:
+    """A score vector's values per seed (after collapsing), else the row's one vector."""
+    values = _cell(row, column + PER_SEED)
+    return list(values) if values is not None else [_cell(row, column)]
 
 
 def _int_cell(row: pd.Series, column: str) -> int | None:
@@ -414,7 +491,8 @@ def _acc_payload(row: pd.Series, task: str) -> dict:
 
 
 def _several_records(*rows: pd.Series) -> bool:
-    return any(int(row.get("n_records", 1) or 1) > 1 for row in rows)
+    """More records than seeds: reruns of one seed under other keys, averaged without an interval."""
+    return any(int(row.get("n_records", 1) or 1) > _n_seeds(row) for row in rows)
 
 
 def ppl_difference(row: pd.Series, base: pd.Series, dataset: str) -> Difference | None:
@@ -426,13 +504,23 @@ def ppl_difference(row: pd.Series, base: pd.Series, dataset: str) -> Difference 
         return Difference(None, note=DIVERGED)
     if _several_records(row, base):
         return Difference(a - b, note=MEAN_OF_RECORDS)
-    pa, pb = _ppl_payload(row, dataset), _ppl_payload(base, dataset)
-    reason = uncertainty.ppl_not_comparable(pa, pb)
-    interval = None if reason else uncertainty.compare_ppl(pa, pb)
+    pa, pb = _ppl_payloads(row, dataset), _ppl_payloads(base, dataset)
+    reason = next((uncertainty.ppl_not_comparable(x, y) for x in pa for y in pb
+                   if uncertainty.ppl_not_comparable(x, y)), None)
+    interval = None if reason else uncertainty.bootstrap_ppl_diff_seeds(
+        [x["window_nll"] for x in pa], [y["window_nll"] for y in pb], int(pa[0]["window_tokens"]))
+    n_seeds, noise = _noise(row, base)
     if interval is None:
-        return Difference(a - b, note=reason or "not comparable")
+        return Difference(a - b, note=reason or "not comparable", n_seeds=n_seeds, noise=noise)
     return Difference(a - b, interval.lo, interval.hi, rel_diff=a / b - 1, rel_lo=interval.rel_lo,
-                      rel_hi=interval.rel_hi, n=interval.n)
+                      rel_hi=interval.rel_hi, n=interval.n, n_seeds=n_seeds, noise=noise)
+
+
+def _ppl_payloads(row: pd.Series, dataset: str) -> list[dict]:
+    """One perplexity payload per seed of the row (the window NLL of each seed)."""
+    payload = _ppl_payload(row, dataset)
+    return [{**payload, "window_nll": None if nll is None else list(nll)}
+            for nll in _per_seed(row, f"window_nll_{dataset}")]
 
 
 def avg_acc_difference(row: pd.Series, base: pd.Series, tasks: Sequence[str]) -> Difference | None:
@@ -444,19 +532,35 @@ def avg_acc_difference(row: pd.Series, base: pd.Series, tasks: Sequence[str]) ->
     point = sum(_value(row, f"acc_{t}") - _value(base, f"acc_{t}") for t in common) / len(common) * PERCENT
     if _several_records(row, base):
         return Difference(point, note=MEAN_OF_RECORDS)
-    pairs = [(_acc_payload(row, t), _acc_payload(base, t)) for t in common]
-    reasons = [uncertainty.acc_not_comparable(a, b) for a, b in pairs]
+    per_task = [(_acc_payloads(row, t), _acc_payloads(base, t)) for t in common]
+    reasons = [uncertainty.acc_not_comparable(a, b) for sa, sb in per_task for a in sa for b in sb]
     reason = next((r for r in reasons if r and r.startswith("not comparable")), None) or \
         next((r for r in reasons if r), None)
-    interval = None if reason else uncertainty.compare_mean_acc(pairs)
+    interval = None if reason else uncertainty.bootstrap_mean_acc_diff_seeds(
+        [([a["per_item"] for a in sa], [b["per_item"] for b in sb]) for sa, sb in per_task])
+    n_seeds, noise = _noise(row, base)
     if interval is None:
-        return Difference(point, note=reason or "not comparable")
-    return Difference(point, interval.lo * PERCENT, interval.hi * PERCENT, n=interval.n)
+        return Difference(point, note=reason or "not comparable", n_seeds=n_seeds, noise=noise)
+    return Difference(point, interval.lo * PERCENT, interval.hi * PERCENT, n=interval.n, n_seeds=n_seeds,
+                      noise=noise)
+
+
+def _acc_payloads(row: pd.Series, task: str) -> list[dict]:
+    """One zero-shot payload per seed of the row (the per-item correctness of each seed)."""
+    payload = _acc_payload(row, task)
+    return [{**payload, "per_item": items} for items in _per_seed(row, f"per_item_{task}")]
 
 
 def acc_difference(row: pd.Series, base: pd.Series, task: str) -> Difference | None:
     """acc(row) - acc(base) on one task, in percent points."""
     return avg_acc_difference(row, base, [task])
+
+
+def format_sd(sd: float | None, latex: bool = False) -> str:
+    """" ± 0.42" after a mean over seeds (its sample SD); "" for one seed."""
+    if sd is None or _missing(sd) or not math.isfinite(sd):
+        return ""
+    return (r" $\pm$ " if latex else " ± ") + format_number(sd)
 
 
 def format_difference(difference: Difference | None, latex: bool = False) -> str:
@@ -466,9 +570,7 @@ def format_difference(difference: Difference | None, latex: bool = False) -> str
     text = _signed(difference.diff)
     if difference.lo is not None:
         text += f" [{format_number(difference.lo)}, {format_number(difference.hi)}]"
-    marker = difference.marker
-    if marker is not None:
-        text += marker.latex if latex else marker.symbol
+    text += "".join(m.latex if latex else m.symbol for m in difference.markers)
     return text
 
 
@@ -506,6 +608,7 @@ class TableCell:
     paper: float | None = None
     markers: tuple[Marker, ...] = ()
     difference: Difference | None = None   # against the dense row of the same model
+    sd: float | None = None                # sample SD over seeds (two or more seeds)
 
 
 @dataclass
@@ -517,6 +620,7 @@ class TableRow:
     method_markers: tuple[Marker, ...]
     cells: dict[str, TableCell]
     n_records: int = 1
+    n_seeds: int = 1
 
     @property
     def model(self) -> str:
@@ -617,20 +721,22 @@ def _table_row(row: pd.Series, tasks: list[str], ppl_dataset: str | None,
         # The paper's perplexities are WikiText-2 ones; any other dataset has no paper value.
         paper_ppl = _value(paper_row, f"ppl_{ppl_dataset}") if ppl_dataset == PAPER_PPL_DATASET else None
         cells[PPL_COLUMN] = TableCell(ppl_cell_value(row, ppl_dataset), paper_ppl,
-                                      difference=ppl_difference(row, dense_row, ppl_dataset) if compare else None)
+                                      difference=ppl_difference(row, dense_row, ppl_dataset) if compare else None,
+                                      sd=_value(row, f"ppl_{ppl_dataset}{SEED_SD}"))
     for task in tasks:
         value = _value(row, f"acc_{task}")
         paper_value = _value(paper_row, f"acc_{task}")
+        sd = _value(row, f"acc_{task}{SEED_SD}")
         cells[task_display_name(task)] = TableCell(
             None if value is None else value * PERCENT,
-            None if paper_value is None else paper_value * PERCENT)
+            None if paper_value is None else paper_value * PERCENT, sd=None if sd is None else sd * PERCENT)
     cells[AVG_COLUMN] = _average_cell(row, tasks, paper_row, notes, row_name)
     if compare:
         cells[AVG_COLUMN].difference = avg_acc_difference(row, dense_row, tasks)
     source = row.get("source") if isinstance(row.get("source"), str) else None
     method_markers = (SIBLING_STUDY,) if source == SIBLING_STUDY_SOURCE else ()
     return TableRow(row["model"], row["method"], row["sparsity_label"], source, method_markers,
-                    cells, int(row.get("n_records", 1)))
+                    cells, int(row.get("n_records", 1)), _n_seeds(row))
 
 
 def _row_sort_key(row: pd.Series) -> tuple:
@@ -689,10 +795,10 @@ def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
 
     for block in blocks:
         for row in block.rows:
-            if row.n_records > 1:
+            if row.n_records > row.n_seeds:
                 notes.append(Footnote(None, f"{row.model} {row.method_name}, "
                                             f"{format_sparsity_label(row.sparsity_label)}: mean of "
-                                            f"{row.n_records} records."))
+                                            f"{row.n_records} records of {row.n_seeds} seed(s)."))
     if any(SIBLING_STUDY in row.method_markers for block in blocks for row in block.rows):
         notes.append(Footnote(SIBLING_STUDY, SIBLING_STUDY.meaning + "."))
     if any(AVG_PUBLISHED_ONLY in row.cells[AVG_COLUMN].markers for block in blocks for row in block.rows):
@@ -700,8 +806,8 @@ def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
     for marker in (AVG_INCONSISTENT, AVG_ROUNDING):
         if any(note.marker is marker for note in notes):
             notes.insert(0, Footnote(marker, marker.meaning + ":"))
-    used = {cell.difference.marker for block in blocks for row in block.rows
-            for cell in row.cells.values() if cell.difference is not None}
+    used = {m for block in blocks for row in block.rows
+            for cell in row.cells.values() if cell.difference is not None for m in cell.difference.markers}
     notes += [Footnote(marker, marker.meaning + ".") for marker in INTERVAL_MARKERS if marker in used]
     notes.sort(key=lambda note: MARKERS.index(note.marker) if note.marker in MARKERS else len(MARKERS))
 
@@ -710,11 +816,11 @@ def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
                        _dedupe_notes(notes), with_differences)
 
 
-INTERVAL_MARKERS = (NOT_SIGNIFICANT, NO_INTERVAL, NOT_COMPARABLE)
+INTERVAL_MARKERS = (NOT_SIGNIFICANT, NO_INTERVAL, NOT_COMPARABLE, EVAL_NOISE_ONLY)
 
 
 def _format_cell(cell: TableCell, with_paper: bool, latex: bool = False) -> str:
-    text = format_number(cell.value)
+    text = format_number(cell.value) + format_sd(cell.sd, latex)
     text += "".join(marker.latex if latex else marker.symbol for marker in cell.markers)
     if with_paper and cell.paper is not None:
         text += f" ({format_number(cell.paper)})"
@@ -738,14 +844,19 @@ def layout_caption(layout: PaperLayout) -> str:
         if layout.ppl_dataset != PAPER_PPL_DATASET:
             caption += f" (paper perplexities are {PAPER_PPL_DATASET}, so PPL has none here)"
         caption += "."
+    seeds = sorted({row.n_seeds for block in layout.blocks for row in block.rows if row.n_seeds > 1})
+    if seeds:
+        caption += f" {SEEDS_CAPTION.format(n='/'.join(map(str, seeds)))}"
     if layout.with_differences:
         caption += (" " + DIFFERENCE_CAPTION.format(what="PPL and Avg cells", baseline="the dense row of the same model"))
     return caption
 
 
-DIFFERENCE_CAPTION = (f"Pruned {{what}} add the difference from {{baseline}} with its 95% paired-bootstrap "
-                      f"interval [lo, hi] ({uncertainty.N_RESAMPLES} resamples of the shared windows / items, "
-                      f"Avg: items resampled within each task).")
+DIFFERENCE_CAPTION = (f"Pruned {{what}} add the difference from {{baseline}} with its 95% bootstrap "
+                      f"interval [lo, hi] ({uncertainty.N_RESAMPLES} resamples: the seeds of each side, then the "
+                      f"shared windows / items; Avg: items resampled within each task).")
+SEEDS_CAPTION = ("Cells that depend on the calibration seed show the mean ± sample SD over their {n} seeds "
+                 "(seed-invariant cells, such as dense and magnitude, run once).")
 
 
 def _footnote_line(note: Footnote, latex: bool = False) -> str:
@@ -1082,6 +1193,17 @@ def perplexity_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
     return tables
 
 
+def perplexity_sds(df: pd.DataFrame) -> dict[str, dict[tuple[str, str, str], float]]:
+    """Per dataset, (model, method, sparsity label) -> the perplexity's sample SD over seeds, for
+    the cells run with two or more seeds."""
+    frame = collapse_duplicate_cells(ok_rows(df))
+    out: dict[str, dict] = {}
+    for dataset in ppl_datasets(frame):
+        out[dataset] = {(r["model"], r["method"], r["sparsity_label"]): sd for _, r in frame.iterrows()
+                        if (sd := _value(r, f"ppl_{dataset}{SEED_SD}")) is not None}
+    return out
+
+
 def perplexity_differences(df: pd.DataFrame) -> dict[str, dict[tuple[str, str, str], Difference]]:
     """Per dataset, (model, method, sparsity label) -> the pruned cell's perplexity minus its
     model's dense perplexity, with the interval (see Difference); only cells with both values."""
@@ -1114,6 +1236,10 @@ def perplexity_long_frame(df: pd.DataFrame) -> pd.DataFrame:
         table = table.copy()
         labels = [c for c in table.columns if c not in ("model", "method")]
         found = differences.get(name)
+        sds = perplexity_sds(df).get(name, {})
+        if sds:
+            for label in labels:
+                table[f"{label}{SEED_SD}"] = [sds.get((r["model"], r["method"], label)) for _, r in table.iterrows()]
         if found is not None:
             for label in labels:
                 columns = [_difference_columns(label, found.get((r["model"], r["method"], label)))
@@ -1138,12 +1264,13 @@ def render_perplexity_markdown(tables: dict[str, pd.DataFrame], df: pd.DataFrame
         parts.append("")
         labels = [c for c in table.columns if c not in ("model", "method")]
         found = differences.get(dataset, {})
+        sds = perplexity_sds(df).get(dataset, {})
 
         def cell(r, label):
-            text = format_number(r[label])
+            text = format_number(r[label]) + format_sd(sds.get((r["model"], r["method"], label)))
             difference = found.get((r["model"], r["method"], label))
             if difference is not None and difference.diff is not None:
-                used.add(difference.marker)
+                used.update(difference.markers)
                 text += " " + format_difference(difference)
             return text
 
@@ -1227,24 +1354,28 @@ def write_cells_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 COMPARISON_COLUMNS = ["model", "sparsity", "method", "baseline", "metric", "diff", "lo", "hi",
                       "significant", "pattern", "unit", "value", "baseline_value", "rel_diff",
-                      "rel_lo", "rel_hi", "n", "note", "baseline_sparsity"]
+                      "rel_lo", "rel_hi", "n", "note", "baseline_sparsity", "n_seeds", "baseline_n_seeds",
+                      "noise"]
 
 
 def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Every difference the report shows, one row each, for machine use (comparisons.csv, the
     HTML page).
 
-    Each pruned cell against the dense cell of its model, each learned method against every
-    layer-wise baseline, and each method with a per-block allocation ("wanda+owl") against the
-    same method with uniform sparsity, in the same (model, pattern, sparsity) setting; on every perplexity
+    Each pruned cell against the dense cell of its model, and every pair of methods in the same
+    (model, pattern, sparsity) setting, once (the later in `method_order` minus the earlier: a
+    learned method minus a layer-wise one, "wanda+owl" minus "wanda"); on every perplexity
     dataset (metric `ppl_<dataset>`, unit "ppl", plus the relative difference rel_diff / rel_lo /
     rel_hi as fractions), every task (`acc_<task>`, percent points) and the average over the
     layout's tasks (`avg_acc`, points, items resampled within each task). A dense-or-2:4 tile
     cell is also compared with every 2:4 cell of its model and with its method's sparser tile
     targets. `sparsity` is the sparsity label ("0.5", "2:4", "hybrid:0.35/64"), `baseline_sparsity`
     the baseline's; diff = method - baseline; [lo, hi] its 95% paired-bootstrap
-    interval; significant = the interval excludes zero (None without an interval; `note` says
-    why: no per-item data, not comparable, diverged).
+    interval, over the seeds of each side and then the windows / items (see
+    uncertainty.bootstrap_ppl_diff_seeds); n_seeds / baseline_n_seeds the seeds behind each side
+    and `noise` what the interval covers (EVAL_ONLY: a seed-dependent side has one seed);
+    significant = the interval excludes zero (None without an interval; `note` says why: no
+    per-item data, not comparable, diverged).
     """
     frame = collapse_duplicate_cells(ok_rows(df))
     rows: list[dict] = []
@@ -1254,27 +1385,16 @@ def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
     dense = {}
     for _, row in frame[frame["sparsity_label"] == DENSE_LABEL].iterrows():
         dense.setdefault(row["model"], row)
-    learned, layerwise = learned_methods(), layerwise_methods()
-
-    def add(row, base, metric, unit, value, base_value, d):
-        if d is None:
-            return
-        rows.append({"model": row["model"], "sparsity": row["sparsity_label"], "method": row["method"],
-                     "baseline": base["method"], "baseline_sparsity": base["sparsity_label"], "metric": metric, "diff": d.diff, "lo": d.lo, "hi": d.hi,
-                     "significant": d.significant, "pattern": row["pattern"], "unit": unit, "value": value,
-                     "baseline_value": base_value, "rel_diff": d.rel_diff, "rel_lo": d.rel_lo,
-                     "rel_hi": d.rel_hi, "n": d.n, "note": d.note})
 
     for _, row in frame.iterrows():
         if _is_dense(row):
             continue
         baselines = [dense[row["model"]]] if row["model"] in dense else []
-        if row["method"] in learned:
-            # a learned mask against the one-shot masks of the same pattern and target
-            same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
-                         & (frame["sparsity_label"] == row["sparsity_label"])
-                         & frame["method"].isin(layerwise)]
-            baselines += [base for _, base in same.iterrows()]
+        # every other method of the same model, pattern and target that sorts before this one
+        same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
+                     & (frame["sparsity_label"] == row["sparsity_label"])]
+        baselines += [base for _, base in same.iterrows()
+                      if (method_order(base["method"]), base["method"]) < (method_order(row["method"]), row["method"])]
         if HYBRID_LABEL.fullmatch(str(row["sparsity_label"])):
             # dense-or-2:4 tiles (PATCH's claim): against every plain 2:4 cell of the model, and
             # against the same method's sparser tile targets (each pair once)
@@ -1284,39 +1404,143 @@ def comparisons_frame(df: pd.DataFrame) -> pd.DataFrame:
                 other = HYBRID_LABEL.fullmatch(str(base["sparsity_label"]))
                 if other and float(other.group(1)) > float(row["sparsity"]):
                     baselines.append(base)
-        uniform = str(row["method"]).partition("+")[0]
-        if uniform != row["method"]:  # a per-block allocation against the same method, uniform
-            same = frame[(frame["model"] == row["model"]) & (frame["pattern"] == row["pattern"])
-                         & (frame["sparsity_label"] == row["sparsity_label"]) & (frame["method"] == uniform)]
-            baselines += [base for _, base in same.iterrows()]
         for base in baselines:
-            for dataset in datasets:
-                add(row, base, f"ppl_{dataset}", "ppl", ppl_cell_value(row, dataset),
-                    ppl_cell_value(base, dataset), ppl_difference(row, base, dataset))
-            for task in tasks:
-                a, b = _value(row, f"acc_{task}"), _value(base, f"acc_{task}")
-                add(row, base, f"acc_{task}", "points", None if a is None else a * PERCENT,
-                    None if b is None else b * PERCENT, acc_difference(row, base, task))
-            common = [t for t in avg_tasks if _value(row, f"acc_{t}") is not None
-                      and _value(base, f"acc_{t}") is not None]
-            if common:
-                add(row, base, "avg_acc", "points",
-                    sum(_value(row, f"acc_{t}") for t in common) / len(common) * PERCENT,
-                    sum(_value(base, f"acc_{t}") for t in common) / len(common) * PERCENT,
-                    avg_acc_difference(row, base, common))
+            rows += pair_rows(row, base, datasets, tasks, avg_tasks)
+    return _comparison_table(rows)
+
+
+def pair_rows(row: pd.Series, base: pd.Series, datasets: Sequence[str], tasks: Sequence[str],
+              avg_tasks: Sequence[str]) -> list[dict]:
+    """Every metric's difference row - base (collapsed rows), as COMPARISON_COLUMNS dicts: each
+    perplexity dataset, each task and the average over `avg_tasks` both measured."""
+    out = []
+
+    def add(metric, unit, value, base_value, d):
+        if d is None:
+            return
+        n_seeds = d.n_seeds or (_n_seeds(row), _n_seeds(base))
+        out.append({"model": row["model"], "sparsity": row["sparsity_label"], "method": row["method"],
+                    "baseline": base["method"], "baseline_sparsity": base["sparsity_label"], "metric": metric,
+                    "diff": d.diff, "lo": d.lo, "hi": d.hi, "significant": d.significant, "pattern": row["pattern"],
+                    "unit": unit, "value": value, "baseline_value": base_value, "rel_diff": d.rel_diff,
+                    "rel_lo": d.rel_lo, "rel_hi": d.rel_hi, "n": d.n, "note": d.note, "n_seeds": n_seeds[0],
+                    "baseline_n_seeds": n_seeds[1], "noise": d.noise})
+
+    for dataset in datasets:
+        add(f"ppl_{dataset}", "ppl", ppl_cell_value(row, dataset), ppl_cell_value(base, dataset),
+            ppl_difference(row, base, dataset))
+    for task in tasks:
+        a, b = _value(row, f"acc_{task}"), _value(base, f"acc_{task}")
+        add(f"acc_{task}", "points", None if a is None else a * PERCENT, None if b is None else b * PERCENT,
+            acc_difference(row, base, task))
+    common = [t for t in avg_tasks if _value(row, f"acc_{t}") is not None and _value(base, f"acc_{t}") is not None]
+    if common:
+        add("avg_acc", "points", sum(_value(row, f"acc_{t}") for t in common) / len(common) * PERCENT,
+            sum(_value(base, f"acc_{t}") for t in common) / len(common) * PERCENT,
+            avg_acc_difference(row, base, common))
+    return out
+
+
+def _comparison_table(rows: list[dict]) -> pd.DataFrame:
+    """COMPARISON_COLUMNS rows as a typed frame in model / sparsity / method / baseline order."""
     out = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
     # A diverged side has no finite value to print: NaN in the frame, "diverged" via `note`.
     for column in ("value", "baseline_value"):
         out[column] = out[column].map(lambda v: math.nan if v is None or math.isinf(v) else v)
     for column in ("diff", "lo", "hi", "rel_diff", "rel_lo", "rel_hi"):
         out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
-    out["n"] = out["n"].astype("Int64")
+    for column in ("n", "n_seeds", "baseline_n_seeds"):
+        out[column] = out[column].astype("Int64")
     if out.empty:
         return out
     order = sorted(range(len(out)), key=lambda i: (
         model_order(out["model"].iat[i]), sparsity_label_order(out["sparsity"].iat[i]),
         method_order(out["method"].iat[i]), method_order(out["baseline"].iat[i]), out["metric"].iat[i]))
     return out.iloc[order].reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- seeds
+
+SEEDS_CSV = "seeds.csv"
+SEEDS_MD = "seeds.md"
+
+
+def seeds_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cell, figure) of the seed-dependent cells: the seeds, the per-seed values,
+    their mean and sample SD, and beside them the half-width of the evaluation-only 95% interval
+    of the cell's difference from its model's dense cell (the window / item bootstrap of one seed,
+    averaged over the seeds): how the calibration draw's noise compares with what one seed's
+    interval covers. Perplexity in ppl, accuracies in percent points."""
+    frame = collapse_duplicate_cells(ok_rows(df))
+    columns = ["model", "method", "sparsity", "metric", "n_seeds", "seeds", "per_seed", "mean", "sd",
+               "eval_half_width", "sd_over_half_width"]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    dense = {r["model"]: r for _, r in frame[frame["sparsity_label"] == DENSE_LABEL].iterrows()}
+    rows = []
+    for _, row in frame.iterrows():
+        if _is_dense(row) or not _truthy(_cell(row, "seed_dependent")):
+            continue
+        base = dense.get(row["model"])
+        for metric in figure_columns(frame):
+            values = _cell(row, metric + PER_SEED)
+            if not values or all(v is None for v in values):
+                continue
+            scale = 1.0 if metric.startswith("ppl_") else PERCENT
+            half = _eval_half_width(row, base, metric) if base is not None else None
+            sd = _value(row, metric + SEED_SD)
+            rows.append({"model": row["model"], "method": row["method"], "sparsity": row["sparsity_label"],
+                         "metric": metric, "n_seeds": _n_seeds(row), "seeds": " ".join(map(str, row["seeds"])),
+                         "per_seed": " ".join("-" if v is None else format_number(v * scale) for v in values),
+                         "mean": _value(row, metric) * scale if _value(row, metric) is not None else None,
+                         "sd": None if sd is None else sd * scale,
+                         "eval_half_width": half,
+                         "sd_over_half_width": None if sd is None or not half else sd * scale / half})
+    out = pd.DataFrame(rows, columns=columns)
+    if out.empty:
+        return out
+    order = sorted(range(len(out)), key=lambda i: (model_order(out["model"].iat[i]),
+                                                   not out["metric"].iat[i].startswith("ppl_"), out["metric"].iat[i],
+                                                   sparsity_label_order(out["sparsity"].iat[i]),
+                                                   method_order(out["method"].iat[i])))
+    return out.iloc[order].reset_index(drop=True)
+
+
+def _eval_half_width(row: pd.Series, base: pd.Series, metric: str) -> float | None:
+    """Mean over the row's seeds of the half-width of the one-seed interval against `base`."""
+    widths = []
+    if metric.startswith("ppl_"):
+        dataset = metric[len("ppl_"):]
+        base_payload = _ppl_payloads(base, dataset)[0]
+        for payload in _ppl_payloads(row, dataset):
+            interval = uncertainty.compare_ppl(payload, base_payload)
+            if interval is not None:
+                widths.append((interval.hi - interval.lo) / 2)
+    else:
+        task = metric[len("acc_"):]
+        base_payload = _acc_payloads(base, task)[0]
+        for payload in _acc_payloads(row, task):
+            interval = uncertainty.compare_acc(payload, base_payload)
+            if interval is not None:
+                widths.append((interval.hi - interval.lo) / 2 * PERCENT)
+    return sum(widths) / len(widths) if widths else None
+
+
+def render_seeds_markdown(seeds: pd.DataFrame) -> str:
+    if seeds.empty:
+        return "No cell depends on the seed here.\n"
+    head = ("Seed-dependent cells over their calibration seeds: the per-seed values, mean and sample SD, "
+            "beside the half-width of one seed's evaluation-only 95% interval against dense (window / item "
+            "bootstrap). SD / half-width near or above 1/2 means the seed moves a figure by as much as the "
+            "interval a single seed prints.\n\n")
+    rows = [[r.model, method_display_name(r.method), format_sparsity_label(str(r.sparsity)), r.metric, r.seeds,
+             r.per_seed, format_number(r.mean), "-" if _missing(r.sd) else format_number(r.sd),
+             "-" if _missing(r.eval_half_width) else format_number(r.eval_half_width),
+             "-" if _missing(r.sd_over_half_width) else format_number(r.sd_over_half_width)]
+            for r in seeds.itertuples()]
+    return head + tabulate(rows, headers=["Model", "Method", "Sparsity", "Metric", "Seeds", "Per seed", "Mean",
+                                          "SD", "Eval-only half-width", "SD / half-width"],
+                           tablefmt="github", disable_numparse=True) + "\n"
 
 
 # ----------------------------------------------------------------------------- the report
@@ -1375,4 +1599,7 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
         write_text_atomic(out / PERPLEXITY_CSV, _csv_text(perplexity_long_frame(frame)))
         write_text_atomic(out / CELLS_CSV, cells_csv_text(frame))
         write_text_atomic(out / COMPARISONS_CSV, _csv_text(comparisons_frame(frame)))
+        seeds = seeds_frame(frame)
+        write_text_atomic(out / SEEDS_CSV, _csv_text(seeds))
+        write_text_atomic(out / SEEDS_MD, render_seeds_markdown(seeds))
     return text

@@ -208,3 +208,107 @@ def compare_mean_acc(pairs: Sequence[tuple[dict, dict]], **kwargs) -> Interval |
     if not pairs or any(acc_not_comparable(a, b) is not None for a, b in pairs):
         return None
     return bootstrap_mean_acc_diff([(a["per_item"], b["per_item"]) for a, b in pairs], **kwargs)
+
+
+# ----------------------------------------------------------------------------- over seeds
+#
+# A cell run with several seeds has one score vector per seed (per-window NLL sums, per-item
+# correctness) on the same windows / items. Its figure is the mean over seeds of the per-seed
+# figure. The difference a - b between two such cells carries two kinds of noise: which
+# calibration draw (and method randomness) each seed gave, and which windows / items were
+# scored. The two-level (hierarchical) bootstrap resamples both, in the order they arose:
+# seeds with replacement on each side independently (the two methods' draws are not paired),
+# then, shared by both sides (the windows / items are), the windows / items with replacement;
+# each resample's difference is the mean over its seeds of a, minus the same of b. Davison &
+# Hinkley, Bootstrap Methods and their Application (1997), section 3.8 ("resample at both
+# stages"); Field & Welsh, J. R. Stat. Soc. B 69 (2007). With k seeds there are only
+# C(2k-1, k) distinct seed resamples (10 at k = 3), so the seed level is coarse: an interval
+# from 3 seeds is a rough one and says so (n_seeds travels with it).
+
+def _score_matrix(per_seed) -> np.ndarray | None:
+    """[seeds, n] float64 from a list of per-seed score vectors of one length; None otherwise."""
+    rows = [_finite_array(v) for v in per_seed or []]
+    if not rows or any(r is None for r in rows) or len({len(r) for r in rows}) != 1 or len(rows[0]) == 0:
+        return None
+    return np.stack(rows)
+
+
+def _two_level_samples(parts, stat, n_resamples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bootstrap samples of the per-side seed mean of `stat`, for each part (a dataset or a task).
+
+    parts: [(A [ka, n], B [kb, n])]: the two sides' per-seed scores on the same n windows/items
+    (n may differ between parts, the seed counts may not). stat maps [..., n] -> [...].
+    One seed resample per side and resample is shared by every part (a seed is one pruned model,
+    scored on every task); windows / items are resampled within each part, the same indices on
+    both sides. Returns (a, b), each [parts, n_resamples]."""
+    ka, kb = parts[0][0].shape[0], parts[0][1].shape[0]
+    rng = np.random.default_rng(seed)
+    out_a, out_b = np.empty((len(parts), n_resamples)), np.empty((len(parts), n_resamples))
+    for start in range(0, n_resamples, CHUNK):
+        m = min(CHUNK, n_resamples - start)
+        pick_a, pick_b = rng.integers(0, ka, size=(m, ka)), rng.integers(0, kb, size=(m, kb))
+        for p, (a, b) in enumerate(parts):
+            idx = rng.integers(0, a.shape[1], size=(m, a.shape[1]))
+            va, vb = stat(a[:, idx]).T, stat(b[:, idx]).T  # [m, seeds]: each seed on each resample
+            out_a[p, start:start + m] = np.take_along_axis(va, pick_a, axis=1).mean(axis=1)
+            out_b[p, start:start + m] = np.take_along_axis(vb, pick_b, axis=1).mean(axis=1)
+    return out_a, out_b
+
+
+def bootstrap_ppl_diff_seeds(nll_a, nll_b, window_tokens: int, *, n_resamples: int = N_RESAMPLES,
+                             seed: int = SEED, confidence: float = CONFIDENCE) -> PplInterval | None:
+    """Two-level bootstrap of mean_s ppl(a_s) - mean_t ppl(b_t). nll_a / nll_b: one per-window NLL
+    list per seed, all over the same windows. One seed on each side is the paired window
+    bootstrap (`bootstrap_ppl_diff`). None on any mismatch or non-finite window."""
+    a, b = _score_matrix(nll_a), _score_matrix(nll_b)
+    if a is None or b is None or a.shape[1] != b.shape[1] or window_tokens <= 0:
+        return None
+    if len(a) == 1 and len(b) == 1:
+        return bootstrap_ppl_diff(a[0], b[0], window_tokens, n_resamples=n_resamples, seed=seed, confidence=confidence)
+    n = a.shape[1]
+
+    def stat(x):
+        return np.exp(x.sum(axis=-1) / (n * window_tokens))
+
+    ppl_a, ppl_b = float(stat(a).mean()), float(stat(b).mean())
+    sa, sb = _two_level_samples([(a, b)], stat, n_resamples, seed)
+    lo, hi = _percentiles(sa[0] - sb[0], confidence)
+    rel_lo, rel_hi = _percentiles(sa[0] / sb[0] - 1, confidence)
+    return PplInterval(ppl_a - ppl_b, lo, hi, n, n_resamples, confidence,
+                       ppl_a=ppl_a, ppl_b=ppl_b, rel_diff=ppl_a / ppl_b - 1, rel_lo=rel_lo, rel_hi=rel_hi)
+
+
+def bootstrap_mean_acc_diff_seeds(tasks, *, n_resamples: int = N_RESAMPLES, seed: int = SEED,
+                                  confidence: float = CONFIDENCE) -> Interval | None:
+    """Two-level bootstrap of the mean over tasks of (acc_a - acc_b), each side's accuracy the
+    mean over its seeds. tasks: one (items_a per seed, items_b per seed) per task, items as
+    '0'/'1' strings or 0/1 sequences in the same order everywhere. One seed on each side is
+    `bootstrap_mean_acc_diff`."""
+    if not tasks:
+        return None
+    parts = []
+    for items_a, items_b in tasks:
+        a = [_bits(x) for x in items_a or []]
+        b = [_bits(x) for x in items_b or []]
+        if not a or not b or any(x is None for x in a + b) or len({len(x) for x in a + b}) != 1 or len(a[0]) == 0:
+            return None
+        parts.append((np.stack(a).astype(np.float64), np.stack(b).astype(np.float64)))
+    if len({p[0].shape[0] for p in parts}) != 1 or len({p[1].shape[0] for p in parts}) != 1:
+        return None  # every task must come from the same seeds
+    if parts[0][0].shape[0] == 1 and parts[0][1].shape[0] == 1:
+        return bootstrap_mean_acc_diff([(a[0], b[0]) for a, b in parts], n_resamples=n_resamples, seed=seed,
+                                       confidence=confidence)
+
+    def stat(x):
+        return x.mean(axis=-1)
+
+    point = float(np.mean([stat(a).mean() - stat(b).mean() for a, b in parts]))
+    sa, sb = _two_level_samples(parts, stat, n_resamples, seed)
+    lo, hi = _percentiles((sa - sb).mean(axis=0), confidence)
+    return Interval(point, lo, hi, sum(a.shape[1] for a, _ in parts), n_resamples, confidence)
+
+
+def seed_spread(values) -> tuple[float, float | None]:
+    """(mean, sample SD) of one figure over seeds; SD None below two seeds."""
+    arr = np.asarray([float(v) for v in values], dtype=np.float64)
+    return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
