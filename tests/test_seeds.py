@@ -190,6 +190,18 @@ def test_report_prints_mean_sd_and_the_seed_table(seeded_records, tmp_path):
     ppl = seeds[(seeds["method"] == "wanda") & (seeds["metric"] == "ppl_lee")].iloc[0]
     assert ppl["n_seeds"] == 3 and ppl["sd"] > 0 and ppl["eval_half_width"] > 0
     assert (tmp_path / "seeds.md").read_text().startswith("Seed-dependent cells")
+    import matplotlib.pyplot as plt
+
+    from prunebench.report import plots
+
+    drawn = []
+    real_errorbar = plt.Axes.errorbar
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(plt.Axes, "errorbar", lambda self, x, y, yerr=None, **kw: drawn.append((kw.get("label"), yerr))
+                      or real_errorbar(self, x, y, yerr=yerr, **kw))
+        plots.plot_perplexity_vs_sparsity(records_frame(seeded_records), "tiny-model", tmp_path / "ppl")
+    bars = dict(drawn)
+    assert bars["Wanda"][0] > 0 and bars["Magnitude"] is None  # SD bars where there are seeds
     single = build_paper_report(records_frame([r for r in seeded_records if r.get("seed") == 0]), tmp_path / "one")
     assert EVAL_NOISE_ONLY.symbol in single and EVAL_NOISE_ONLY.meaning in single
 

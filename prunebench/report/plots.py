@@ -25,6 +25,8 @@ from prunebench.report.paper import (
 from prunebench.report.tables import (
     DEFAULT_PATTERN,
     DENSE_LABEL,
+    PER_SEED,
+    SEED_SD,
     average_accuracy,
     collapse_duplicate_cells,
     format_sparsity_label,
@@ -97,10 +99,11 @@ def _nominal_sparsity(row: pd.Series) -> float:
 
 def _plot_against_sparsity(rows: pd.DataFrame, values: pd.Series, ylabel: str, title: str,
                            path: str | os.PathLike, formats: Sequence[str],
-                           log_when_spread: bool) -> list[Path]:
+                           log_when_spread: bool, sds: pd.Series | None = None) -> list[Path]:
+    """`sds`: each value's sample SD over seeds (NaN for one seed), drawn as error bars."""
     figure = _new_figure(LINE_FIGURE_SIZE)
     axes = figure.add_subplot()
-    rows = rows.assign(_value=values).dropna(subset=["_value"])
+    rows = rows.assign(_value=values, _sd=math.nan if sds is None else sds).dropna(subset=["_value"])
     dense = rows[rows["sparsity_label"] == DENSE_LABEL]
     for _, row in dense.iterrows():
         axes.axhline(row["_value"], linestyle="--", color="gray", label="Dense")
@@ -112,14 +115,17 @@ def _plot_against_sparsity(rows: pd.DataFrame, values: pd.Series, ylabel: str, t
             label = method_display_name(method) + ("" if pattern == DEFAULT_PATTERN else f" ({pattern})")
             if _NM.fullmatch(str(pattern)):  # one point per N:M pattern
                 for _, row in rows_of.iterrows():
-                    axes.scatter([_nominal_sparsity(row) * PERCENT], [row["_value"]], marker="s", label=label)
+                    axes.errorbar([_nominal_sparsity(row) * PERCENT], [row["_value"]], yerr=_yerr([row["_sd"]]),
+                                  marker="s", linestyle="none", capsize=3, label=label)
             else:  # unstructured and dense-or-2:4 tiles: a line over the targets (effective sparsity)
                 rows_of = rows_of.sort_values("sparsity")
-                axes.plot(rows_of["sparsity"] * PERCENT, rows_of["_value"],
-                          marker="o" if pattern == DEFAULT_PATTERN else "D", label=label)
+                axes.errorbar(rows_of["sparsity"] * PERCENT, rows_of["_value"], yerr=_yerr(rows_of["_sd"]),
+                              marker="o" if pattern == DEFAULT_PATTERN else "D", capsize=3, label=label)
     positive = rows["_value"][rows["_value"] > 0]
     if log_when_spread and len(positive) and positive.max() / positive.min() > LOG_SCALE_RATIO:
         axes.set_yscale("log")
+    if rows["_sd"].notna().any():
+        title += " (bars: ±1 SD over seeds)"
     axes.set_xlabel("sparsity (%; effective for dense-or-2:4 tiles)")
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize="medium")
@@ -129,15 +135,33 @@ def _plot_against_sparsity(rows: pd.DataFrame, values: pd.Series, ylabel: str, t
     return _save(figure, path, formats)
 
 
+def _yerr(sds) -> list[float] | None:
+    """Error-bar half-lengths, 0 where a value has one seed; None when nothing has a spread."""
+    values = [0.0 if pd.isna(v) else float(v) for v in sds]
+    return values if any(values) else None
+
+
+def _average_sd(rows: pd.DataFrame, tasks: Sequence[str]) -> pd.Series:
+    """Per row: the sample SD over seeds of the average accuracy (%) over `tasks`."""
+    def sd(row):
+        per_task = [row.get(f"acc_{t}{PER_SEED}") for t in tasks]
+        per_task = [v for v in per_task if isinstance(v, list) and v and None not in v]
+        if not per_task or len({len(v) for v in per_task}) != 1 or len(per_task[0]) < 2:
+            return math.nan
+        return float(pd.Series([sum(x) / len(x) for x in zip(*per_task)]).std(ddof=1)) * PERCENT
+    return rows.apply(sd, axis=1) if len(rows) else pd.Series(dtype=float)
+
+
 def plot_accuracy_vs_sparsity(df: pd.DataFrame, model: str, path: str | os.PathLike, *,
                               tasks: Sequence[str] | None = None,
                               formats: Sequence[str] = DEFAULT_FORMATS) -> list[Path]:
     """Average accuracy (%) against sparsity for one model: a line per method, dense dashed.
     Rows without task cells use their published average (paper rows). Returns the files."""
     rows = _model_rows(df, model)
-    values = average_accuracy(rows, resolve_tasks(rows, tasks)) * PERCENT
-    return _plot_against_sparsity(rows, values, "average accuracy (%)",
-                                  model_display_name(model), path, formats, log_when_spread=False)
+    tasks = resolve_tasks(rows, tasks)
+    values = average_accuracy(rows, tasks) * PERCENT
+    return _plot_against_sparsity(rows, values, "average accuracy (%)", model_display_name(model), path, formats,
+                                  log_when_spread=False, sds=_average_sd(rows, tasks))
 
 
 def plot_perplexity_vs_sparsity(df: pd.DataFrame, model: str, path: str | os.PathLike, *,
@@ -149,8 +173,9 @@ def plot_perplexity_vs_sparsity(df: pd.DataFrame, model: str, path: str | os.Pat
     dataset = dataset or (datasets[0] if datasets else None)
     column = f"ppl_{dataset}"
     values = rows[column] if column in rows.columns else pd.Series(math.nan, index=rows.index)
+    sds = rows[f"{column}{SEED_SD}"] if f"{column}{SEED_SD}" in rows.columns else None
     return _plot_against_sparsity(rows, values.astype(float), f"perplexity ({dataset})",
-                                  model_display_name(model), path, formats, log_when_spread=True)
+                                  model_display_name(model), path, formats, log_when_spread=True, sds=sds)
 
 
 def plot_task_bars(df: pd.DataFrame, model: str, sparsity_label: str, path: str | os.PathLike, *,
