@@ -112,7 +112,8 @@ def _td(text: str, sort=None, css: str = "", title: str = "") -> str:
 
 def _layout_cell(cell, with_paper: bool) -> str:
     """As the markdown prints it: ours + markers, then (paper) where the paper has the cell."""
-    text = _e(format_number(cell.value) + "".join(marker.symbol for marker in cell.markers))
+    text = _e(format_number(cell.value) + format_sd(getattr(cell, "sd", None))
+              + "".join(marker.symbol for marker in cell.markers))
     if with_paper and cell.paper is not None:
         text += f' <span class="paper">({_e(format_number(cell.paper))})</span>'
     # The difference from the dense row, where tables.py computes one (getattr: until it lands).
@@ -255,10 +256,16 @@ def _finite_number(value) -> float | None:
     return None if _missing(number) or not math.isfinite(number) else float(number)
 
 
-def _seeds_text(row) -> str:
-    """"3 vs 1": the seeds behind the method and the baseline."""
-    a, b = getattr(row, "n_seeds", None), getattr(row, "baseline_n_seeds", None)
-    return "-" if _missing(a) or _missing(b) else f"{int(a)} vs {int(b)}"
+def _significance_text(label: str, row) -> str:
+    """"yes (3 vs 3)": the verdict and the seeds behind the method and the baseline, with the
+    evaluation-only marker when a seed-dependent side has one seed."""
+    a, b = row.n_seeds, row.baseline_n_seeds
+    text = label if _missing(a) or _missing(b) else f"{label} ({int(a)} vs {int(b)})"
+    return text + (tables.EVAL_NOISE_ONLY.symbol if row.noise == tables.EVAL_ONLY else "")
+
+
+def _noise_text(row) -> str:
+    return "" if _missing(row.noise) else f"the interval covers: {row.noise}"
 
 
 def _comparisons_section(comparisons: pd.DataFrame | None) -> str:
@@ -287,7 +294,7 @@ def _comparisons_section(comparisons: pd.DataFrame | None) -> str:
         scales[metric] = (min([0.0] + values), max([0.0] + values))
     headers = [("Model", "text"), ("Sparsity", "num"), ("Method", "text"), ("Baseline", "text"),
                ("Metric", "text"), ("Diff", "num"), ("95% interval", "num"), ("vs 0", "num"),
-               ("Significant", "text"), ("Seeds", "text"), ("Interval covers", "text")]
+               ("Significant (seeds)", "text")]
     rows = []
     for row in frame.itertuples(index=False):
         significant = _truthy(row.significant)
@@ -305,8 +312,7 @@ def _comparisons_section(comparisons: pd.DataFrame | None) -> str:
             f"<td>{_e(method_display_name(str(row.method)))}</td><td>{_e(method_display_name(str(row.baseline)))}</td>"
             f"<td>{_e(metric)}</td>{_td(_e(_num(diff)), sort=diff, css='r')}"
             f"{_td(_e(f'[{_num(lo)}, {_num(hi)}]'), sort=lo, css='r')}{_td(plot, sort=diff)}"
-            f"{_td(_e(label), sort=label)}{_td(_e(_seeds_text(row)))}"
-            f"{_td(_e('-' if _missing(row.noise) else str(row.noise)))}</tr>")
+            f"{_td(_e(_significance_text(label, row)), sort=label, title=_noise_text(row))}</tr>")
     note = ('<p class="caption">Method minus baseline with its 95% interval (two-level bootstrap: the seeds of '
             'each side, then the shared windows / items); in the bar the dot is the '
             'difference and the dashed line zero (one scale per metric), red where the interval excludes '
@@ -407,7 +413,8 @@ def _record_sort_key(record: dict) -> tuple:
     sparsity = record.get("sparsity") or {}
     return (model_order((record.get("model") or {}).get("id")),
             sparsity_label_order(str(sparsity.get("label"))),
-            method_order(str((record.get("method") or {}).get("name"))), record.get("created_at") or "")
+            method_order(str((record.get("method") or {}).get("name"))), record.get("seed", 0),
+            record.get("created_at") or "")
 
 
 # Three short lines keep the provenance column narrow enough for the table to fit a laptop screen.
@@ -417,7 +424,7 @@ VERSION_LINES = (("prunebench", "python"), ("torch", "device"), ("transformers",
 def _cells_section(records: Sequence[dict]) -> str:
     datasets, tasks = _metric_columns(records)
     headers = ([("Key", "text"), ("Status", "text"), ("Model", "text"), ("Method", "text"),
-                ("Sparsity", "num"), ("Achieved", "num")]
+                ("Sparsity", "num"), ("Seed", "num"), ("Achieved", "num")]
                + [(f"PPL {d}", "num") for d in datasets]
                + [(f"{task_display_name(t)} (%)", "num") for t in tasks]
                + [("Prune s", "num"), ("Eval s", "num"), ("Git sha", "text"), ("Created", "text"),
@@ -451,6 +458,7 @@ def _cells_section(records: Sequence[dict]) -> str:
             _td(_e(model.get("id")), sort=model.get("id"), css="nowrap"),
             _td(_e(method.get("name")), sort=method.get("name"), css="nowrap"),
             _td(_e(format_sparsity_label(label)), sort=_sparsity_sort(label)),
+            _td(_e(record.get("seed", 0)), sort=record.get("seed", 0), css="r"),
             _td(_e("-" if _missing(achieved) else f"{achieved:.4f}"), sort=achieved, css="r"),
         ]
         for dataset in datasets:
