@@ -220,8 +220,9 @@ def _cached_hub_commit(repo_id: str, revision: str) -> str | None:
         return None
 
 
-def max_positions(spec: str) -> int | None:
-    """The model's position limit from its config (no weights loaded); None when unknown."""
+def max_positions(spec: str, *, local_only: bool = False) -> int | None:
+    """The model's position limit from its config (no weights loaded); None when unknown.
+    local_only: a hub id's config only from the local cache (a dry run reaches no network)."""
     try:
         if spec.startswith("tiny:"):
             config = tiny_config(spec.split(":", 1)[1], vocab_size=257)
@@ -230,7 +231,7 @@ def max_positions(spec: str) -> int | None:
         else:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(spec)
+            config = AutoConfig.from_pretrained(spec, local_files_only=local_only)
     except UserError:
         raise
     except Exception:  # no config reachable (offline hub id): the load itself will say so

@@ -21,14 +21,18 @@ def _positive(value, what: str, allow_none: bool = False) -> None:
         raise UserError(f"{what} must be a positive integer, got {value!r}", hint="use 1 or more")
 
 
-def check_device(device: str) -> None:
+def check_device(device: str, *, require_available: bool = True) -> None:
+    """A device name torch knows; with require_available (not in a dry run, which computes
+    nothing) also one this machine has."""
     if not isinstance(device, str) or not device.strip():
         raise UserError(f"device must be a name such as cpu or cuda, got {device!r}")
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
         raise UserError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N") from None
-    if dev.type == "cpu":
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device type {dev.type!r} is not supported", hint="use cpu or cuda")
+    if dev.type == "cpu" or not require_available:
         return
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -41,8 +45,6 @@ def check_device(device: str) -> None:
     if dev.type == "mps":
         if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
             raise UserError(f"device {device!r} is not available on this machine", hint="use cpu")
-        return
-    raise UserError(f"device type {dev.type!r} is not supported", hint="use cpu or cuda")
 
 
 def check_dtype(dtype) -> None:
@@ -51,8 +53,12 @@ def check_dtype(dtype) -> None:
     resolve_dtype(dtype)
 
 
-def check_grid(grid) -> list:
-    """Validate a whole grid up front; returns its cells (with their keys computed)."""
+def check_grid(grid, *, dry_run: bool = False) -> list:
+    """Validate a whole grid up front; returns its cells (with their keys computed).
+
+    dry_run: for listing the cells on any machine, offline: the device must be a valid name but
+    need not be here, a hub model's config is read only from the local cache, and the keys are
+    left to the caller (prunebench.dryrun computes those it can without the network)."""
     from .config import check_seeds
     from .data import _check_data_dir, check_dataset_name
     from .models import check_model_spec, max_positions
@@ -60,7 +66,7 @@ def check_grid(grid) -> list:
     cal, ev = grid.calibration, grid.eval
     if grid.data_dir is not None:
         _check_data_dir(grid.data_dir)
-    check_device(grid.device)
+    check_device(grid.device, require_available=not dry_run)
     check_dtype(grid.dtype)
     check_seeds(grid.seeds)
     for model in grid.models:
@@ -107,14 +113,15 @@ def check_grid(grid) -> list:
                     prepare_local_task(name, grid.data_dir)  # converts (cached) or says what is missing
 
     for model in grid.models:
-        limit = max_positions(model)
+        limit = max_positions(model, local_only=dry_run)
         for what, seqlen in (("calibration", cal.seqlen), ("evaluation", ev.seqlen)):
             if limit is not None and seqlen > limit:
                 raise UserError(f"{what} seqlen {seqlen} exceeds {model}'s position limit of {limit} tokens",
                                 hint=f"use --seqlen {limit} or less")
 
-    for cell in cells:
-        cell.key  # computes every fingerprint now: a missing dataset or unreadable file fails here
+    if not dry_run:
+        for cell in cells:
+            cell.key  # computes every fingerprint now: a missing dataset or unreadable file fails here
     return cells
 
 
