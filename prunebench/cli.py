@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-dense", action="store_true", help="do not add the dense baseline cell")
     run.add_argument("--results", default=DEFAULT_RESULTS, help="results directory (default: results)")
     run.add_argument("--force", action="store_true", help="redo cells that already have ok records")
-    run.add_argument("--dry-run", action="store_true", help="list the cells and whether they are done; run nothing")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the cells, each done, todo or pending (with what this machine lacks for it); offline, "
+                          "on any machine; runs, downloads and writes nothing")
     run.add_argument("--require-clean", action="store_true",
                      help="refuse to run from code with uncommitted changes (committed reference runs use it: a "
                           "record's commit must be one anybody can check out)")
@@ -291,11 +293,12 @@ def executor_from_args(args):
 def cmd_run(args) -> int:
     from .runner import run_grid
 
-    from .validate import check_grid, check_results_dir
+    from .validate import check_grid
 
     grid = grid_from_args(args)
     executor = executor_from_args(args)
-    cells = check_grid(grid)  # everything checkable before a model loads
+    if not args.dry_run:  # a dry run checks the grid its own way: offline, on any machine
+        check_grid(grid)  # everything checkable before a model loads
     if args.require_clean:
         from .runner import uncommitted_code
 
@@ -305,14 +308,11 @@ def cmd_run(args) -> int:
                             f"{', ...' if len(changed) > 3 else ''}): these records would name a commit that is not "
                             "the code that made them", hint="commit first (or drop --require-clean for a scratch run)")
     if args.dry_run:
-        from .records import load_records
+        from .dryrun import dry_run
 
-        if Path(args.results).exists():
-            check_results_dir(args.results, create=False)
-        done = {r["key"] for r in load_records(args.results)[0] if r.get("status") == "ok"}
-        for c in cells:
-            print(f"{'done' if c.key in done else 'todo'}  {c.key[:12]}  {c.label}")
-        return 0
+        for line in dry_run(grid, args.results).lines():
+            print(line)
+        return 0  # pending cells are news for the plan, not a failure
     summary = run_grid(grid, args.results, force=args.force, progress=not args.quiet, executor=executor,
                        save_masks=args.save_masks, lock_stale_s=args.lock_timeout, plugins=args.plugin)
     busy = f", {summary.busy} left to another runner" if summary.busy else ""
