@@ -367,7 +367,15 @@ def cmd_list(args) -> int:
         print(f"    patterns: {', '.join(caps['patterns'])}; calibration: {'yes' if caps['needs_calibration'] else 'no'}; "
               f"gradients: {'yes' if caps['needs_gradients'] else 'no'}; statistics: {caps['statistics']}; "
               f"one cell per seed: {'yes' if caps['seed_dependent'] else 'no'}")
-        if m["defaults"]:
+        presets = m.get("presets") or {}
+        if presets:
+            # its settings default to None, filled from the chosen preset: show what each gives
+            chosen = m["defaults"].get("preset")
+            print(f"    defaults: preset={chosen!r}; every setting left unset takes the preset's value "
+                  f"(choose with config: {{preset: NAME}}):")
+            for name, values in presets.items():
+                print(f"    preset {name}: " + ", ".join(f"{k}={v!r}" for k, v in values.items()))
+        elif m["defaults"]:
             print("    defaults: " + ", ".join(f"{k}={v!r}" for k, v in m["defaults"].items()))
     print("\nsparsity allocations (compose with a layer-wise method: wanda+owl, sparsegpt+alphapruning):")
     for a in allocations:

@@ -448,9 +448,32 @@ def describe() -> list[dict]:
             elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
                 defaults[f.name] = f.default_factory()  # type: ignore[misc]
         aliases = sorted(a for a, k in _ALIASES.items() if k == key)
-        out.append({"name": key, "display": display_name(key), "kind": cls.kind, "aliases": aliases,
-                    "summary": cls.summary, "origin": origin(key), "capabilities": cls.capabilities.to_dict(),
-                    "defaults": defaults})
+        entry = {"name": key, "display": display_name(key), "kind": cls.kind, "aliases": aliases,
+                 "summary": cls.summary, "origin": origin(key), "capabilities": cls.capabilities.to_dict(),
+                 "defaults": defaults}
+        presets = preset_values(cls)
+        if presets:
+            entry["presets"] = presets
+        out.append(entry)
+    return out
+
+
+def preset_values(cls) -> dict:
+    """{preset: every setting it resolves to} for a method whose Config has PRESETS (the learned
+    methods leave their fields None and let the preset fill them, so the defaults alone say
+    nothing); {} for one without."""
+    presets = getattr(cls.Config, "PRESETS", None)
+    if not isinstance(presets, dict) or "preset" not in {f.name for f in dataclasses.fields(cls.Config)}:
+        return {}
+    out = {}
+    for name in presets:
+        try:
+            values = config_to_dict(cls.Config(preset=name))
+        except UserError as exc:  # a preset this install cannot build (a missing extra): say so, list the rest
+            out[name] = {"error": str(exc)}
+            continue
+        values.pop("preset", None)
+        out[name] = values
     return out
 
 

@@ -86,3 +86,36 @@ def test_every_config_is_a_dataclass_with_defaults():
         cls = registry.get(name)
         assert dataclasses.is_dataclass(cls.Config), name
         cls()  # constructible with paper defaults alone
+
+
+def test_list_shows_each_presets_values(capsys):
+    import json
+
+    from prunebench.cli import main
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+
+    def block(method):  # the method's header line and its indented lines
+        start = next(i for i, line in enumerate(lines) if line.startswith(f"{method} "))
+        end = next((i for i in range(start + 1, len(lines)) if not lines[i].startswith("    ")), len(lines))
+        return lines[start + 1:end]
+
+    for method, presets in (("leap", ("paper", "embedded", "tiny")), ("maskllm", ("paper", "embedded", "tiny")),
+                            ("patch", ("paper", "paper-tile", "embedded", "tiny"))):
+        shown = [line.split(":")[0].strip() for line in block(method) if line.startswith("    preset ")]
+        assert shown == [f"preset {p}" for p in presets], method
+        assert not any("steps=None" in line or "lr=None" in line for line in block(method)), method  # values, not Nones
+    assert "    preset paper: steps=2000, batch_size=256, seqlen=4096, grad_accum=256, lr=0.001," in block("leap")[2]
+    assert not any(line.startswith("    preset ") for line in block("wanda") + block("sparsegpt"))
+    assert main(["list", "--json"]) == 0
+    entries = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    for name in ("leap", "maskllm", "patch"):
+        cls = registry.get(name)
+        assert set(entries[name]["presets"]) == set(cls.Config.PRESETS)
+        for preset, values in entries[name]["presets"].items():
+            resolved = registry.config_to_dict(cls.Config(preset=preset))
+            resolved.pop("preset")
+            assert values == json.loads(json.dumps(resolved, default=str)), (name, preset)
+    assert entries["leap"]["presets"]["paper"]["steps"] == 2000 and registry.get("leap").Config().steps == 2000
+    assert "presets" not in entries["wanda"] and "presets" not in entries["sparsegpt"]
