@@ -71,7 +71,7 @@ def test_cost_speed_command_writes_speed_and_the_table_shows_it(tmp_path, capsys
     results = tmp_path / "r"
     assert main(["run", "--models", "tiny:llama", "--methods", "magnitude,wanda", "--sparsities", "0.5,2:4",
                  "--results", str(results), "--n-samples", "2", "--seqlen", "32", "--tasks", "none",
-                 "--max-ppl-windows", "2", "-q"]) == 0
+                 "--max-ppl-windows", "2", "--seeds", "0", "-q"]) == 0
     capsys.readouterr()
     calls = []
     original = speed.measure

@@ -505,8 +505,7 @@ def ppl_difference(row: pd.Series, base: pd.Series, dataset: str) -> Difference 
     if _several_records(row, base):
         return Difference(a - b, note=MEAN_OF_RECORDS)
     pa, pb = _ppl_payloads(row, dataset), _ppl_payloads(base, dataset)
-    reason = next((uncertainty.ppl_not_comparable(x, y) for x in pa for y in pb
-                   if uncertainty.ppl_not_comparable(x, y)), None)
+    reason = next(filter(None, (uncertainty.ppl_not_comparable(x, y) for x in pa for y in pb)), None)
     interval = None if reason else uncertainty.bootstrap_ppl_diff_seeds(
         [x["window_nll"] for x in pa], [y["window_nll"] for y in pb], int(pa[0]["window_tokens"]))
     n_seeds, noise = _noise(row, base)
