@@ -239,7 +239,9 @@ def compare_runs(fresh_dir, reference_dir, tolerance: Tolerance | None = None,
     differing = [c for c in cells if c.get("status") == "differs"]
     failed_fresh = [c for c in cells if c.get("status") == "failed in fresh"]
     changed = [v for v in verdicts if v["kept"] is False]
-    exit_status = 1 if (differing or missing_in_fresh or failed_fresh or changed) else 0
+    # A record that cannot be read is a cell nobody can vouch for, on either side.
+    unreadable = fresh_skipped or ref_skipped
+    exit_status = 1 if (differing or missing_in_fresh or failed_fresh or changed or unreadable) else 0
     return {
         "fresh": str(fresh_dir), "reference": str(reference_dir),
         "tolerance": {**asdict(tol), "require_identical_masks": require_identical_masks,
@@ -405,8 +407,8 @@ def render_markdown(result: dict) -> str:
          [f"{field}: fresh {', '.join(f)}; reference {', '.join(r)}"
           for field, f, r in result.get("environment_differences", [])]),
         ("Only in the fresh run (not compared)", [_label(c) for c in result["only_in_fresh"]]),
-        ("Unreadable record files (skipped)", [f"{k['side']}: {k['path']}: {k['reason']}"
-                                               for k in result["skipped_files"]]),
+        ("Unreadable or invalid record files (skipped)", [f"{k['side']}: {k['path']}: {k['reason']}"
+                                                          for k in result["skipped_files"]]),
     ]
     for title, items in sections:
         if items:

@@ -153,13 +153,17 @@ def test_diverged_cell(tmp_path):
     assert row["fresh"] == "diverged" and row["rel_diff"] is None and row["within_tolerance"] is False
     assert result["exit_status"] == 1
     assert "| diverged | 43.6715 (1) | - | - |" in render_markdown(result)
-    # An older record holding inf instead of the flag reads as diverged; the JSON stays strict.
+    # A record holding a bare Infinity is not strict JSON: it is named with its reason, never read
+    # as a figure, and the reproduction's own JSON stays strict.
     old = copy.deepcopy(BASE[2])
     old["eval"]["perplexity"]["lee"]["value"] = float("inf")
     path = cell_record_path(ref, "smollm2-135m", "leap", "0.5", old["key"])
-    path.write_text(json.dumps(old))  # Python's json writes Infinity; prunebench's writer no longer does
-    assert reproduce(fresh, ref, out=io.StringIO()) == 0
-    assert "Infinity" not in (fresh / "report" / "reproduction.json").read_text()
+    path.write_text(json.dumps(old))  # Python's json writes Infinity; prunebench's writer never does
+    out = io.StringIO()
+    assert reproduce(fresh, ref, out=out) == 1
+    text = (fresh / "report" / "reproduction.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in reproduction.json"))
+    assert path.name in text
     # Diverged on both sides: the outcome reproduced.
     ref_recs = copy.deepcopy(BASE)
     diverge(ref_recs[2])

@@ -125,7 +125,7 @@ def test_accuracy_over_seeds_and_tasks():
 # ----------------------------------------------------------------------------- records -> report
 
 def _record(method, label, seed, windows, items, *, seed_dependent=True):
-    return {"key": f"{method}-{label}-{seed}", "status": "ok", "seed": seed, "seed_dependent": seed_dependent,
+    return {"schema_version": 1, "key": f"{method}-{label}-{seed}", "status": "ok", "seed": seed, "seed_dependent": seed_dependent,
             "model": {"id": "tiny-model"}, "method": {"name": method},
             "sparsity": {"target": None if label == "dense" else float(label), "pattern": "unstructured",
                          "label": label},

@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from ..errors import UserError
-from ..records import load_records, records_frame
+from ..records import load_records, records_frame, warn_skipped
 from .html import write_html
 from .plots import plot_block_allocation, plot_heldout_curves, write_plots
 from .tables import build_paper_report, cells_csv_text, paper_layout, paper_reference_frame, render_latex
@@ -17,7 +17,8 @@ REPORT_DIR = "report"
 def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = False) -> str:
     """Write every table and plot; return what `--format` asks to print.
 
-    Corrupt or foreign files in records/ are named on stderr and skipped, never fatal.
+    Record files that are unreadable, not strict JSON or off the schema (prunebench.records) are
+    named on stderr with their reason and skipped, never fatal: the other records are tabled.
     """
     out = Path(out_dir) if out_dir else Path(results_dir) / REPORT_DIR
     if paper:
@@ -28,8 +29,7 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
             return render_latex(paper_layout(paper_reference_frame()))
         return text
     records, skipped = load_records(results_dir)
-    for path, reason in skipped:
-        log.warning("skipped unreadable record %s: %s", path, reason)
+    warn_skipped(skipped, "not tabled")  # validated on read: a bad file is named, the rest is tabled
     if not records:
         raise UserError(f"no records under {Path(results_dir) / 'records'}",
                         hint="run `prunebench run` first, or pass --results DIR")
