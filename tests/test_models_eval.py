@@ -46,7 +46,8 @@ def test_local_directory_loads_through_from_pretrained(tmp_path):
         assert torch.allclose(loaded.model(ids).logits, tiny.model(ids).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", ["nosuch", "tiny:bert", "missing.gguf", "a/b/c", "./x"])
+@pytest.mark.parametrize("spec", ["nosuch", "tiny:bert", "missing.gguf", "a/b/c", "./x",
+                                  "gemma3-1b", "smollm2-360m"])  # embedded families, not embedded sizes
 def test_bad_model_specs(spec):
     with pytest.raises(UserError):
         check_model_spec(spec)
