@@ -22,7 +22,8 @@ optimizer state sharded over N GPUs (FSDP / ZeRO-3 shard them evenly; weights st
 here), chunked loss.  Also the size of a resumable checkpoint (logits + optimizer state).
 
 Arithmetic, not a measurement: no GPU was available when it was written (run it on one and
-compare with torch.cuda.max_memory_allocated for the same settings).
+compare with torch.cuda.max_memory_allocated for the same settings).  The arithmetic lives in
+prunebench/plan.py, which `prunebench run --dry-run` uses for a grid's plan.
 
     python benchmarks/learned_memory_plan.py
     python benchmarks/learned_memory_plan.py --methods leap --gpus 4 --state-dtype bf16
@@ -30,75 +31,24 @@ compare with torch.cuda.max_memory_allocated for the same settings).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+
+from prunebench.plan import DTYPE_BYTES, PAPER_ARCHS, logits_per_weight, training_memory
 
 GB = 1e9
 SEQLEN = 4096  # the authors' training sequence
 LOSS_CHUNK = 512  # tokens per chunk of a chunked cross-entropy
-# bytes per stored value; 8bit is `optimizer: adamw-8bit` (torchao's AdamW8bit): a 1-byte code
-# per value and a float32 scale per block of 256 values, as tests/test_optimizers.py measures
-BYTES = {"fp32": 4, "bf16": 2, "8bit": 1 + 4 / 256}
+BYTES = {k: DTYPE_BYTES[k] for k in ("fp32", "bf16", "8bit")}  # the AdamW state dtypes shown
+ARCHS = tuple(PAPER_ARCHS.values())
+# logits per masked weight (PATCH joint: MaskLLM's 2:4 plus one per 128 x 128 tile)
+LOGITS_PER_WEIGHT = {m: logits_per_weight(m) for m in ("leap", "maskllm", "patch")}
 
 
-@dataclass(frozen=True)
-class Arch:
-    """A decoder's shape (from the model's config.json on the Hugging Face hub)."""
-
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @property
-    def masked_per_layer(self) -> int:
-        q = o = self.hidden * self.heads * self.head_dim
-        k = v = self.hidden * self.kv_heads * self.head_dim
-        mlp = 3 * self.hidden * self.intermediate
-        return q + k + v + o + mlp
-
-    @property
-    def masked(self) -> int:
-        return self.layers * self.masked_per_layer
-
-    @property
-    def params(self) -> int:
-        embed = self.vocab * self.hidden
-        return self.masked + embed * (1 if self.tied else 2) + self.layers * 2 * self.hidden + self.hidden
-
-
-ARCHS = (
-    Arch("Qwen-2.5 0.5B", 896, 4864, 24, 14, 2, 64, 151936, True),
-    Arch("Gemma-3 1B", 1152, 6912, 26, 4, 1, 256, 262144, True),
-    Arch("LLaMA-3.2 1B", 2048, 8192, 16, 32, 8, 64, 128256, True),
-    Arch("LLaMA-3.2 3B", 3072, 8192, 28, 24, 8, 128, 128256, True),
-    Arch("Llama-3.1 8B", 4096, 14336, 32, 32, 8, 128, 128256, False),
-)
-# logits per masked weight (PATCH: plus one per 128 x 128 tile)
-LOGITS_PER_WEIGHT = {"leap": 1.0, "maskllm": 6 / 4, "patch": 6 / 4 + 1 / 128 ** 2}
-
-
-def plan(arch: Arch, method: str, *, logits_dtype="bf16", state_dtype="bf16", gpus=1, chunked_loss=False) -> dict:
-    n_logits = arch.masked * LOGITS_PER_WEIGHT[method]
-    lb = BYTES[logits_dtype]
-    shard = 1.0 / gpus
-    terms = {
-        "weights": arch.params * 2,
-        "logits": n_logits * lb * shard,
-        "grads": n_logits * lb * shard,
-        "optimizer": 2 * n_logits * BYTES[state_dtype] * shard,
-        "masks": arch.masked_per_layer * LOGITS_PER_WEIGHT[method] * lb,
-        "activations": SEQLEN * arch.hidden * 2 * arch.layers
-        + SEQLEN * (8 * arch.hidden + 4 * arch.intermediate) * 2,
-        "loss": (LOSS_CHUNK if chunked_loss else SEQLEN) * arch.vocab * (2 + 4 + 4),
-    }
-    terms["total"] = sum(terms.values())
-    terms["checkpoint"] = n_logits * lb + 2 * n_logits * BYTES[state_dtype]
-    return terms
+def plan(arch, method: str, *, logits_dtype="bf16", state_dtype="bf16", gpus=1, chunked_loss=False) -> dict:
+    """The library's arithmetic (prunebench.plan.training_memory) for one sequence per micro-batch,
+    with checkpointing; over several GPUs logits, gradients and moments sharded evenly (FSDP)."""
+    return training_memory(arch, LOGITS_PER_WEIGHT[method], micro_tokens=SEQLEN, logits_dtype=logits_dtype,
+                           state_dtype=state_dtype, gpus=gpus, shard="logits",
+                           loss_chunk=LOSS_CHUNK if chunked_loss else 0, checkpointing=True)
 
 
 def main() -> None:

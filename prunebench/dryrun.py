@@ -141,6 +141,7 @@ class CellStatus:
 class DryRun:
     cells: list
     blocked: list  # network connections refused while listing (none expected)
+    plan: object = None  # plan.Plan: estimates on a named GPU, when asked for or the grid is for CUDA
 
     def count(self, state: str) -> int:
         return sum(c.state == state for c in self.cells)
@@ -168,6 +169,10 @@ class DryRun:
                    + (f" ({keyless} without a key until what they miss is here)" if keyless else ""))
         return out
 
+    def all_lines(self) -> list[str]:
+        """The listing, then the plan when there is one."""
+        return self.lines() + ([""] + self.plan.lines() if self.plan is not None else [])
+
 
 def _first_line(exc: Exception, limit: int = 160) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -175,9 +180,9 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
 
 
 def is_hub_model(spec: str) -> bool:
-    from .models import EMBEDDED_MODEL
+    from .models import EMBEDDED_MODELS
 
-    return not (spec == EMBEDDED_MODEL or spec.startswith("tiny:") or spec.endswith(".gguf") or Path(spec).is_dir())
+    return not (spec in EMBEDDED_MODELS or spec.startswith("tiny:") or spec.endswith(".gguf") or Path(spec).is_dir())
 
 
 def _hub_cache() -> Path:
@@ -392,14 +397,18 @@ class Probe:
         return list(merged.values())
 
 
-def dry_run(grid, results_dir) -> DryRun:
-    """Every cell of the grid, done / todo / pending, with the network shut throughout.
-    Raises UserError for a mistake in the grid itself, as a real run would; writes nothing."""
+def dry_run(grid, results_dir, plan: dict | None = None) -> DryRun:
+    """Every cell of the grid, done / todo / pending, with the network shut throughout; with
+    `plan` (plan.plan_grid's options: gpu_name, utilisation, nproc) also the grid's plan.
+    Raises UserError for a mistake in the grid itself, as a real run would (a streamed learned
+    cell whose source cannot supply its tokens included); writes nothing."""
     from .records import load_records
+    from .stream import check_grid_supply
     from .validate import check_grid, check_results_dir
 
     with offline():
         cells = check_grid(grid, dry_run=True)
+        check_grid_supply(cells, grid.data_dir)
         if Path(results_dir).exists():
             check_results_dir(results_dir, create=False)
         done = {r["key"] for r in load_records(results_dir)[0] if r.get("status") == "ok"}
@@ -418,4 +427,9 @@ def dry_run(grid, results_dir) -> DryRun:
             else:
                 state = "pending" if missing else "todo"
             out.append(CellStatus(cell, state, key, missing))
-        return DryRun(out, list(BLOCKED))
+        planned = None
+        if plan is not None:
+            from .plan import plan_grid
+
+            planned = plan_grid(grid, cells, **plan)
+        return DryRun(out, list(BLOCKED), planned)

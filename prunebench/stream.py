@@ -13,6 +13,7 @@ resumed run asks for its windows by index and gets exactly the ones it would hav
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import json
@@ -399,3 +400,87 @@ class WindowStream:
                 "windows_per_pass": per_pass, "shingle": self.shingle, "excluded_text_sha256": self.excluded_text_sha256,
                 "passes": (self.windows_served - 1) // per_pass + 1 if repeated else 1,
                 "repeats": round(self.windows_served / per_pass - 1, 6) if repeated else 0.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# How many tokens a source can supply, known before reading it
+
+# What each hub corpus holds as its publisher states it.  Token counts depend on the tokenizer, so
+# these are estimates for any other one; they are only used to refuse a run that asks for clearly
+# more (a run that still runs short stops where the stream ends, as before).
+HUB_TOKENS = {
+    "slimpajama": (6_000_000_000, "a 6B-token sample of SlimPajama-627B, as its name and card say"),
+    "c4": (175_000_000_000, "RedPajama-1T's count of its C4 slice (LLaMA tokenizer)"),
+    "redpajama": (1_000_000_000, "a 1B-token sample, as its dataset card says"),
+}
+# Local text: every token covers at least one byte of text (byte-level BPE; SentencePiece with
+# byte fallback), so a file's bytes bound its tokens.  A jsonl row's JSON wrapper ({"text": ""},
+# 12 bytes or more) covers the few tokens a document adds (BOS, a leading space, the separator);
+# a .txt file is one document, so it gets them added.
+EXTRA_TOKENS_PER_DOCUMENT = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Supply:
+    """The most tokens a source can give, or None when that is unknown before reading it."""
+
+    name: str
+    tokens: int | None
+    how: str  # where the number comes from, in words
+    bound: bool  # True: an upper bound from the bytes on disk; False: a documented estimate
+
+
+def stream_supply(source: str, data_dir=None) -> Supply:
+    """What a training stream can supply, from sizes alone: no document is read, nothing is
+    downloaded (a hub stream's size is the documented one)."""
+    documents = open_documents(source, data_dir)
+    if isinstance(documents, HubDocuments):
+        tokens, how = HUB_TOKENS.get(source, (None, "no documented size"))
+        return Supply(f"{source} ({documents.spec['hub_id']})", tokens, how, False)
+    files = getattr(documents, "files", [])
+    if any(f.name.endswith(".gz") for f in files):
+        return Supply(documents.name, None, "compressed shards: their text size is unknown before reading", True)
+    total = sum(f.stat().st_size + (EXTRA_TOKENS_PER_DOCUMENT if f.name.endswith(TEXT_SUFFIX) else 0) for f in files)
+    return Supply(documents.name, total, f"{len(files)} file(s) of {total:,} bytes, at most one token per byte", True)
+
+
+def windows_needed(config) -> int:
+    """Windows a learned method's run reads from its stream: every step's sequences, once each,
+    and the held-out windows first."""
+    return config.steps * config.batch_size + (config.heldout_windows or 0)
+
+
+def check_supply(config, data_dir=None, what: str = "a learned method") -> None:
+    """Refuse, with the arithmetic, a streamed run whose source cannot supply its tokens (unless
+    it allows repeats).  Called for every learned cell before a grid runs or is listed."""
+    if not getattr(config, "streaming", False) or getattr(config, "allow_stream_repeats", False):
+        return
+    supply = stream_supply(config.dataset, data_dir)
+    needed = windows_needed(config) * config.seqlen
+    if supply.tokens is None or needed <= supply.tokens:
+        return
+    held = f" + {config.heldout_windows} held-out windows" if config.heldout_windows else ""
+    limit = "at most" if supply.bound else "about"
+    raise UserError(f"{what} reads {config.steps} steps x {config.batch_size} sequences{held} = "
+                    f"{windows_needed(config):,} windows x {config.seqlen} tokens = {needed:,} unique tokens, but the "
+                    f"{supply.name} stream holds {limit} {supply.tokens:,} ({supply.how}): "
+                    f"{needed / supply.tokens:.1f}x what it can supply",
+                    hint=f"{REPEATS_HINT} (a larger --data-dir copy, or the hub stream), or fewer steps")
+
+
+def check_grid_supply(cells, data_dir=None) -> None:
+    """check_supply for every streamed learned cell of a grid, each configuration once."""
+    from . import registry
+
+    seen = set()
+    for cell in cells:
+        config = registry.create(cell.method, cell.method_config).config
+        if not hasattr(config, "streaming"):
+            continue  # not a mask-training method
+        key = (cell.method, getattr(config, "dataset", None), getattr(config, "steps", None),
+               getattr(config, "batch_size", None), getattr(config, "seqlen", None))
+        if key in seen:
+            continue
+        seen.add(key)
+        preset = getattr(config, "preset", None)
+        check_supply(config, data_dir, f"{cell.method}" + (f" (preset {preset})" if preset else ""))

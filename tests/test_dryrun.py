@@ -137,8 +137,9 @@ def test_a_tiny_grid_still_lists_done_and_todo_as_before(tmp_path, capsys, no_ne
     args = ["run", "--models", "tiny:llama", "--methods", "magnitude", "--sparsities", "0.5", "--calibration", "lee",
             "--ppl", "lee", "--results", str(results), "--dry-run", *TINY]
     dense, magnitude = _grid(args).cells()
-    (results / "records").mkdir(parents=True)
-    (results / "records" / "done.json").write_text(json.dumps({"key": dense.key, "status": "ok"}))
+    # a real record of the dense cell (records are checked against their schema when read)
+    assert main([a.replace("magnitude", "dense") for a in args if a != "--dry-run"]) == 0
+    capsys.readouterr()
     assert main(args) == 0
     assert capsys.readouterr().out.splitlines() == [f"done  {dense.key[:12]}  {dense.label}",
                                                     f"todo  {magnitude.key[:12]}  {magnitude.label}"]
@@ -175,3 +176,69 @@ def test_offline_restores_the_network_and_the_environment(monkeypatch):
     assert "HF_HUB_OFFLINE" not in os.environ and socket.socket.__dict__.get("connect") is connect
     assert dryrun.BLOCKED == ["huggingface.co:443", "10.255.255.1:443"]
 
+
+
+def _plan_total_hours(out):
+    line = next(line for line in out.splitlines() if line.startswith("plan total:"))
+    return float(re.search(r"cells, ([0-9.]+) GPU-hours", line).group(1)), line
+
+
+def test_the_paper_dry_run_ends_with_its_plan_and_totals(tmp_path, capsys, no_network, empty_caches):
+    results = tmp_path / "results"
+    assert main(["run", "--preset", "paper", "--dry-run", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    plan_part = out[out.index("plan on H100-80GB"):]
+    rows = [line for line in plan_part.splitlines() if " | seed 0  [" in line]
+    assert len(rows) == 45 and all("?" not in line.split(" | ")[0] for line in rows)  # every paper model has a shape
+    hours, total = _plan_total_hours(out)
+    assert total.startswith("plan total: 45 cells,") and "45 of 45 cells estimated" in total and hours > 0
+    assert "40% of peak (an assumption: --plan-utilisation)" in plan_part
+    assert "a Hugging Face token with the licence accepted for google/gemma-3-1b-pt, meta-llama/Llama-3.1-8B" in plan_part
+    assert "the LEAP authors report 22-276 GPU-hours per cell" in plan_part
+    leap = [line for line in rows if "| leap |" in line]
+    assert all("hub stream DKYoon/SlimPajama-6B" in line and "2.11B" in line for line in leap)
+    # another GPU and utilisation: the same FLOPs over another peak
+    assert main(["run", "--preset", "paper", "--dry-run", "--results", str(results), "--plan-gpu", "a100-80gb",
+                 "--plan-utilisation", "0.5"]) == 0
+    other = capsys.readouterr().out
+    assert "plan on A100-80GB (312 dense bf16 TFLOPS, 80 GB" in other
+    assert _plan_total_hours(other)[0] == pytest.approx(hours * (989 * 0.4) / (312 * 0.5), rel=1e-3)
+    assert not results.exists() and no_network == [] and dryrun.BLOCKED == []
+
+
+def test_a_cpu_grid_gets_a_plan_only_when_asked(tmp_path, capsys, no_network):
+    args = ["run", "--models", "tiny:llama", "--methods", "magnitude", "--sparsities", "0.5", "--calibration", "lee",
+            "--ppl", "lee", "--results", str(tmp_path / "r"), "--dry-run", *TINY]
+    assert main(args) == 0
+    assert "plan" not in capsys.readouterr().out
+    assert main([*args, "--plan-gpu", "L40S"]) == 0
+    out = capsys.readouterr().out
+    assert "plan on L40S" in out and "plan total: 2 cells" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--plan-gpu", "RTX-9999"], "no plan for GPU 'RTX-9999'"),
+    (["--plan-utilisation", "1.5"], "utilisation must be a fraction"),
+    (["--executor", "slurm", "--nproc-per-node", "4", "--gpus-per-cell", "2"], "--gpus-per-cell gives each array task 2"),
+])
+def test_plan_mistakes_fail_a_dry_run_in_one_line(flags, message, tmp_path, capsys, no_network, empty_caches):
+    results = tmp_path / "results"
+    assert main(["run", "--preset", "paper", "--dry-run", "--results", str(results), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not results.exists()
+
+
+def test_plan_options_need_a_dry_run(tmp_path, capsys):
+    assert main(["run", "--models", "tiny:llama", "--methods", "magnitude", "--calibration", "lee", "--ppl", "lee",
+                 "--results", str(tmp_path / "r"), "--plan-gpu", "H200", *TINY]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "only apply to --dry-run" in err[0] and not (tmp_path / "r").exists()
+
+
+def test_every_embedded_model_is_local_not_a_hub_id():
+    from prunebench.dryrun import is_hub_model
+    from prunebench.models import EMBEDDED_MODELS
+
+    assert EMBEDDED_MODELS and not any(is_hub_model(name) for name in EMBEDDED_MODELS)
+    assert is_hub_model("google/gemma-3-1b-pt")
