@@ -2,15 +2,18 @@
 
 Masks are stored bit-packed (prunebench.sparsity.pack_mask), one uint8 tensor per prunable
 linear, in a safetensors file beside the record (<record stem>.masks.safetensors); the metadata
-holds each layer's shape, the model spec, seed and dtype it was loaded with, and the cell key.
+holds each layer's shape, the model spec, seed and dtype it was loaded with, the cell key, and the
+model's fingerprint (prunebench.models.model_fingerprint: what its weights are), so masks are
+never applied to another model that merely has the same shapes.
 
 A mask alone reproduces a cell only when the method keeps the surviving weights unchanged
-(magnitude, Wanda).  Methods that also update them (SparseGPT, ADMM, LEAP) get a second file,
+(magnitude, Wanda, LEAP).  Methods that also update them (SparseGPT, ADMM) get a second file,
 <stem>.weights.safetensors, with the pruned prunable weights; loading prefers it.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -24,6 +27,23 @@ MASKS_FORMAT = "prunebench-masks"
 MASKS_VERSION = "1"
 MASKS_SUFFIX = ".masks.safetensors"
 WEIGHTS_SUFFIX = ".weights.safetensors"
+log = logging.getLogger("prunebench")
+
+
+def current_fingerprint(spec: str) -> dict:
+    """The model's fingerprint now, not a cached one (a hub id resolves once it is downloaded)."""
+    from .models import model_fingerprint
+
+    return model_fingerprint.__wrapped__(spec)
+
+
+def _unresolved(fingerprint: dict) -> bool:
+    return str(fingerprint.get("revision", "")).startswith("unresolved")
+
+
+def _describe(fingerprint: dict) -> str:
+    what = fingerprint.get("sha256") or fingerprint.get("revision") or "?"
+    return f"{fingerprint.get('kind', '?')} {str(what)[:12]}"
 
 
 def artifact_path(results_dir, record: dict, suffix: str) -> Path:
@@ -36,13 +56,21 @@ def save_cell_masks(model, results_dir, record: dict, dense_snapshot: dict | Non
     "artifacts" entry (file names relative to the records folder)."""
     from safetensors.torch import save_file
 
+    from .runner import TINY_MODEL_SEED
+
     prunable = all_prunable(model)
     shapes = {name: list(m.weight.shape) for name, m in prunable.items()}  # storage layout (Conv1D: [in, out])
     packed = {name: pack_mask(m.weight.detach() != 0).cpu() for name, m in prunable.items()}
+    fingerprint = (record.get("spec") or {}).get("model_fingerprint")
+    if not isinstance(fingerprint, dict) or _unresolved(fingerprint):  # the key's, else what the model resolves to now
+        fingerprint = current_fingerprint(record["model"]["id"])
     meta = {"format": MASKS_FORMAT, "version": MASKS_VERSION, "key": record["key"],
             "model": record["model"]["id"], "dtype": str(record["model"].get("dtype") or "float32"),
             "seed": str(record.get("seed", 0)), "method": record["method"]["name"],
-            "sparsity": record["sparsity"]["label"], "shapes": json.dumps(shapes)}
+            "sparsity": record["sparsity"]["label"], "shapes": json.dumps(shapes),
+            "model_fingerprint": json.dumps(fingerprint, sort_keys=True),
+            # the seed the runner loads a tiny model's random weights with (never the cell's)
+            "model_seed": str(TINY_MODEL_SEED)}
     updated = dense_snapshot is not None and any(
         not torch.equal(m.weight.detach().cpu()[m.weight.detach().cpu() != 0],
                         dense_snapshot[name][m.weight.detach().cpu() != 0])
@@ -112,13 +140,51 @@ def apply_masks(model, masks: dict, weights: dict | None = None) -> None:
             module.weight.mul_(mask.to(module.weight.device, module.weight.dtype))
 
 
+def check_masks_fit(masks_file, meta: dict, model_spec: str | None = None, *, loaded: bool = False) -> None:
+    """Refuse masks made for another model than `model_spec` (default: the one they name): the
+    fingerprints must agree.  A hub id not yet downloaded cannot be resolved: checked again once
+    loaded (`loaded`), and only warned about if it still cannot be.  A file written before masks
+    files recorded a fingerprint is used only with the model it names, with a warning."""
+    name = Path(masks_file).name
+    target = model_spec or meta["model"]
+    stored = meta.get("model_fingerprint")
+    if not stored:
+        if target != meta["model"]:
+            raise UserError(f"{name} records no model fingerprint (an older prunebench wrote it), so nothing shows "
+                            f"that masks made for {meta['model']} fit {target}",
+                            hint="rerun the cell with --save-masks --force for a file that records one")
+        if loaded:
+            log.warning("%s records no model fingerprint (an older prunebench wrote it): not verified that %s is "
+                        "the model its masks were made for; rerun the cell with --save-masks --force to record it",
+                        name, target)
+        return
+    try:
+        made_for = json.loads(stored)
+    except ValueError:
+        raise UserError(f"{name} has an unreadable model fingerprint", hint="rerun the cell with --save-masks --force") from None
+    current = current_fingerprint(target)
+    if current == made_for:
+        return
+    if _unresolved(current) or _unresolved(made_for):
+        if loaded:
+            log.warning("%s: cannot verify that %s is the model its masks were made for (a hub revision is "
+                        "unresolved)", name, target)
+        return
+    raise UserError(f"the masks in {name} were made for {meta['model']} ({_describe(made_for)}), not for {target} "
+                    f"({_describe(current)})", hint="evaluate them with the model they were made for, or prune this model "
+                                                   "with run --save-masks")
+
+
 def load_masked_model(masks_file, model_spec: str | None = None, *, dtype: str | None = None, seed: int | None = None):
-    """Load the model the masks were made for (or `model_spec`) and apply them."""
+    """Load the model the masks were made for (or `model_spec`, if it is that model) and apply them."""
     from .models import load_model
 
     masks, meta, weights = load_masks(masks_file)
-    loaded = load_model(model_spec or meta["model"], dtype=dtype or meta.get("dtype", "float32"),
-                        seed=int(meta.get("seed", 0)) if seed is None else seed)
+    check_masks_fit(masks_file, meta, model_spec)  # before loading: a wrong model is refused at once
+    if seed is None:  # a tiny model's weights: the seed the runner loaded it with (old files: the cell's)
+        seed = int(meta.get("model_seed", meta.get("seed", 0)))
+    loaded = load_model(model_spec or meta["model"], dtype=dtype or meta.get("dtype", "float32"), seed=seed)
+    check_masks_fit(masks_file, meta, model_spec, loaded=True)
     apply_masks(loaded.model, masks, weights)
     return loaded, meta
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true",
                      help="list the cells, each done, todo or pending (with what this machine lacks for it); offline, "
                           "on any machine; runs, downloads and writes nothing")
+    run.add_argument("--plan-gpu", metavar="NAME",
+                     help="with --dry-run: the GPU the plan estimates memory and GPU-hours for (default H100-80GB; "
+                          "a CUDA grid always gets a plan; see README 'On a GPU cluster')")
+    run.add_argument("--plan-utilisation", type=float, metavar="X",
+                     help="with --dry-run: the fraction of the GPU's dense bf16 peak the plan assumes (default 0.4)")
     run.add_argument("--require-clean", action="store_true",
                      help="refuse to run from code with uncommitted changes (committed reference runs use it: a "
                           "record's commit must be one anybody can check out)")
@@ -83,8 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "local: through torchrun; slurm: N tasks per job")
     ex.add_argument("--slurm-partition", help="SLURM partition for the array tasks")
     ex.add_argument("--gpus-per-cell", type=int, default=None, help="GPUs per array task (default 0)")
-    ex.add_argument("--timeout", type=int, default=None, metavar="MINUTES",
-                    help="wall time per array task; a cell that runs out is checkpointed and requeued (default 240)")
+    ex.add_argument("--timeout", type=float, default=None, metavar="MINUTES",
+                    help="wall time per cell. local: each cell then runs in a worker process of its own, and one "
+                         "that runs out is stopped and recorded as failed (timed out); slurm: per array task, a "
+                         "cell that runs out is checkpointed and requeued (default 240)")
     ex.add_argument("--array-parallelism", type=int, help="at most this many array tasks at once")
     ex.add_argument("--cpus-per-cell", type=int, help="CPUs per array task")
     ex.add_argument("--mem-gb", type=int, help="memory per array task (GB)")
@@ -191,6 +199,7 @@ def main(argv=None) -> int:
             args.plugin_methods = getattr(args, "plugin_methods", []) + added
             if not getattr(args, "quiet", False):
                 log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
+        registry.check_replacements(getattr(args, "replace", []) or [])
         return {"run": cmd_run, "check": cmd_check, "list": cmd_list, "report": cmd_report, "export": cmd_export,
                 "eval": cmd_eval, "reproduce": cmd_reproduce, "cost": cmd_cost,
                 "compare": cmd_compare}[args.command](args)
@@ -272,8 +281,10 @@ def executor_from_args(args):
 
     if args.lock_timeout is not None and args.lock_timeout <= 0:
         raise UserError(f"--lock-timeout must be positive, got {args.lock_timeout}")
+    if args.timeout is not None and not 0 < args.timeout < float("inf"):
+        raise UserError(f"--timeout must be a positive number of minutes, got {args.timeout:g}", hint="e.g. --timeout 90")
     slurm_only = {"--slurm-partition": args.slurm_partition, "--gpus-per-cell": args.gpus_per_cell,
-                  "--timeout": args.timeout, "--array-parallelism": args.array_parallelism,
+                  "--array-parallelism": args.array_parallelism,
                   "--cpus-per-cell": args.cpus_per_cell, "--mem-gb": args.mem_gb}
     nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
     if nproc < 1:
@@ -282,12 +293,35 @@ def executor_from_args(args):
         given = [flag for flag, v in slurm_only.items() if v is not None] + (["--no-wait"] if args.no_wait else [])
         if given:
             raise UserError(f"{', '.join(given)} only apply to --executor slurm")
-        return make_executor("local", nproc_per_node=nproc)
+        return make_executor("local", nproc_per_node=nproc, timeout_s=None if args.timeout is None else args.timeout * 60)
     return make_executor("slurm", cluster=args.submitit_cluster, partition=args.slurm_partition,
                          gpus_per_cell=args.gpus_per_cell or 0,
-                         timeout_min=240 if args.timeout is None else args.timeout,
+                         timeout_min=240 if args.timeout is None else math.ceil(args.timeout),  # SLURM: whole minutes
                          array_parallelism=args.array_parallelism, cpus_per_cell=args.cpus_per_cell,
                          mem_gb=args.mem_gb, wait=not args.no_wait, nproc_per_node=nproc)
+
+
+def _plan_options(args, grid):
+    """The dry run's plan options (None: no plan), checked, and the GPU count the executor gives
+    learned cells checked before anything runs."""
+    from . import plan as plans
+
+    nproc = args.nproc_per_node or 1
+    available = None
+    if not args.dry_run and args.executor == "local" and str(grid.device).startswith("cuda"):
+        import torch
+
+        available = torch.cuda.device_count() if torch.cuda.is_available() else None
+    plans.check_gpu_count(grid.device, args.executor, nproc, args.gpus_per_cell, available=available)
+    asked = args.plan_gpu is not None or args.plan_utilisation is not None
+    if asked and not args.dry_run:
+        raise UserError("--plan-gpu and --plan-utilisation only apply to --dry-run")
+    card = plans.gpu(args.plan_gpu or plans.DEFAULT_GPU)  # an unknown name: one line, before anything
+    utilisation = plans.check_utilisation(plans.DEFAULT_UTILISATION if args.plan_utilisation is None
+                                          else args.plan_utilisation)
+    if not asked and not str(grid.device).startswith("cuda"):
+        return None  # a CPU grid lists its cells as it always did
+    return {"gpu_name": card.name, "utilisation": utilisation, "nproc": nproc}
 
 
 def cmd_run(args) -> int:
@@ -297,8 +331,14 @@ def cmd_run(args) -> int:
 
     grid = grid_from_args(args)
     executor = executor_from_args(args)
+    plan = _plan_options(args, grid)
     if not args.dry_run:  # a dry run checks the grid its own way: offline, on any machine
-        check_grid(grid)  # everything checkable before a model loads
+        from .plan import check_model_access
+        from .stream import check_grid_supply
+
+        cells = check_grid(grid)  # everything checkable before a model loads
+        check_model_access(grid)
+        check_grid_supply(cells, grid.data_dir)
     if args.require_clean:
         from .runner import uncommitted_code
 
@@ -310,7 +350,7 @@ def cmd_run(args) -> int:
     if args.dry_run:
         from .dryrun import dry_run
 
-        for line in dry_run(grid, args.results).lines():
+        for line in dry_run(grid, args.results, plan=plan).all_lines():
             print(line)
         return 0  # pending cells are news for the plan, not a failure
     summary = run_grid(grid, args.results, force=args.force, progress=not args.quiet, executor=executor,
@@ -411,12 +451,13 @@ def cmd_cost(args) -> int:
         raise UserError(f"--threads must be 1 or more, got {args.threads}")
     value_bytes = costs.VALUE_BYTES[args.value_dtype]
     if args.results:
-        from .records import load_records
+        from .records import load_records, warn_skipped
         from .report.cost import write_cost_report
         from .validate import check_results_dir
 
         check_results_dir(args.results, create=False)
-        records = load_records(args.results)[0]
+        records, skipped = load_records(args.results)
+        warn_skipped(skipped, "not costed")
         out = Path(args.out) if args.out else Path(args.results) / "report"
         if args.speed:
             from .report.cost import write_speed_report
@@ -470,8 +511,23 @@ def cmd_export(args) -> int:
     check_results_dir(args.results, create=False)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a file, not a directory", hint="give a new or empty directory")
-    out = export_checkpoint(args.results, args.out, key=args.key, model=args.model, method=args.method,
-                            sparsity=args.sparsity)
+    target = Path(args.out)
+    before = set(target.iterdir()) if target.is_dir() else None
+    try:
+        out = export_checkpoint(args.results, args.out, key=args.key, model=args.model, method=args.method,
+                                sparsity=args.sparsity)
+    except OSError as exc:  # an unwritable place or a full disk: the user's to fix, and no half checkpoint left
+        import shutil
+
+        written = [] if not target.is_dir() else [target] if before is None else set(target.iterdir()) - before
+        for path in written:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise UserError(f"cannot export to {args.out!r}: {exc.strerror or exc}"
+                        + (f" ({exc.filename})" if exc.filename else ""),
+                        hint="pick a writable --out on a disk with free space") from None
     print(f"wrote {out} (HF checkpoint, safetensors) and {out / 'sparsity_report.json'}")
     return 0
 
@@ -511,9 +567,14 @@ def cmd_eval(args) -> int:
     if limit is not None and args.seqlen > limit:
         raise UserError(f"--seqlen {args.seqlen} exceeds the model's position limit of {limit}", hint=f"use --seqlen {limit} or less")
     loaded.model.to(args.device)
+    streams = {dataset: eval_tokens(loaded.tokenizer, dataset, args.data_dir, encoding=args.encoding)
+               for dataset in datasets}
+    for dataset, ids in streams.items():  # an empty or short text is the user's to fix, before any scoring
+        if ids.numel() < args.seqlen:
+            raise UserError(f"--ppl {dataset}: the text has {ids.numel()} tokens, fewer than one window of "
+                            f"{args.seqlen}", hint="give a longer text or a smaller --seqlen")
     results = {}
-    for dataset in datasets:
-        ids = eval_tokens(loaded.tokenizer, dataset, args.data_dir, encoding=args.encoding)
+    for dataset, ids in streams.items():
         results[dataset] = perplexity(loaded.model, ids, args.seqlen, batch_size=args.batch_size, device=args.device,
                                       progress=not args.quiet, max_windows=args.max_windows)
     if args.json:
@@ -526,12 +587,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .records import load_records, records_frame
+    from .records import load_records, records_frame, warn_skipped
     from .report.compare import compare_methods, render
 
     records, skipped = load_records(args.results)
-    for path, reason in skipped:
-        log.warning("skipped unreadable record %s: %s", path, reason)
+    warn_skipped(skipped, "not compared")
     if not records:
         raise UserError(f"no records under {Path(args.results) / 'records'}", hint="pass --results DIR")
     rows = compare_methods(records_frame(records), args.a, args.b, model=args.model, sparsity=args.sparsity)

@@ -1,9 +1,13 @@
 """Where cells run, and how concurrent runners share one results directory.
 
 Executors:
-  local   - in this process, one loaded model shared by that model's cells (the default);
+  local   - in this process, one loaded model shared by that model's cells (the default); with a
+            per-cell timeout (--timeout) each cell runs in a worker process of its own instead, and
+            one that runs past it is stopped and recorded as failed;
   torchrun- local with --nproc-per-node N: each learned cell runs as N processes under torchrun
-            (torch.distributed data parallelism, prunebench.distributed); other cells in process;
+            (torch.distributed data parallelism, prunebench.distributed); other cells as local;
+Every process a runner starts (cell workers, torchrun and its workers) dies with it, even when
+the runner is killed with SIGKILL (prunebench.cell_worker.die_with_parent, Linux).
   slurm   - one submitit job array per grid, one array task per cell; each task loads its model,
             runs the cell by key and writes its record into the (shared) results directory.
             `cluster="local"` runs the same array through submitit's local executor (tests).
@@ -22,7 +26,9 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -188,60 +194,147 @@ def _describe(path: Path) -> str:
 
 
 class LocalExecutor:
-    """Cells run in this process, one model load per model."""
+    """Cells run in this process, one model load per model.  With a per-cell timeout each cell
+    runs in a worker process of its own instead (its model loaded per cell), so a cell that never
+    returns can be stopped: it becomes a failed record and the grid goes on."""
 
     name = "local"
+
+    def __init__(self, timeout_s: float | None = None):
+        self.timeout_s = check_timeout(timeout_s)
 
     def run(self, grid, cells, results_dir, summary, **options) -> None:
         from .runner import run_cells_in_process
 
-        run_cells_in_process(grid, cells, results_dir, summary, **options)
+        if self.timeout_s is None:
+            run_cells_in_process(grid, cells, results_dir, summary, **options)
+            return
+        for cell in cells:
+            _count(summary, run_cell_in_worker(grid, cell, results_dir, timeout_s=self.timeout_s, **options), cell)
 
 
 class TorchrunExecutor:
     """Learned cells as `nproc_per_node` processes on this machine (torchrun, one per GPU, or
-    gloo processes on a CPU); every other cell in this process, as the local executor runs it."""
+    gloo processes on a CPU); every other cell as the local executor runs it."""
 
     name = "torchrun"
 
-    def __init__(self, nproc_per_node: int):
+    def __init__(self, nproc_per_node: int, timeout_s: float | None = None):
         if nproc_per_node < 2:
             raise UserError(f"--nproc-per-node must be 2 or more for a multi-process run, got {nproc_per_node}")
         self.nproc_per_node = nproc_per_node
+        self.timeout_s = check_timeout(timeout_s)
 
-    def run(self, grid, cells, results_dir, summary, *, plugins=(), progress=True, **options) -> None:
-        import dataclasses
-        import subprocess
-        import sys
-
+    def run(self, grid, cells, results_dir, summary, **options) -> None:
         from . import registry
-        from .records import atomic_write_json
-        from .runner import run_cells_in_process
 
         learned = [c for c in cells if getattr(registry.get(c.method), "kind", None) == "learned"]
         others = [c for c in cells if c not in learned]
         if others:
-            run_cells_in_process(grid, others, results_dir, summary, plugins=plugins, progress=progress, **options)
-        results_dir = Path(results_dir).resolve()
-        grid_data = dataclasses.asdict(grid)
+            LocalExecutor(self.timeout_s).run(grid, others, results_dir, summary, **options)
         for cell in learned:
-            work = results_dir / "work" / cell.key[:16]
-            spec_path, outcome_path = work / "torchrun_cell.json", work / "torchrun_outcome.json"
-            outcome_path.unlink(missing_ok=True)
-            atomic_write_json(spec_path, {"grid": grid_data, "results_dir": str(results_dir), "key": cell.key,
-                                          "outcome": str(outcome_path),
-                                          "options": {**options, "progress": progress,
-                                                      "plugins": [str(Path(p).resolve()) for p in plugins]}})
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc-per-node={self.nproc_per_node}", "-m", "prunebench.cell_worker", str(spec_path)]
             log.info("cell %s: %d processes (torchrun)", cell.label, self.nproc_per_node)
-            rc = subprocess.run(cmd).returncode
-            try:
-                outcome = json.loads(outcome_path.read_text())
-            except (OSError, ValueError):
-                outcome = {"key": cell.key, "status": "failed",
-                           "error": f"torchrun exited with {rc} before rank 0 wrote an outcome (see its output above)"}
+            outcome = run_cell_in_worker(grid, cell, results_dir, timeout_s=self.timeout_s,
+                                         nproc=self.nproc_per_node, **options)
             _count(summary, outcome, cell)
+
+
+def check_timeout(timeout_s):
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise UserError(f"--timeout must be a positive number of minutes, got {timeout_s!r} seconds"[:200],
+                        hint="e.g. --timeout 90 (minutes per cell)")
+    return float(timeout_s)
+
+
+STOP_GRACE_S = 10.0  # after SIGTERM, before SIGKILL: time to leave a checkpoint
+
+
+def run_cell_in_worker(grid, cell, results_dir, *, timeout_s=None, nproc: int = 1, plugins=(), progress=True,
+                       **options) -> dict:
+    """Run one cell in a child process (`python -m prunebench.cell_worker`; with nproc > 1 under
+    torchrun) and return its outcome.  The child is in a process group of its own and dies with
+    this process (cell_worker.die_with_parent); after `timeout_s` seconds the group is stopped
+    and the cell gets a failed record that says so."""
+    import dataclasses
+    import sys
+
+    from . import registry
+    from .cell_worker import PARENT_PID_ENV
+    from .records import atomic_write_json
+
+    results_dir = Path(results_dir).resolve()
+    work = results_dir / "work" / cell.key[:16]
+    stem = "torchrun" if nproc > 1 else "worker"
+    spec_path, outcome_path = work / f"{stem}_cell.json", work / f"{stem}_outcome.json"
+    outcome_path.unlink(missing_ok=True)
+    atomic_write_json(spec_path, {"grid": dataclasses.asdict(grid), "results_dir": str(results_dir), "key": cell.key,
+                                  "outcome": str(outcome_path), "replace": list(registry.replaceable()),
+                                  "options": {**options, "progress": progress,
+                                              "plugins": [str(Path(p).resolve()) for p in plugins]}})
+    cmd = [sys.executable, "-m", "prunebench.cell_worker"]
+    if nproc > 1:  # torchrun itself runs inside a cell_worker, so it too dies with this process
+        cmd += ["--torchrun", "--standalone", f"--nproc-per-node={nproc}", "-m", "prunebench.cell_worker"]
+    cmd.append(str(spec_path))
+    # A group of its own: a timeout stops the worker and whatever it started, and nothing else.
+    proc = subprocess.Popen(cmd, env={**os.environ, PARENT_PID_ENV: str(os.getpid())}, start_new_session=True)
+    timed_out = False
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+    finally:  # a timeout, Ctrl-C or any error here: the worker must not outlive its cell
+        if proc.poll() is None:
+            _stop_group(proc)
+    if timed_out:
+        return _timed_out(grid, cell, results_dir, timeout_s, options.get("lock_stale_s"))
+    try:
+        outcome = json.loads(outcome_path.read_text())
+    except (OSError, ValueError):
+        how = f"was killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exited with {proc.returncode}"
+        return {"key": cell.key, "status": "failed",
+                "error": f"the cell's {'torchrun' if nproc > 1 else 'worker'} process {how} before writing an outcome "
+                         "(see its output above)"}
+    if outcome.get("user_error"):  # the worker's one-line error (a full disk...) stops this runner too
+        raise UserError(outcome["error"])
+    return outcome
+
+
+def _stop_group(proc) -> None:
+    """SIGTERM to the worker's group (a learned method may checkpoint), SIGKILL after a grace."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _timed_out(grid, cell, results_dir, timeout_s: float, lock_stale_s) -> dict:
+    """The failed record of a cell stopped at its timeout, written as any runner writes one (a
+    previous ok record stays).  The stopped worker's claim is stale now (its process is gone)."""
+    import datetime as dt
+
+    from .runner import _record_skeleton, unwritable, write_cell_record
+
+    error = (f"timed out: the cell exceeded the per-cell timeout of {timeout_s / 60:g} min (--timeout); "
+             "its worker processes were stopped")
+    record = _record_skeleton(cell, grid)
+    record.update(status="failed", error=error,
+                  created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
+    claim = CellLock.claim(results_dir, cell.key, lock_stale_s)
+    if claim is None:  # another runner took the cell over meanwhile: its record, not ours
+        return {"key": cell.key, "status": "failed", "error": error}
+    try:
+        write_cell_record(results_dir, record)
+    except OSError as exc:
+        raise unwritable(exc, results_dir, record) from None
+    finally:
+        claim.release()
+    return {"key": cell.key, "status": "failed", "error": error, "record": record}
 
 
 try:  # submitit is an optional extra; without it only the local executor exists
@@ -259,14 +352,17 @@ class CellTask(_Checkpointable):
     work_dir (LEAP) continues from there.
     """
 
-    def __init__(self, grid_data: dict, results_dir: str, key: str, options: dict, tasks: int = 1):
+    def __init__(self, grid_data: dict, results_dir: str, key: str, options: dict, tasks: int = 1, replace=()):
         self.grid_data, self.results_dir, self.key, self.options = grid_data, results_dir, key, options
         self.tasks = tasks
+        self.replace = tuple(replace)  # --replace names, so the task's plugins load as the submitter's did
 
     def __call__(self) -> dict:
+        from . import registry
         from .config import grid_from_dict
         from .runner import run_cell_by_key
 
+        registry.allow_replacing(getattr(self, "replace", ()))
         if self.tasks > 1:  # one SLURM task per GPU: submitit describes the world as torchrun would
             import submitit
 
@@ -331,7 +427,10 @@ class SubmititExecutor:
         executor = self.make_executor(results_dir)
         grid_data = dataclasses.asdict(grid)
         options = {**options, "plugins": tuple(str(Path(p).resolve()) for p in plugins), "progress": False}
-        tasks = [CellTask(grid_data, str(results_dir), c.key, options, tasks=self.nproc_per_node) for c in cells]
+        from . import registry
+
+        tasks = [CellTask(grid_data, str(results_dir), c.key, options, tasks=self.nproc_per_node,
+                          replace=registry.replaceable()) for c in cells]
         jobs = executor.submit_array(tasks)
         log.info("submitted %d cells as job array %s (%s); logs in %s", len(jobs),
                  jobs[0].job_id.split("_")[0] if jobs else "-", self.cluster, results_dir / "slurm_logs")
@@ -371,7 +470,8 @@ def _count(summary, outcome: dict, cell) -> None:
 def make_executor(name: str, **options):
     if name in (None, "", "local"):
         nproc = options.get("nproc_per_node") or 1
-        return TorchrunExecutor(nproc) if nproc > 1 else LocalExecutor()
+        timeout_s = options.get("timeout_s")
+        return TorchrunExecutor(nproc, timeout_s) if nproc > 1 else LocalExecutor(timeout_s)
     if name == "slurm":
         return SubmititExecutor(**options)
     raise UserError(f"unknown executor {name!r}", hint="use local or slurm")

@@ -42,6 +42,12 @@ class Capabilities:
     # drawing random numbers without calibration says so here. None: exactly when it calibrates.
     # A seed-invariant method runs once per setting, at the grid's first seed.
     uses_seed: Optional[bool] = None
+    # Whether the method may change the weights it keeps (a reconstruction, as SparseGPT and ADMM
+    # do) rather than only zero some: the output checks then ask the kept weights to be finite
+    # and bounded and record how far they moved; otherwise they must equal the dense ones.  None:
+    # a layer-wise method updates them exactly when its prune_linear / prune_group returns new
+    # weights (LayerwisePruner.prune observes it); any other method keeps them unchanged.
+    updates_weights: Optional[bool] = None
 
     @property
     def seed_dependent(self) -> bool:
@@ -102,6 +108,17 @@ class PruneReport:
     # name -> SparsitySpec of each linear, when they differ from the cell's spec (a per-layer
     # allocation); the runner checks every linear against its own spec.
     layer_specs: Optional[dict] = None
+    # Whether this run changed weights it kept, as observed by the framework (LayerwisePruner.prune
+    # sets it); None: not observed.  See Capabilities.updates_weights and declares_weight_updates.
+    updates_weights: Optional[bool] = None
+
+
+def declares_weight_updates(capabilities: Capabilities, report: Optional[PruneReport]) -> bool:
+    """What the method says it did to the weights it kept: its Capabilities' explicit answer, else
+    what the run reported (a layer-wise method returned new weights), else unchanged."""
+    if capabilities.updates_weights is not None:
+        return bool(capabilities.updates_weights)
+    return bool(getattr(report, "updates_weights", None))
 
 
 class Pruner:
@@ -164,7 +181,28 @@ class LayerwisePruner(Pruner):
         from .layerwise import prune_layerwise
 
         self.check_spec(ctx.sparsity)
-        return prune_layerwise(model, self, ctx)
+        # Watch the per-layer answers on their way to the engine (whose code is part of every
+        # layer-wise record's identity, so it is not changed for this): new weights in any
+        # LinearResult mean this run updated the weights it kept.
+        group, returned = self.prune_group, []
+
+        def observed(weights, stats, spec, ctx_):
+            results = group(weights, stats, spec, ctx_)
+            if isinstance(results, dict) and any(getattr(r, "weight", None) is not None for r in results.values()):
+                returned.append(True)
+            return results
+
+        own = self.__dict__.get("prune_group")
+        self.prune_group = observed  # an instance attribute for this call only
+        try:
+            report = prune_layerwise(model, self, ctx)
+        finally:
+            if own is None:
+                del self.prune_group
+            else:
+                self.prune_group = own
+        report.updates_weights = bool(returned)
+        return report
 
 
 def make_config(config_cls, config=None, overrides=None):
@@ -350,7 +388,31 @@ def load_plugin(path) -> list[str]:
                         hint="the file must import and register without errors") from None
     finally:
         _importing["origin"] = None
-    return sorted(k for k, v in _METHODS.items() if before.get(k) is not v)
+    added = sorted(k for k, v in _METHODS.items() if before.get(k) is not v)
+    if not added:  # a forgotten @register would otherwise pass unnoticed until its name is unknown
+        sys.modules.pop(mod_name, None)
+        raise UserError(f"plugin {path} registers no method",
+                        hint="decorate a Pruner subclass with @register (from prunebench.registry import register)")
+    return added
+
+
+def check_replacements(names) -> None:
+    """Every --replace NAME must name a method a plugin registered: otherwise it replaces nothing
+    and the user's intent (run the plugin's method under that name) silently did not happen."""
+    if names:
+        available()  # installed entry points may replace a name too
+    for name in names:
+        key = name.strip().lower()
+        if not key:
+            raise UserError("--replace needs a method name", hint="e.g. --plugin my_wanda.py --replace wanda")
+        if key not in _METHODS or _ORIGINS.get(key, {}).get("kind", "builtin") == "builtin":
+            raise UserError(f"--replace {name}: no --plugin registers a method of that name",
+                            hint=f"pass the --plugin file that registers {key!r}, or drop --replace {name}")
+
+
+def replaceable() -> tuple:
+    """The names --replace allowed in this process, for a worker process to allow them too."""
+    return tuple(sorted(_replaceable))
 
 
 def _line_in(exc: BaseException, file: Path) -> int | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import logging
 import os
@@ -30,9 +31,9 @@ from .errors import UserError
 from .evaluate.perplexity import perplexity
 from .models import all_prunable, load_model, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
-from .checks import SPARSITY_TOLERANCE, OutputCheckError, check_output, effective_scope
+from .checks import SPARSITY_TOLERANCE, DenseReference, OutputCheckError, check_output, effective_scope
 from .records import (SCHEMA_VERSION, atomic_write_json, attempt_path, cell_record_path, load_records, read_record,
-                      record_path, sanitize_nonfinite)
+                      record_path, reject_record, sanitize_nonfinite, warn_skipped)
 from .registry import PruneContext
 from .sparsity import measure_sparsity, pack_mask
 
@@ -73,7 +74,8 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
     check_results_dir(results_dir, create=True)
     if only_keys is not None:
         cells = [c for c in cells if c.key in only_keys]
-    existing, _ = load_records(results_dir)
+    existing, invalid = load_records(results_dir)
+    warn_skipped(invalid, "not counted as done")  # its cell, if in this grid, runs again
     done = {r["key"] for r in existing if r.get("status") == "ok"}
     summary = RunSummary(total=len(cells))
     todo = [c for c in cells if force or c.key not in done]
@@ -205,6 +207,7 @@ class ModelSession:
         self.model_id, self.grid = model_id, grid
         self._loaded = None
         self._snapshot = None
+        self.reference = None  # what the output checks compare each cell's pruned model with
         self._eval_tokens = {}
         self.error = None
 
@@ -213,8 +216,15 @@ class ModelSession:
             self._loaded = load_model(self.model_id, dtype=self.grid.dtype, trust_remote_code=self.grid.trust_remote_code,
                                       seed=TINY_MODEL_SEED)
             self._snapshot = snapshot_prunable(self._loaded.model)
+            # Digests of the other parameters; the dense linears are the restore snapshot itself.
+            self.reference = DenseReference.take(self._loaded.model, self._snapshot)
         restore_prunable(self._loaded.model, self._snapshot)
         return self._loaded
+
+    def reload(self):
+        """Load the model afresh for the next cell: only the linears are restored between cells,
+        and a failed cell may have changed more (a failed check of the other parameters says so)."""
+        self._loaded = self._snapshot = self.reference = None
 
     def eval_ids(self, dataset: str):
         if dataset not in self._eval_tokens:
@@ -223,7 +233,7 @@ class ModelSession:
         return self._eval_tokens[dataset]
 
     def close(self):
-        self._loaded = self._snapshot = None
+        self._loaded = self._snapshot = self.reference = None
         self._eval_tokens.clear()
 
 
@@ -247,7 +257,9 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         scope = None if cell.method == DENSE else effective_scope(cell.sparsity, report.stats.get("scope"))
         if scope:
             record["sparsity"]["scope"] = scope  # the scope the method actually used (and was checked at)
-        check_output(named, cell.sparsity, scope, dense=cell.method == DENSE, layer_specs=report.layer_specs)
+        updates = registry.declares_weight_updates(registry.get(cell.method).capabilities, report)
+        found = check_output(named, cell.sparsity, scope, dense=cell.method == DENSE, layer_specs=report.layer_specs,
+                             model=model, reference=session.reference, updates_weights=updates)
         if "allocation" in report.stats:  # per-block targets, scores and achieved values, plotted by the report
             record["sparsity"]["allocation"] = report.stats["allocation"]
         measured = measure_sparsity(named)
@@ -255,7 +267,11 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         record["sparsity"]["per_layer"] = measured["per_layer"]
         record["sparsity"]["mask_sha256"] = mask_fingerprint(named)
         record["sparsity"]["checked"] = {"finite": True, "pattern": cell.sparsity.pattern_name,
-                                         "scope": scope, "tolerance": SPARSITY_TOLERANCE}
+                                         "scope": scope, "tolerance": SPARSITY_TOLERANCE,
+                                         "unchanged_parameters": found["unchanged_parameters"],
+                                         "kept_weights": found["kept_weights"]}
+        if found["weight_update"] is not None:  # how far a reconstruction moved the kept weights
+            record["weight_update"] = found["weight_update"]
         record["cost"] = mask_cost(named, cell.sparsity if cell.method != DENSE else None, model)
         off = abs(measured["overall"] - cell.sparsity.target) * 100
         if off > OFF_TARGET_PP and cell.method != DENSE:
@@ -276,7 +292,11 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
     except OutputCheckError as exc:  # the method ran, but its output is not what the cell asked for
         record["status"] = "failed"
         record["error"] = f"output check failed: {exc}"
+        session.reload()
     except Exception as exc:  # a failing cell is recorded and the grid goes on
+        session.reload()  # a method that failed half-way may have left anything changed
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # so would every later cell: stop, one line
+            raise unwritable(exc, results_dir, record, lm_eval_tmp) from None
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
         record["traceback"] = traceback.format_exc(limit=8)
@@ -286,8 +306,36 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
     if replaced:
         record["warnings"].append(f"non-finite values stored as null: {', '.join(replaced[:10])}"
                                   + (f" and {len(replaced) - 10} more" if len(replaced) > 10 else ""))
-    write_cell_record(results_dir, record, lm_eval_tmp)
+    try:
+        write_cell_record(results_dir, record, lm_eval_tmp)
+    except OSError as exc:  # a full disk or an unwritable folder is the user's to fix, not a bug
+        raise unwritable(exc, results_dir, record, lm_eval_tmp) from None
     return record
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def unwritable(exc: OSError, results_dir, record: dict, lm_eval_tmp: Path | None = None) -> UserError:
+    """The one-line error for a cell whose output cannot be written; this attempt's masks and
+    weights files go too (a masks file without its record is an orphan), unless the record
+    already on disk names them."""
+    from .artifacts import MASKS_SUFFIX, WEIGHTS_SUFFIX, artifact_path
+
+    try:
+        kept = set((read_record(record_path(results_dir, record)).get("artifacts") or {}).values())
+    except (OSError, ValueError, AttributeError):
+        kept = set()
+    for suffix in (MASKS_SUFFIX, WEIGHTS_SUFFIX):
+        artifact = artifact_path(results_dir, record, suffix)
+        artifact.with_name(f".{artifact.name}.tmp").unlink(missing_ok=True)
+        if artifact.name not in kept:
+            artifact.unlink(missing_ok=True)
+    if lm_eval_tmp is not None:
+        shutil.rmtree(lm_eval_tmp, ignore_errors=True)
+    where = exc.filename or record_path(results_dir, record)
+    return UserError(f"cannot write {where}: {exc.strerror or exc}",
+                     hint="free some space (or fix the permissions) and rerun: finished cells keep their records")
 
 
 def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir, progress: bool,
@@ -338,8 +386,12 @@ def write_cell_record(results_dir, record: dict, lm_eval_tmp: Path | None = None
     previous = None
     try:
         previous = read_record(path)
-    except (OSError, ValueError):
+    except FileNotFoundError:
         pass
+    except (OSError, ValueError) as exc:  # an invalid record is evidence: moved aside, never overwritten
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        moved = reject_record(results_dir, path, reason)
+        log.warning("invalid record %s (%s) moved to %s; its cell was recomputed", path, reason, moved)
     if record["status"] != "ok" and previous is not None and previous.get("status") == "ok":
         attempt = attempt_path(results_dir, record)
         atomic_write_json(attempt, record)

@@ -6,12 +6,16 @@ as one UserError, with nothing written.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+
+log = logging.getLogger("prunebench")
+_WARNED_REMOTE_CODE: set = set()  # the models already warned about in this process
 
 
 def _positive(value, what: str, allow_none: bool = False) -> None:
@@ -73,6 +77,8 @@ def check_grid(grid, *, dry_run: bool = False) -> list:
         check_model_spec(model)
     if len(set(grid.models)) != len(grid.models):
         raise UserError("a model is named twice in the grid", hint="name each model once")
+    if grid.trust_remote_code is True:
+        _warn_remote_code(grid.models)
 
     cells = grid.cells()  # method names, patterns and configs (types included)
     if not cells:
@@ -123,6 +129,16 @@ def check_grid(grid, *, dry_run: bool = False) -> list:
         for cell in cells:
             cell.key  # computes every fingerprint now: a missing dataset or unreadable file fails here
     return cells
+
+
+def _warn_remote_code(models) -> None:
+    """trust_remote_code runs Python shipped with the model: say so once (it is in every key)."""
+    new = [m for m in models if m not in _WARNED_REMOTE_CODE]
+    if new:
+        _WARNED_REMOTE_CODE.update(new)
+        log.warning("warning: trust_remote_code is true: loading %s runs Python code shipped with the model "
+                    "(folder or hub repository) with your permissions; the records carry it in their keys",
+                    ", ".join(new))
 
 
 def check_results_dir(results_dir, *, create: bool) -> Path:

@@ -68,7 +68,8 @@ def test_cell_task_checkpoint_requeues_the_same_cell(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--timeout", "5"], "only apply to --executor slurm"),
+    (["--timeout", "0"], "--timeout must be a positive"),  # a per-cell timeout for the local executor too
+    (["--gpus-per-cell", "1"], "only apply to --executor slurm"),
     (["--executor", "slurm", "--timeout", "0"], "--timeout must be a positive"),
     (["--executor", "slurm", "--array-parallelism", "0"], "--array-parallelism must be 1 or more"),
     (["--lock-timeout", "-1"], "--lock-timeout must be positive"),
