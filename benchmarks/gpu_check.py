@@ -33,10 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling CPU benchmark's dense floor
 
 from prunebench import masklearn, registry  # noqa: E402
 from prunebench.models import all_prunable, restore_prunable, snapshot_prunable, weight_matrix  # noqa: E402
 from prunebench.plan import EMBEDDED_ARCHS  # noqa: E402
+from learned_step import dense_step_for  # noqa: E402
 from prunebench.registry import PruneContext, PruneReport  # noqa: E402
 from prunebench.sparsity import SparsitySpec  # noqa: E402
 
@@ -142,14 +144,7 @@ def leap_step(model, device, *, batch: int = 4, seqlen: int = 512, repeats: int 
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def dense_step():
-        for m in modules.values():
-            m.weight.requires_grad_(True)
-            m.weight.grad = None
-        masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
-        for m in modules.values():
-            m.weight.grad = None
-            m.weight.requires_grad_(False)
+    dense_step = dense_step_for(model, modules, ids)
 
     spec = SparsitySpec.parse("0.5")
     pruner = registry.create("leap", {"preset": "embedded", "prior_method": "magnitude", "logits_dtype": "bfloat16"})

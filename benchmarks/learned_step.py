@@ -30,6 +30,20 @@ RATIO_GOAL = 1.15
 DEFAULT_SPECS = {"leap": "0.6", "maskllm": "2:4", "patch": "hybrid:0.35/64"}
 
 
+
+def dense_step_for(model, modules: dict, ids):
+    """The floor a mask-learning step is measured against: forward + backward of the same tokens,
+    training the prunable weights themselves (gradients dropped after each step)."""
+    def dense_step():
+        for m in modules.values():
+            m.weight.requires_grad_(True)
+            m.weight.grad = None
+        masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        for m in modules.values():
+            m.weight.grad = None
+            m.weight.requires_grad_(False)
+    return dense_step
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -51,14 +65,7 @@ def main() -> None:
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def dense_step():
-        for m in modules.values():
-            m.weight.requires_grad_(True)
-            m.weight.grad = None
-        masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
-        for m in modules.values():
-            m.weight.grad = None
-            m.weight.requires_grad_(False)
+    dense_step = dense_step_for(model, modules, ids)
 
     torch.set_flush_denormal(True)  # as the engine does
     setups = []
