@@ -1,5 +1,9 @@
 """How far a pruned model's next-token distributions moved from the dense model's.
 
+(Not yet part of the evaluation: it moves into prunebench/evaluate/ when perplexity.py calls it,
+with the regeneration that change needs; until then the evaluation code is exactly the code that
+made the committed records.)
+
 Per predicted token: KL(dense || pruned) and whether the two models' top-1 tokens agree.
 Perplexity sees only the probability of the observed token; these see the whole distribution, so
 they resolve differences between methods that perplexity leaves inside its noise.
