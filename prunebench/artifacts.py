@@ -228,6 +228,29 @@ def export_checkpoint(results_dir, out_dir, **which) -> Path:
     else:
         loaded, _ = load_masked_model(masks_file)
     out_dir = Path(out_dir)
+    before = set(out_dir.iterdir()) if out_dir.is_dir() else None
+    try:
+        _write_checkpoint(loaded, record, out_dir)
+    except OSError:  # an unwritable place or a full disk: no half checkpoint is left behind
+        _remove_new(out_dir, before)
+        raise
+    return out_dir
+
+
+def _remove_new(folder: Path, before) -> None:
+    """Remove what was written into `folder` since `before` (the folder itself if it was new)."""
+    import shutil
+
+    if not folder.is_dir():
+        return
+    for path in [folder] if before is None else set(folder.iterdir()) - before:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _write_checkpoint(loaded, record: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     loaded.model.save_pretrained(out_dir, safe_serialization=True)
     if loaded.tokenizer is not None:
@@ -242,4 +265,3 @@ def export_checkpoint(results_dir, out_dir, **which) -> Path:
     from .records import atomic_write_json
 
     atomic_write_json(out_dir / "sparsity_report.json", report)
-    return out_dir

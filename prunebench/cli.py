@@ -511,20 +511,10 @@ def cmd_export(args) -> int:
     check_results_dir(args.results, create=False)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UserError(f"--out {args.out!r} is a file, not a directory", hint="give a new or empty directory")
-    target = Path(args.out)
-    before = set(target.iterdir()) if target.is_dir() else None
     try:
         out = export_checkpoint(args.results, args.out, key=args.key, model=args.model, method=args.method,
                                 sparsity=args.sparsity)
-    except OSError as exc:  # an unwritable place or a full disk: the user's to fix, and no half checkpoint left
-        import shutil
-
-        written = [] if not target.is_dir() else [target] if before is None else set(target.iterdir()) - before
-        for path in written:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+    except OSError as exc:  # an unwritable place or a full disk (export_checkpoint leaves nothing half-written)
         raise UserError(f"cannot export to {args.out!r}: {exc.strerror or exc}"
                         + (f" ({exc.filename})" if exc.filename else ""),
                         hint="pick a writable --out on a disk with free space") from None
