@@ -257,7 +257,7 @@ LEARNED_STEP_RATIO = {"leap": 1.08}
 UNMEASURED_STEP_RATIO = LEARNED_STEP_RATIO["leap"]  # a learned method not measured here: LEAP's
 # A one-shot method's pruning time over floor-1, each block run twice over the calibration tokens
 # (benchmarks/layerwise_methods.py, results/benchmarks/layerwise_methods.json, SmolLM2-135M,
-# 32 x 256 tokens; README "Layer-wise pruning time").
+# 32 x 256 tokens; results/benchmarks/NOTES.md).
 LAYERWISE_RATIO = {"magnitude": 0.26, "wanda": 1.12, "sparsegpt": 1.65, "admm": 5.24}
 UNMEASURED_LAYERWISE_RATIO = max(LAYERWISE_RATIO.values())  # a method not measured here: the slowest
 
