@@ -51,6 +51,23 @@ def artifact_path(results_dir, record: dict, suffix: str) -> Path:
     return path.with_name(path.stem + suffix)
 
 
+def record_beside(masks_file) -> dict | None:
+    """The record a masks file was saved with (<record stem>.json beside it, same key), or None
+    when it is missing, unreadable or of another cell."""
+    from .records import read_record
+
+    path = Path(masks_file)
+    if not path.name.endswith(MASKS_SUFFIX):
+        return None
+    beside = path.with_name(path.name[:-len(MASKS_SUFFIX)] + ".json")
+    try:
+        record = read_record(beside)
+    except (OSError, ValueError):
+        return None
+    meta = load_masks(path)[1]
+    return record if record.get("key") == meta.get("key") else None
+
+
 def save_cell_masks(model, results_dir, record: dict, dense_snapshot: dict | None = None) -> dict:
     """Write the masks (and, if the kept weights changed, the weights); return the record's
     "artifacts" entry (file names relative to the records folder)."""

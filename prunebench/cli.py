@@ -13,6 +13,7 @@ from .errors import UserError
 
 log = logging.getLogger("prunebench")
 DEFAULT_RESULTS = "results"
+DEFAULT_EVAL_SEQLEN = 2048  # `eval` without a record beside the masks: the LEAP paper's calibration length
 
 
 def _csv(text):
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "on any machine; runs, downloads and writes nothing")
     run.add_argument("--plan-gpu", metavar="NAME",
                      help="with --dry-run: the GPU the plan estimates memory and GPU-hours for (default H100-80GB; "
-                          "a CUDA grid always gets a plan; see README 'On a GPU cluster')")
+                          "a CUDA grid always gets a plan; see docs/paper-scale.md)")
     run.add_argument("--plan-utilisation", type=float, metavar="X",
                      help="with --dry-run: the fraction of the GPU's dense bf16 peak the plan assumes (default 0.4)")
     run.add_argument("--require-clean", action="store_true",
@@ -133,8 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="model spec (default: the one recorded in the masks file)")
     ev.add_argument("--ppl", default="lee", help="comma-separated perplexity datasets or text paths (default: lee)")
     ev.add_argument("--encoding", default="utf-8", help="encoding of text files named by path")
-    ev.add_argument("--seqlen", type=int, default=2048, help="evaluation window length")
-    ev.add_argument("--max-windows", type=int, help="evaluate at most this many windows per dataset")
+    ev.add_argument("--seqlen", type=int, help="evaluation window length (default: the record's beside the "
+                                                 "masks file, else 2048)")
+    ev.add_argument("--max-windows", type=int, help="evaluate at most this many windows per dataset (default: the "
+                                                    "record's beside the masks file, else all)")
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--data-dir", help="local copies of the standard data files")
     ev.add_argument("--device", default="cpu")
@@ -184,7 +187,10 @@ def main(argv=None) -> int:
     # Only prunebench's own messages at INFO; libraries (gensim, lm-eval, ...) at WARNING and above.
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)
-    for noisy in ("transformers", "lm-eval", "lm_eval", "datasets", "urllib3", "filelock", "httpx"):
+    # torchao (imported by transformers whenever it is installed) warns about CUDA libraries and
+    # triton on every CPU start, and torch's pytree about torchao's enums: none of it concerns a run.
+    for noisy in ("transformers", "lm-eval", "lm_eval", "datasets", "urllib3", "filelock", "httpx", "torchao",
+                  "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -523,13 +529,24 @@ def cmd_export(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .artifacts import load_masked_model
+    from .artifacts import load_masked_model, record_beside
     from .data import eval_tokens
     from .evaluate.perplexity import perplexity
 
     from .data import _check_data_dir, check_dataset_name
     from .validate import check_device
 
+    if not Path(args.masks).is_file():
+        raise UserError(f"masks file {args.masks!r} does not exist", hint="run with --save-masks first")
+    # The windows the cell was scored on, unless the user names others: the same masks then give
+    # the recorded figure.
+    recorded = ((record_beside(args.masks) or {}).get("spec") or {}).get("eval") or {}
+    windows_from = None
+    if args.seqlen is None:
+        args.seqlen = recorded.get("seqlen") or DEFAULT_EVAL_SEQLEN
+        if args.max_windows is None:
+            args.max_windows = recorded.get("max_ppl_windows")
+        windows_from = "the record beside the masks file" if recorded.get("seqlen") else "the default"
     if args.seqlen < 2:
         raise UserError(f"--seqlen must be at least 2, got {args.seqlen}")
     if args.batch_size < 1:
@@ -544,8 +561,6 @@ def cmd_eval(args) -> int:
     for dataset in datasets:
         check_dataset_name(dataset, "a perplexity dataset")
     check_device(args.device)
-    if not Path(args.masks).is_file():
-        raise UserError(f"masks file {args.masks!r} does not exist", hint="run with --save-masks first")
     if args.model is not None:
         from .models import check_model_spec
 
@@ -554,6 +569,11 @@ def cmd_eval(args) -> int:
     from .models import max_positions
 
     limit = max_positions(args.model or meta["model"])
+    if windows_from == "the default" and limit is not None and args.seqlen > limit:
+        args.seqlen, windows_from = limit, "the model's position limit"
+    if windows_from and not args.json:
+        log.info("windows of %d tokens%s (from %s; --seqlen / --max-windows choose others)", args.seqlen,
+                 f", at most {args.max_windows}" if args.max_windows else "", windows_from)
     if limit is not None and args.seqlen > limit:
         raise UserError(f"--seqlen {args.seqlen} exceeds the model's position limit of {limit}", hint=f"use --seqlen {limit} or less")
     loaded.model.to(args.device)

@@ -65,6 +65,27 @@ def test_eval_with_masks_matches_record(pruned_results, capsys):
         assert value == pytest.approx(record["eval"]["perplexity"]["lee"]["value"], rel=1e-5)
 
 
+def test_eval_scores_the_recorded_windows_by_default(pruned_results, capsys, caplog, tmp_path):
+    """Without --seqlen / --max-windows, eval reads the window length and count from the record
+    beside the masks file and so gives back the recorded figure; a masks file alone falls back
+    to 2048-token windows, or the model's position limit when shorter, and says so."""
+    results, records = pruned_results
+    record = records["wanda"]
+    masks_file = results / "records" / record["artifacts"]["masks"]
+    capsys.readouterr()
+    assert main(["eval", "--masks", str(masks_file), "--ppl", "lee", "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out)["perplexity"]["lee"]
+    assert (result["seqlen"], result["n_windows"]) == (SEQLEN, WINDOWS)
+    assert result["value"] == pytest.approx(record["eval"]["perplexity"]["lee"]["value"], rel=1e-5)
+
+    alone = tmp_path / masks_file.name
+    alone.write_bytes(masks_file.read_bytes())
+    with caplog.at_level("INFO", logger="prunebench"):
+        assert main(["eval", "--masks", str(alone), "--ppl", "lee", "--max-windows", "1", "-q"]) == 0
+    assert "windows of 512 tokens, at most 1 (from the model's position limit;" in caplog.text
+    assert "(1 windows of 512)" in capsys.readouterr().out
+
+
 def test_masks_are_bit_packed_with_shapes(pruned_results):
     results, records = pruned_results
     masks, meta, weights = load_masks(results / "records" / records["wanda"]["artifacts"]["masks"])

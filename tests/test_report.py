@@ -31,6 +31,7 @@ from prunebench.report.tables import (
     AVG_INCONSISTENT,
     AVG_PARTIAL,
     AVG_ROUNDING,
+    render_perplexity_markdown,
     round_printed,
     sparsity_label_order,
 )
@@ -423,3 +424,24 @@ def test_paper_report_includes_the_patch_table():
     text = build_paper_report()
     assert "PATCH (arXiv 2509.23410): Qwen-2.5 0.5B" in text
     assert "| PATCH | 45% tiles/128 | 14.57 | 40.29 |" in text and "| MaskLLM | 2:4 | 15.22 | 39.33 |" in text
+
+
+def test_a_text_named_by_path_stays_out_of_file_names_and_headings(tmp_path):
+    """A perplexity text given by path (`--ppl /data/x/test.cor`) names its plots and headings by
+    its file name: no nested folders, no 90-character headings; two texts with the same file
+    name in different folders get different files."""
+    paths = ["/data/one/test.cor", "/data/two/test.cor"]
+    rows = []
+    for path in paths:
+        for method, sparsity, ppl in (("dense", 0.0, 20.0), ("wanda", 0.5, 30.0)):
+            row = _record(TINY_MODEL, method, sparsity, [0.5] * 6, ppl)
+            row.pop("ppl_lee"), row.pop("ppl_lee_seqlen")
+            row[f"ppl_{path}"], row[f"ppl_{path}_seqlen"] = row.pop("ppl_wikitext2"), row.pop("ppl_wikitext2_seqlen")
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    written = write_plots(frame, tmp_path)
+    ppl_plots = sorted(p.name for p in written if p.name.startswith("perplexity_vs_sparsity__"))
+    assert len(ppl_plots) == 2 and all(p.parent == tmp_path for p in written)
+    assert all(name.startswith("perplexity_vs_sparsity__test.cor-") for name in ppl_plots)
+    assert "/data/" not in render_markdown(paper_layout(frame))
+    assert "Perplexity: test.cor (512-token windows)" in render_perplexity_markdown(perplexity_tables(frame), frame)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from prunebench import cost as costs
 from prunebench.atomic import write_text_atomic
-from prunebench.report.paper import method_display_name, model_display_name
+from prunebench.report.paper import dataset_display_name, dataset_file_label, method_display_name, model_display_name
 from prunebench.report.plots import DEFAULT_FORMATS, LINE_FIGURE_SIZE, _new_figure, _save, _slug
 from prunebench.report.tables import format_sparsity_label, method_order, ok_rows, sparsity_label_order
 
@@ -145,7 +145,7 @@ def plot_quality_vs_cost(frame: pd.DataFrame, ppl_column: str, path, formats: Se
     if rows[ppl_column].max() / max(rows[ppl_column].min(), 1e-9) > 10:
         axes.set_yscale("log")
     axes.set_xlabel(COST_AXES[cost_column])
-    axes.set_ylabel(ppl_column.replace("ppl_", "perplexity, "))
+    axes.set_ylabel(f"perplexity, {dataset_display_name(ppl_column[4:])}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize="x-small")
     return _save(figure, path, formats)
@@ -166,8 +166,8 @@ def write_cost_report(records: list, out_dir, *, context: int = costs.DEFAULT_CO
     if ppl_column and not frame.empty:
         for model in frame["model"].unique():
             mine = frame[frame["model"] == model]
-            written += plot_quality_vs_cost(mine, ppl_column, out / f"quality_vs_cost__{_slug(model)}__{ppl_column[4:]}")
-            written += plot_quality_vs_cost(mine, ppl_column, out / f"quality_vs_latency__{_slug(model)}__{ppl_column[4:]}",
+            written += plot_quality_vs_cost(mine, ppl_column, out / f"quality_vs_cost__{_slug(model)}__{dataset_file_label(ppl_column[4:])}")
+            written += plot_quality_vs_cost(mine, ppl_column, out / f"quality_vs_latency__{_slug(model)}__{dataset_file_label(ppl_column[4:])}",
                                             cost_column="ms_per_token")
     return text, written
 

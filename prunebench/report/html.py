@@ -27,7 +27,8 @@ import pandas as pd
 
 from prunebench.atomic import write_text_atomic
 from prunebench.report import tables
-from prunebench.report.paper import PAPER_BASELINE, PERCENT, method_display_name, model_display_name, task_display_name
+from prunebench.report.paper import (PAPER_BASELINE, PERCENT, dataset_display_name, method_display_name,
+                                     model_display_name, task_display_name)
 from prunebench.report.tables import (
     format_number,
     format_sd,
@@ -196,7 +197,7 @@ def _perplexity_section(df: pd.DataFrame) -> str:
                 + "".join(_td(_e(format_number(r[l]) + format_sd(sds.get((r['model'], r['method'], l)))),
                               sort=r[l], css="r") for l in labels) + "</tr>"
                 for _, r in table.iterrows()]
-        parts.append(f"<h3>{_e(dataset)} ({_e(window)})</h3>")
+        parts.append(f"<h3>{_e(dataset_display_name(dataset))} ({_e(window)})</h3>")
         parts.append(_table(headers, rows, css="paper-table"))
     return "".join(parts)
 
@@ -425,7 +426,7 @@ def _cells_section(records: Sequence[dict]) -> str:
     datasets, tasks = _metric_columns(records)
     headers = ([("Key", "text"), ("Status", "text"), ("Model", "text"), ("Method", "text"),
                 ("Sparsity", "num"), ("Seed", "num"), ("Achieved", "num")]
-               + [(f"PPL {d}", "num") for d in datasets]
+               + [(f"PPL {dataset_display_name(d)}", "num") for d in datasets]
                + [(f"{task_display_name(t)} (%)", "num") for t in tasks]
                + [("Prune s", "num"), ("Eval s", "num"), ("Git sha", "text"), ("Created", "text"),
                   ("Calibration", "text"), ("Versions", "text")])

@@ -15,7 +15,10 @@ converts it.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+from pathlib import Path
 
 import pandas as pd
 
@@ -204,6 +207,25 @@ def method_display_name(method: str) -> str:
 
 def task_display_name(task: str) -> str:
     return TASK_DISPLAY_NAMES.get(task, task)
+
+
+def dataset_display_name(dataset: str) -> str:
+    """A perplexity text by name ("lee", "wikitext2") as it is; one given by path by its file or
+    folder name (the record keeps the path and the text's hash)."""
+    from ..data import is_text_path
+
+    return Path(str(dataset).rstrip("/\\")).name or str(dataset) if is_text_path(dataset) else str(dataset)
+
+
+def dataset_file_label(dataset: str) -> str:
+    """A perplexity text's part of a file name: never a path, and two texts with the same file
+    name in different folders stay apart (a short hash of the path)."""
+    from ..data import is_text_path
+
+    name = re.sub(r"[^A-Za-z0-9._]+", "-", dataset_display_name(dataset)).strip("-.") or "text"
+    if is_text_path(dataset):
+        name += "-" + hashlib.sha256(str(dataset).encode("utf-8")).hexdigest()[:6]
+    return name
 
 
 # ---------------------------------------------------------------------------------------------

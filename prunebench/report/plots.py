@@ -17,6 +17,8 @@ import pandas as pd
 
 from prunebench.atomic import atomic_path
 from prunebench.report.paper import (
+    dataset_display_name,
+    dataset_file_label,
     PERCENT,
     method_display_name,
     model_display_name,
@@ -174,7 +176,7 @@ def plot_perplexity_vs_sparsity(df: pd.DataFrame, model: str, path: str | os.Pat
     column = f"ppl_{dataset}"
     values = rows[column] if column in rows.columns else pd.Series(math.nan, index=rows.index)
     sds = rows[f"{column}{SEED_SD}"] if f"{column}{SEED_SD}" in rows.columns else None
-    return _plot_against_sparsity(rows, values.astype(float), f"perplexity ({dataset})",
+    return _plot_against_sparsity(rows, values.astype(float), f"perplexity ({dataset_display_name(dataset)})",
                                   model_display_name(model), path, formats, log_when_spread=True, sds=sds)
 
 
@@ -230,7 +232,7 @@ def write_plots(df: pd.DataFrame, out_dir: str | os.PathLike, *,
                                                  tasks=tasks, formats=formats)
         for dataset in ppl_datasets(rows):
             written += plot_perplexity_vs_sparsity(
-                rows, model, out / f"perplexity_vs_sparsity__{dataset}__{name}", dataset=dataset,
+                rows, model, out / f"perplexity_vs_sparsity__{dataset_file_label(dataset)}__{name}", dataset=dataset,
                 formats=formats)
         measured = average_accuracy(rows, model_tasks, use_published=False).notna()
         labels = sorted({label for label in rows.loc[measured, "sparsity_label"] if label != DENSE_LABEL},

@@ -39,6 +39,7 @@ from prunebench.report.paper import (
     PAPER_TASKS,
     PERCENT,
     SIBLING_STUDY_SOURCE,
+    dataset_display_name,
     method_display_name,
     model_display_name,
     paper_reference_frame,
@@ -833,7 +834,7 @@ def _ppl_description(layout: PaperLayout) -> str:
         return "no perplexity measured"
     window = (", ".join(str(length) for length in layout.ppl_seqlens) + "-token windows"
               if layout.ppl_seqlens else "window length not stated")
-    return f"PPL: {layout.ppl_dataset} ({window})"
+    return f"PPL: {dataset_display_name(layout.ppl_dataset)} ({window})"
 
 
 def layout_caption(layout: PaperLayout) -> str:
@@ -1259,7 +1260,7 @@ def render_perplexity_markdown(tables: dict[str, pd.DataFrame], df: pd.DataFrame
     for dataset, table in tables.items():
         seqlens = ppl_seqlens(frame, dataset)
         window = (", ".join(map(str, seqlens)) + "-token windows") if seqlens else "window length not stated"
-        parts.append(f"{'#' * heading_level} Perplexity: {dataset} ({window})")
+        parts.append(f"{'#' * heading_level} Perplexity: {dataset_display_name(dataset)} ({window})")
         parts.append("")
         labels = [c for c in table.columns if c not in ("model", "method")]
         found = differences.get(dataset, {})
