@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..records import load_records, records_frame, warn_skipped
+from ..regeneration import pending_regeneration
 from .html import write_html
 from .plots import plot_block_allocation, plot_heldout_curves, write_plots
 from .tables import build_paper_report, cells_csv_text, paper_layout, paper_reference_frame, render_latex
@@ -34,6 +35,10 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
         raise UserError(f"no records under {Path(results_dir) / 'records'}",
                         hint="run `prunebench run` first, or pass --results DIR")
     df = records_frame(records)
+    pending = pending_regeneration(results_dir)
+    notice = pending.notice() if pending else None
+    if notice:
+        log.warning("%s: %s", results_dir, notice)
     failed = df[df["status"] != "ok"]
     for _, row in failed.iterrows():
         log.warning("failed cell not tabled: %s | %s | %s: %s", row["model"], row["method"], row["sparsity_label"], row["error"])
@@ -42,12 +47,12 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
         for _, row in kept.iterrows():
             log.warning("last attempt failed, ok record kept and tabled: %s | %s | %s: %s", row["model"], row["method"],
                         row["sparsity_label"], row["last_attempt_error"])
-    text = build_paper_report(df, out)
+    text = build_paper_report(df, out, notice=notice)
     plots = write_plots(df, out)
     plots += plot_heldout_curves(records, out / "heldout_vs_steps")
     plots += plot_block_allocation(records, out)
     plots += _cost_report(records, out)
-    write_html(df, records, out, plots=plots)  # index.html: everything above on one offline page
+    write_html(df, records, out, plots=plots, notice=notice)  # index.html: everything above on one offline page
     log.info("wrote tables and %d plot(s) under %s", len(plots), out)
     if fmt == "csv":
         return cells_csv_text(df)  # "diverged" where a perplexity diverged

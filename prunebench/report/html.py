@@ -599,6 +599,7 @@ body{margin:0;font:14px/1.45 -apple-system,"Segoe UI",Roboto,"Helvetica Neue",Ar
 header{background:#1f2d3d;color:#fff;padding:14px 28px}
 header h1{margin:0 0 4px;font-size:20px}
 header p{margin:0;color:#c9d3dc;font-size:13px}
+header p.notice{margin-top:8px;padding:6px 10px;background:#fff3cd;color:#5c4400;border-radius:3px;font-weight:600}
 nav{padding:8px 28px;border-bottom:1px solid var(--line);background:#fafbfc;font-size:13px}
 nav a{color:var(--accent);margin-right:14px;text-decoration:none}
 main{padding:4px 28px 40px;max-width:100%}
@@ -770,8 +771,9 @@ PAGE_JS = """
 
 def render_html(df: pd.DataFrame, records: Sequence[dict], *, plots: Sequence[str | os.PathLike] = (),
                 comparisons: pd.DataFrame | None = None, reproduction: list[dict] | None = None,
-                reproduction_problem: str | None = None, title: str = "prunebench report") -> str:
-    """The whole page as one string (nothing referenced outside it)."""
+                reproduction_problem: str | None = None, title: str = "prunebench report",
+                notice: str | None = None) -> str:
+    """The whole page as one string (nothing referenced outside it); `notice` opens it."""
     n_ok = sum(1 for r in records if r.get("status") == "ok")
     # The records' own dates, not the build time: rebuilding from the same records gives the same file.
     dates = sorted(str(r["created_at"])[:10] for r in records if r.get("created_at"))
@@ -793,14 +795,15 @@ def render_html(df: pd.DataFrame, records: Sequence[dict], *, plots: Sequence[st
         '<link rel="icon" href="data:,">'
         f"<title>{_e(title)}</title><script>{ERROR_TRAP_JS}</script><style>{CSS}</style></head><body>"
         f"<header><h1>{_e(title)}</h1><p>{len(records)} records ({n_ok} ok, {len(records) - n_ok} not ok)"
-        f"{span} · accuracies in percent</p></header>"
+        f"{span} · accuracies in percent</p>"
+        + (f'<p class="notice" role="alert">{_e(notice)}</p>' if notice else "") + "</header>"
         '<ul id="js-errors" data-count="0" hidden></ul>'
         f"<nav>{nav}</nav><main>{''.join(sections)}</main><script>{PAGE_JS}</script></body></html>\n")
 
 
 def write_html(df: pd.DataFrame, records: Sequence[dict], out_dir: str | os.PathLike, *,
                plots: Sequence[str | os.PathLike] = (), comparisons: pd.DataFrame | None = None,
-               find_comparisons: bool = True) -> Path:
+               find_comparisons: bool = True, notice: str | None = None) -> Path:
     """Write out_dir/index.html (atomically) from the records frame, the records themselves, the
     plot files and, when present, the comparison intervals and out_dir/reproduction.json."""
     out = Path(out_dir)
@@ -811,7 +814,7 @@ def write_html(df: pd.DataFrame, records: Sequence[dict], out_dir: str | os.Path
         log.warning("html report: %s", problem)
     records = [r for r in records if isinstance(r, dict)]
     page = render_html(df, records, plots=plots, comparisons=comparisons, reproduction=reproduction,
-                       reproduction_problem=problem)
+                       reproduction_problem=problem, notice=notice)
     return write_text_atomic(out / HTML_NAME, page)
 
 

@@ -1557,8 +1557,8 @@ COMPARISONS_CSV = "comparisons.csv"
 def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLike | None = None,
                        *, tasks: Sequence[str] | None = None,
                        learned_methods: Sequence[str] | None = None,
-                       baseline: str | Sequence[str] = PAPER_BASELINE) -> str:
-    """The paper's tables as markdown text.
+                       baseline: str | Sequence[str] = PAPER_BASELINE, notice: str | None = None) -> str:
+    """The paper's tables as markdown text (opening with `notice`, a quoted line, when given).
 
     With `df` None, the tables are rebuilt from the paper's published numbers alone (what
     `prunebench report --paper` shows); with records, they table the records with the paper's
@@ -1579,7 +1579,9 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
     title = (f"# LEAP paper tables, rebuilt from the published numbers of {PAPER_SOURCE}"
              if paper_only else "# prunebench results in the LEAP paper's layout")
     main_markdown = render_markdown(layout)
-    sections = [title, "", "## Main table", "", main_markdown,
+    if notice:
+        main_markdown = f"> {notice}\n\n{main_markdown}"
+    sections = [title, "", *([f"> {notice}", ""] if notice else []), "## Main table", "", main_markdown,
                 f"## Average-accuracy gain over {_baseline_name(baseline)} (points)", "",
                 render_gains_markdown(gains, baseline, headline, learned_methods)]
     if ppl:
