@@ -497,9 +497,7 @@ def cmd_cost(args) -> int:
 
     masks = {name: weight_matrix(m).detach() != 0 for name, m in all_prunable(loaded.model).items()}
     spec = SparsitySpec.parse(label) if label and label not in ("0", "dense") else None
-    pattern = {"hybrid": "hybrid", "nm": "N:M"}.get(spec.pattern if spec else "", "unstructured")
-    linears = costs.linears_from_masks(masks, pattern, nm=(spec.n, spec.m) if spec and spec.m else None,
-                                       tile=spec.tile if spec else None, value_bytes=value_bytes)
+    linears = costs.linears_for_spec(masks, spec, value_bytes=value_bytes)
     total = costs.model_cost(linears, costs.model_shape(loaded.model), context=args.context, value_dtype=args.value_dtype)
     print(f"{source}: {len(linears)} linears, kept {total['kept_fraction']:.4f} of their weights")
     print(f"  linears {total['linear_bytes'] / 1e6:.1f} MB ({total['linear_ratio']:.3f}x dense), whole model "

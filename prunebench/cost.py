@@ -165,6 +165,16 @@ def record_linears(record: dict, shapes: dict, value_bytes: int = VALUE_BYTES[DE
     return out
 
 
+def linears_for_spec(masks: dict, spec=None, value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
+    """linears_from_masks for masks made at a SparsitySpec (None: dense or unknown), which says
+    the pattern their storage formats may use."""
+    if spec is None:
+        return linears_from_masks(masks, value_bytes=value_bytes)
+    pattern = {"hybrid": "hybrid", "nm": "N:M"}.get(spec.pattern, "unstructured")
+    return linears_from_masks(masks, pattern, nm=(spec.n, spec.m) if spec.m else None, tile=spec.tile or None,
+                              value_bytes=value_bytes)
+
+
 def linears_from_masks(masks: dict, pattern: str = "unstructured", *, nm: tuple | None = None,
                        tile: int | None = None, value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
     """LinearCost per mask (name -> bool [out, in]) of saved masks or a live model's zeros."""

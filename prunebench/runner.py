@@ -525,13 +525,7 @@ def mask_cost(named, spec, model) -> dict:
     from . import cost
 
     masks = {name: w.detach() != 0 for name, w in named}
-    if spec is None:
-        linears = cost.linears_from_masks(masks)
-    else:
-        pattern = {"hybrid": "hybrid", "nm": "N:M"}.get(spec.pattern, "unstructured")
-        linears = cost.linears_from_masks(masks, pattern, nm=(spec.n, spec.m) if spec.m else None,
-                                          tile=spec.tile or None)
-    return cost.model_cost(linears, cost.model_shape(model))
+    return cost.model_cost(cost.linears_for_spec(masks, spec), cost.model_shape(model))
 
 
 # What decides a record's numbers: a change here, committed or not, is a change of the code.
