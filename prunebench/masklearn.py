@@ -299,6 +299,8 @@ class LearnedMaskPruner(Pruner):
 
     engine_modules: ClassVar[tuple] = ("prunebench.masklearn",)
     kind: ClassVar[str] = "learned"
+    # A learned method brings a `tiny` preset (a few steps on a tiny model) for the conformance suite.
+    test_config: ClassVar[dict] = {"preset": "tiny"}
     # schedule entries written to the training curves every step
     logged_schedule: ClassVar[tuple] = ()
 

@@ -134,6 +134,9 @@ class Pruner:
     summary: ClassVar[str] = ""
     # Framework modules whose code decides this method's result (part of its identity).
     engine_modules: ClassVar[tuple] = ()
+    # The settings the conformance suite (tests, `prunebench check`) runs this method at: small
+    # enough to finish in seconds on a tiny model. {}: its defaults.
+    test_config: ClassVar[dict] = {}
 
     def __init__(self, config=None, **overrides):
         self.config = make_config(self.Config, config, overrides)
