@@ -314,6 +314,10 @@ class LearnedMaskPruner(Pruner):
         """Keys of init_logits' tensors that stay fixed (PATCH's Tile mode: the frozen 2:4 masks)."""
         return ()
 
+    def logits_per_weight(self, spec: SparsitySpec) -> float:
+        """Trained mask parameters per masked weight at `spec` (one by default), for the memory plan."""
+        return 1.0
+
     def begin(self, modules: dict, spec: SparsitySpec) -> None:
         """Per-run constants the regularisers need (called on a fresh and on a resumed run)."""
 
