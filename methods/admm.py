@@ -250,6 +250,7 @@ class ADMM(LayerwisePruner):
     name = "admm"
     display = "ADMM"
     summary = "ADMM layer-wise reconstruction with gradual mask selection (Boza 2024)"
+    cost_ratio = 5.24  # prune time over floor-1: results/benchmarks/layerwise_methods.json
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=True, statistics=STATS_HESSIAN)
     default_scope = "layer"  # paper: one threshold over the whole matrix
 

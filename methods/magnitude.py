@@ -15,6 +15,8 @@ class Magnitude(LayerwisePruner):
     display = "Magnitude"
     aliases = ("mag",)
     summary = "keep the largest |W| (one threshold per matrix, Wanda-paper protocol)"
+    # prune time over floor-1: benchmarks/layerwise_methods.py, results/benchmarks/layerwise_methods.json
+    cost_ratio = 0.26
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)
     default_scope = "layer"
 

@@ -232,3 +232,6 @@ class MaskLLM(LearnedMaskPruner):
 
     def uses_methods(self) -> tuple:
         return (self.config.prior_method,)
+
+    def logits_per_weight(self, spec) -> float:
+        return math.comb(spec.m, spec.n) / spec.m  # one logit per pattern of each group of M

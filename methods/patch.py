@@ -24,6 +24,7 @@ weights in 2:4 tiles).  (Facts: ../shared/METHODS.md section 2.)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -269,6 +270,11 @@ class Patch(LearnedMaskPruner):
             return {name: ps["T"] > 0 for name, ps in logits.items()}
         sizes = {name: tile_sums(torch.ones(self._shapes[name]), self._tile) for name in logits}
         return exact_dense_tiles({name: ps["T"].cpu() for name, ps in logits.items()}, sizes, spec.target)
+
+    def logits_per_weight(self, spec) -> float:
+        """MaskLLM's six 2:4 pattern logits per group of four (joint mode only) plus one per tile."""
+        tile = spec.tile or 128
+        return (0.0 if self.config.mode == "tile" else math.comb(4, 2) / 4) + 1 / tile ** 2
 
     def hard_masks(self, logits, spec) -> dict:
         dense = self.dense_tiles(logits, spec)

@@ -214,6 +214,7 @@ class SparseGPT(LayerwisePruner):
     name = "sparsegpt"
     display = "SparseGPT"
     summary = "OBS pruning with lazy blocked weight updates from the inverse Hessian (Frantar & Alistarh 2023)"
+    cost_ratio = 1.65  # prune time over floor-1: results/benchmarks/layerwise_methods.json
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=True, statistics=STATS_HESSIAN)
     # The paper's adaptive selection compares weights across all rows of a block of columns;
     # "row" gives every row the same share instead (the Wanda protocol).

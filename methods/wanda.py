@@ -22,6 +22,7 @@ class Wanda(LayerwisePruner):
     name = "wanda"
     display = "Wanda"
     summary = "|W| x input-activation norm, per output row (Sun et al. 2023)"
+    cost_ratio = 1.12  # prune time over floor-1: results/benchmarks/layerwise_methods.json
     capabilities = Capabilities(patterns=("unstructured", "nm"), needs_calibration=True, statistics=STATS_INPUT_NORM)
     default_scope = "row"
 

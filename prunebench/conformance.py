@@ -20,11 +20,13 @@ from .registry import PruneContext, declares_weight_updates
 from .sparsity import SparsitySpec
 
 SPECS = ("0.5", "0.6@layer", "2:4", "hybrid:0.35/16")
-# Small settings so end-to-end methods finish in seconds on a CPU; others use their defaults.
-# LEAP: exact top-k final mask, so 0.6@layer is met per layer (the sign rule only approximates the
-# target, and is checked as such in real cells).
-FAST_CONFIGS = {"leap": {"preset": "tiny", "final_mask": "topk"}, "maskllm": {"preset": "tiny"},
-                "patch": {"preset": "tiny"}}
+
+
+def test_config(method: str) -> dict:
+    """The settings a method declares for this suite (Pruner.test_config: seconds on a tiny model)."""
+    from . import registry
+
+    return dict(registry.get(method).test_config)
 
 
 @dataclass
@@ -60,7 +62,7 @@ def _prune_tiny(method, family, spec, calibration, *, config=None, seed=0, check
     from . import registry
 
     loaded = load_tiny(family, seed=0)
-    pruner = registry.create(method, FAST_CONFIGS.get(method, {}) if config is None else config)
+    pruner = registry.create(method, test_config(method) if config is None else config)
     reference = DenseReference.take(loaded.model) if check else None
     ctx = PruneContext(sparsity=spec, calibration=calibration, seed=seed, progress=False, registry=registry,
                        tokenizer=loaded.tokenizer, calibration_dataset="lee")
@@ -79,7 +81,7 @@ def check_method(method: str, families=TINY_FAMILIES, specs=SPECS, calibration=N
     from . import registry
 
     cls = registry.get(method)
-    allocation = getattr(registry.create(method, FAST_CONFIGS.get(method, {}) if config is None else config), "allocation", None)
+    allocation = getattr(registry.create(method, test_config(method) if config is None else config), "allocation", None)
     calibration = calibration_for_tests() if calibration is None else calibration
     outcomes = []
     for family in families:

@@ -299,6 +299,8 @@ class LearnedMaskPruner(Pruner):
 
     engine_modules: ClassVar[tuple] = ("prunebench.masklearn",)
     kind: ClassVar[str] = "learned"
+    # A learned method brings a `tiny` preset (a few steps on a tiny model) for the conformance suite.
+    test_config: ClassVar[dict] = {"preset": "tiny"}
     # schedule entries written to the training curves every step
     logged_schedule: ClassVar[tuple] = ()
 
@@ -311,6 +313,10 @@ class LearnedMaskPruner(Pruner):
     def frozen_keys(self) -> tuple:
         """Keys of init_logits' tensors that stay fixed (PATCH's Tile mode: the frozen 2:4 masks)."""
         return ()
+
+    def logits_per_weight(self, spec: SparsitySpec) -> float:
+        """Trained mask parameters per masked weight at `spec` (one by default), for the memory plan."""
+        return 1.0
 
     def begin(self, modules: dict, spec: SparsitySpec) -> None:
         """Per-run constants the regularisers need (called on a fresh and on a resumed run)."""

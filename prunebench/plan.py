@@ -185,17 +185,16 @@ LOSS_BYTES_PER_LOGIT = 2 + 4 + 4  # the bf16 output, its float32 copy and the cr
 EVAL_BYTES_PER_LOGIT = 4 + 4 + 4
 
 
-def logits_per_weight(method: str, sparsity=None, mode: str = "joint") -> float:
-    """Mask parameters per masked weight: LEAP one; MaskLLM C(M, N) per group of M; PATCH joint
-    MaskLLM's 2:4 plus one per tile, tile mode one per tile."""
-    base = method.split("+")[0]
-    n, m = (getattr(sparsity, "n", 0) or 2, getattr(sparsity, "m", 0) or 4) if sparsity is not None else (2, 4)
-    tile = getattr(sparsity, "tile", 0) or 128
-    if base == "maskllm":
-        return math.comb(m, n) / m
-    if base == "patch":
-        return (0.0 if mode == "tile" else math.comb(4, 2) / 4) + 1 / tile ** 2
-    return 1.0
+def logits_per_weight(method: str, sparsity=None, config: dict | None = None) -> float:
+    """Mask parameters per masked weight of a learned method at `sparsity` (default: its first
+    pattern: unstructured 50%, or 2:4), as the method itself counts them."""
+    from . import registry
+    from .sparsity import SparsitySpec
+
+    pruner = registry.create(method, config or {})
+    if sparsity is None:
+        sparsity = SparsitySpec.parse("0.5" if "unstructured" in pruner.capabilities.patterns else "2:4")
+    return pruner.logits_per_weight(sparsity)
 
 
 def training_memory(arch: Arch, per_weight: float, *, micro_tokens: int, logits_dtype="bf16", state_dtype=None,
@@ -235,31 +234,38 @@ def eval_memory(arch: Arch, *, batch: int, seqlen: int, weight_dtype="bf16") -> 
             + tokens * (8 * arch.hidden + 4 * arch.intermediate) * 2)
 
 
-def prune_memory(arch: Arch, method: str, *, calib_tokens: int, weight_dtype="bf16") -> float:
+def prune_memory(arch: Arch, pruner, *, calib_tokens: int, weight_dtype="bf16") -> float:
     """Bytes while a one-shot method prunes: the weights, a block's calibration inputs and outputs
-    (float32), and for SparseGPT / ADMM the float32 Hessians of a block (q/k/v and gate/up share
-    one, down_proj its own) with their inverse factors."""
-    base = method.split("+")[0]
+    (float32), and for a method on Hessian statistics (SparseGPT, ADMM, ...) the float32 Hessians
+    of a block (q/k/v and gate/up share one, down_proj its own) with their inverse factors."""
+    from .registry import STATS_HESSIAN
+
     total = arch.params * DTYPE_BYTES[weight_dtype] + 2 * calib_tokens * arch.hidden * 4
-    if base in ("sparsegpt", "admm"):
+    if pruner.capabilities.statistics == STATS_HESSIAN:
         total += 2 * 4 * (2 * arch.hidden ** 2 + arch.intermediate ** 2)
     return total
 
 
 # ---------------------------------------------------------------------------------------------
-# Step costs measured here (CPU), as ratios to their dense counterparts
+# Step costs measured here (CPU), as ratios to their dense counterparts: each method declares its
+# own (Pruner.cost_ratio, with where it was measured).  A method that has none is planned at the
+# most expensive measured one of its kind, and the plan says so.
 
-# A learned step over a dense forward+backward of the same tokens that trains the prunable weights
-# (benchmarks/learned_step.py, SmolLM2-135M, 2 x 256 tokens, one run of 5 interleaved rounds;
-# README "The demo run").  The AdamW update runs once per optimizer step of 256 sequences at paper
-# scale, so the ratio without it is the one that applies.
-LEARNED_STEP_RATIO = {"leap": 1.08}
-UNMEASURED_STEP_RATIO = LEARNED_STEP_RATIO["leap"]  # a learned method not measured here: LEAP's
-# A one-shot method's pruning time over floor-1, each block run twice over the calibration tokens
-# (benchmarks/layerwise_methods.py, results/benchmarks/layerwise_methods.json, SmolLM2-135M,
-# 32 x 256 tokens; results/benchmarks/NOTES.md).
-LAYERWISE_RATIO = {"magnitude": 0.26, "wanda": 1.12, "sparsegpt": 1.65, "admm": 5.24}
-UNMEASURED_LAYERWISE_RATIO = max(LAYERWISE_RATIO.values())  # a method not measured here: the slowest
+def measured_cost_ratio(pruner) -> tuple[float, str | None]:
+    """(ratio, note): the method's own measured ratio, or the largest measured one of its kind."""
+    from . import registry
+
+    own = type(pruner).cost_ratio
+    if own is not None:
+        return own, None
+    kind = getattr(pruner, "kind", "other")
+    measured = {name: registry.get(name).cost_ratio for name in registry.available()
+                if getattr(registry.get(name), "kind", "other") == kind and registry.get(name).cost_ratio is not None}
+    if not measured:
+        return 1.0, f"{pruner.name}'s cost is unmeasured and no {kind} method's is: taken as 1x"
+    name = max(measured, key=measured.get)
+    what = "step" if kind == "learned" else "pruning"
+    return measured[name], f"{pruner.name}'s {what} cost is unmeasured: taken as {name}'s {measured[name]}x"
 
 # Evaluation sizes (estimates): perplexity text in tokens, and zero-shot requests per task as
 # (items, choices, tokens per request).  WikiText-2 test: 245,569 words and lines, ~1.3 tokens
@@ -359,8 +365,7 @@ def plan_cell(grid, cell, card: GPU, utilisation: float, nproc: int = 1) -> Cell
     pruner = registry.create(cell.method, cell.method_config)
     kind = getattr(pruner, "kind", "other")
     learned = kind == "learned" and hasattr(pruner.config, "steps")
-    base = registry.split_name(cell.method)[0]
-    plan = CellPlan(cell.label, cell.model, cell.method, "learned" if learned else ("dense" if base == "dense" else
+    plan = CellPlan(cell.label, cell.model, cell.method, "learned" if learned else ("dense" if kind == "dense" else
                     "one-shot"), nproc if learned else 1, arch_for(cell.model))
     config = pruner.config if learned else None
     plan.access = _access(grid, cell, config)
@@ -385,9 +390,9 @@ def plan_cell(grid, cell, card: GPU, utilisation: float, nproc: int = 1) -> Cell
     calib = plan.tokens.get("calibration", 0)
     if learned:
         c = config
-        ratio = LEARNED_STEP_RATIO.get(base, UNMEASURED_STEP_RATIO)
-        if base not in LEARNED_STEP_RATIO:
-            plan.notes.append(f"{base}'s step cost is unmeasured: taken as LEAP's {ratio}x dense")
+        ratio, note = measured_cost_ratio(pruner)
+        if note:
+            plan.notes.append(note)
         passes = 3 + (1 if c.gradient_checkpointing else 0)
         train_tokens = c.steps * c.batch_size * c.seqlen
         heldout_evals = (c.steps // c.heldout_every + 1) if c.heldout_every else 2
@@ -395,23 +400,22 @@ def plan_cell(grid, cell, card: GPU, utilisation: float, nproc: int = 1) -> Cell
         flops += heldout_evals * c.heldout_windows * c.seqlen * arch.forward_flops(c.seqlen)
         prior = getattr(c, "prior_method", None)
         if prior:
-            flops += LAYERWISE_RATIO.get(prior, UNMEASURED_LAYERWISE_RATIO) * 2 * calib * arch.forward_flops(cs.seqlen)
+            flops += measured_cost_ratio(registry.create(prior))[0] * 2 * calib * arch.forward_flops(cs.seqlen)
         shard = "logits" if c.shard_logits else ("optimizer" if c.shard_optimizer_state else "none")
         state = "8bit" if c.optimizer == "adamw-8bit" else None
         micro = (c.batch_size // c.grad_accum) * c.seqlen
         phases["training"] = training_memory(
-            arch, logits_per_weight(base, cell.sparsity, getattr(c, "mode", "joint")), micro_tokens=micro,
+            arch, pruner.logits_per_weight(cell.sparsity), micro_tokens=micro,
             logits_dtype=c.logits_dtype, state_dtype=state, weight_dtype=wdtype, gpus=nproc, shard=shard,
             loss_chunk=c.loss_chunk, checkpointing=c.gradient_checkpointing)["total"]
     elif plan.kind == "one-shot":
-        ratio = LAYERWISE_RATIO.get(base)
-        if ratio is None:
-            ratio = UNMEASURED_LAYERWISE_RATIO
-            plan.notes.append(f"{base}'s pruning cost is unmeasured: taken as {ratio}x the floor")
+        ratio, note = measured_cost_ratio(pruner)
+        if note:
+            plan.notes.append(note)
         if "+" in cell.method:  # a per-block allocation from statistics: one more calibration pass
             ratio += 0.5
         flops += ratio * 2 * calib * arch.forward_flops(cs.seqlen)
-        phases["pruning"] = prune_memory(arch, cell.method, calib_tokens=calib, weight_dtype=wdtype)
+        phases["pruning"] = prune_memory(arch, pruner, calib_tokens=calib, weight_dtype=wdtype)
     plan.peak_phase, plan.peak_bytes = max(phases.items(), key=lambda kv: kv[1])
     plan.flops = flops
     plan.gpu_hours = flops / (card.bf16_tflops * 1e12 * utilisation) / 3600

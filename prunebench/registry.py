@@ -134,6 +134,14 @@ class Pruner:
     summary: ClassVar[str] = ""
     # Framework modules whose code decides this method's result (part of its identity).
     engine_modules: ClassVar[tuple] = ()
+    # The settings the conformance suite (tests, `prunebench check`) runs this method at: small
+    # enough to finish in seconds on a tiny model. {}: its defaults.
+    test_config: ClassVar[dict] = {}
+    # Its measured cost, which the GPU plan (prunebench/plan.py) scales FLOPs by: a one-shot
+    # method's pruning time over floor-1 (every block run twice over the calibration tokens), a
+    # learned method's training step over a dense forward+backward of the same tokens.  None:
+    # not measured here (the plan then says which measured figure it assumed).
+    cost_ratio: ClassVar[Optional[float]] = None
 
     def __init__(self, config=None, **overrides):
         self.config = make_config(self.Config, config, overrides)

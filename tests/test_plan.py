@@ -75,7 +75,23 @@ def test_training_memory_adds_its_terms_and_shards_what_the_engine_shards():
     assert chunked["loss"] == one["loss"] / 8
     assert plan.training_memory(arch, 1.0, micro_tokens=4096, checkpointing=False)["activations"] > one["activations"]
     assert plan.logits_per_weight("maskllm", registry_spec("2:4")) == 1.5
-    assert plan.logits_per_weight("patch", registry_spec("hybrid:0.35/64"), "tile") == 1 / 64 ** 2
+    assert plan.logits_per_weight("patch", registry_spec("hybrid:0.35/64"), {"mode": "tile"}) == 1 / 64 ** 2
+    assert plan.logits_per_weight("patch", registry_spec("hybrid:0.35/64")) == 1.5 + 1 / 64 ** 2
+    assert plan.logits_per_weight("leap") == 1.0
+
+
+def test_every_cost_the_plan_uses_is_the_methods_own_or_said_to_be_assumed():
+    """The plan reads each method's measured ratio from the method (no table of names); one that
+    has none is planned at the most expensive measured method of its kind, with a note."""
+    from prunebench import registry
+
+    assert plan.measured_cost_ratio(registry.create("sparsegpt")) == (1.65, None)
+    ratio, note = plan.measured_cost_ratio(registry.create("thanos"))
+    slowest = max(registry.get(m).cost_ratio for m in registry.available()
+                  if registry.get(m).kind == "layer-wise" and registry.get(m).cost_ratio is not None)
+    assert ratio == slowest and note.startswith("thanos's pruning cost is unmeasured: taken as")
+    ratio, note = plan.measured_cost_ratio(registry.create("maskllm"))
+    assert ratio == registry.get("leap").cost_ratio and "maskllm's step cost is unmeasured" in note
 
 
 def registry_spec(text):
