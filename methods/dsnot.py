@@ -54,7 +54,7 @@ Where we differ from their code (the mask changes only in the edge cases named):
     pattern in theirs (a growth with no pruning); we skip that growth candidate.
   * their sparsegpt initial reads a Hessian that their WrappedGPT allocates but never
     accumulates (add_batch does not touch H): every input counts as dead, the score is 0 and the
-    initial mask prunes the first columns of every row.  Ours is SparseGPT's real mask.
+    unstructured initial mask prunes the first columns of every row.  Ours is SparseGPT's mask.
   * N:M: they prune the grown weight's group by the initial method's score; we use Wanda's for
     every initial method (the same for Wanda, the default).  Their N:M prunes N of M; ours keeps N.
 """
