@@ -121,9 +121,9 @@ class GridSpec:
                         continue
                     own = None if method.sparsities is None else [SparsitySpec.parse(x) for x in method.sparsities]
                     for sp in own or sparsities:
-                        if sp.pattern not in pruner_cls.capabilities.patterns:
-                            raise UserError(f"method {method.name!r} does not support the {sp.pattern_name} pattern",
-                                            hint=f"it supports: {', '.join(pruner_cls.capabilities.patterns)}")
+                        # the configured instance's check: a method that runs another (DSnoT over
+                        # an initial mask) also refuses a pattern the other cannot give
+                        registry.create(method.name, method.config).check_spec(sp)
                         cells.append(self._cell(model, method, sp, seed))
         return cells
 

@@ -20,7 +20,8 @@ from torch import nn
 
 from .models import find_blocks, prunable_linears, set_weight_matrix, weight_matrix
 from .progress import progress_bar
-from .registry import STATS_HESSIAN, STATS_INPUT_NORM, STATS_NONE, LayerStats, PruneContext, PruneReport
+from .registry import (STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, STATS_NONE, LayerStats, PruneContext,
+                       PruneReport, stats_kinds)
 
 
 class _StopForward(Exception):
@@ -54,19 +55,28 @@ def gram_add_(out: torch.Tensor, x: torch.Tensor, block: int = GRAM_BLOCK) -> to
 
 
 class StatsAccumulator:
-    """Running float32 statistics of one linear's inputs: column mean squares or X^T X / n."""
+    """Running float32 statistics of one linear's inputs: column mean squares, column means and
+    mean squares (input_moments), X^T X / n, or several of them ("hessian+input_moments")."""
 
     def __init__(self, in_features: int, kind: str, device):
         self.kind = kind
+        kinds = stats_kinds(kind)
         self.n_tokens = 0
-        self.sum_sq = torch.zeros(in_features, dtype=torch.float32, device=device) if kind == STATS_INPUT_NORM else None
-        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if kind == STATS_HESSIAN else None
+
+        def zeros(*shape, when):
+            return torch.zeros(*shape, dtype=torch.float32, device=device) if when else None
+
+        self.sum_sq = zeros(in_features, when=bool(kinds & {STATS_INPUT_NORM, STATS_INPUT_MOMENTS}))
+        self.sum = zeros(in_features, when=STATS_INPUT_MOMENTS in kinds)
+        self.xtx = zeros(in_features, in_features, when=STATS_HESSIAN in kinds)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.n_tokens += x.shape[0]
         if self.sum_sq is not None:
             self.sum_sq += (x * x).sum(dim=0)
+        if self.sum is not None:
+            self.sum += x.sum(dim=0)
         if self.xtx is not None:
             gram_add_(self.xtx, x)
 
@@ -76,6 +86,7 @@ class StatsAccumulator:
             n_tokens=self.n_tokens,
             input_sq_mean=self.sum_sq / n if self.sum_sq is not None else None,
             hessian=self.xtx / n if self.xtx is not None else None,
+            input_mean=self.sum / n if self.sum is not None else None,
         )
 
 
@@ -204,6 +215,7 @@ def collect_block_stats(block: nn.Module, linears: dict, kind: str, hidden: list
     shows which linear runs last; on the later batches the forward stops at its input (its
     product and the rest of the block are not needed for statistics), unless `keep_outputs`.
 
+    `kind` is a Capabilities.statistics string (kinds joined by "+" are accumulated in one pass).
     Returns (groups, stats, outputs): groups is a list of name lists in execution order, stats
     maps the first name of each group to its LayerStats, outputs the block's outputs per batch
     (only with keep_outputs, else None).
@@ -269,6 +281,10 @@ def stack_rows(weights: dict) -> tuple:
 def _check_linear_result(name: str, result, weight: torch.Tensor) -> None:
     """A method's answer for one matrix must be a bool keep-mask (and weights) of its shape: a
     float mask would scale the weights instead of pruning them."""
+    if not hasattr(result, "mask"):  # a bare mask, None, a tuple ...: say what came and what to return
+        what = f"a bare {result.dtype} tensor" if isinstance(result, torch.Tensor) else type(result).__name__
+        raise TypeError(f"{name}: prune_linear returned {what}; return LinearResult(mask=<bool keep-mask>) "
+                        "(with weight=<new weights> if it changes the weights it keeps)")
     mask = getattr(result, "mask", None)
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"{name}: prune_linear must return a bool keep-mask, got "
@@ -297,7 +313,9 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
     kind = pruner.capabilities.statistics
     allocation = getattr(pruner, "allocation", None)
     prefix, blocks = find_blocks(model)
-    report = PruneReport(stats={"per_block_s": [], "scope": spec.scope})
+    # updates_weights: whether any LinearResult carried new weights (the output checks then allow
+    # the kept weights to move; see Capabilities.updates_weights)
+    report = PruneReport(stats={"per_block_s": [], "scope": spec.scope}, updates_weights=False)
     device = torch.device(ctx.device)
     activation_device = ctx.extras.get("activation_device", "cpu")
     batch = int(ctx.extras.get("block_batch", BLOCK_BATCH_WINDOWS))
@@ -342,6 +360,8 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
                 full_name = f"{prefix}.{index}.{name}"
                 result = results[name]
                 _check_linear_result(full_name, result, weights[name])
+                if result.weight is not None:  # observed here, so no method has to declare it
+                    report.updates_weights = True
                 new_weight = result.weight if result.weight is not None else weights[name]
                 set_weight_matrix(linears[name], new_weight * result.mask.to(new_weight.device))
                 report.warnings.extend(f"{full_name}: {w}" for w in result.warnings)

@@ -30,6 +30,23 @@ log = logging.getLogger("prunebench")
 STATS_NONE = "none"
 STATS_INPUT_NORM = "input_norm"  # per input column: mean over calibration tokens of x_j^2
 STATS_HESSIAN = "hessian"  # X^T X / n_tokens (float32); its diagonal is the input norm
+STATS_INPUT_MOMENTS = "input_moments"  # per input column: mean of x_j and of x_j^2 (so E[x_j], Var[x_j])
+# A method needing several asks for them joined by "+" ("hessian+input_moments", see combine_stats).
+STATS_SEPARATOR = "+"
+
+
+def stats_kinds(statistics: str) -> frozenset:
+    """The statistics a Capabilities.statistics string asks for ("none" asks for none)."""
+    return frozenset(k for k in str(statistics).split(STATS_SEPARATOR) if k and k != STATS_NONE)
+
+
+def combine_stats(*statistics: str) -> str:
+    """One Capabilities.statistics string asking for everything the given ones ask for: what a
+    method that runs another method (DSnoT over Wanda's or SparseGPT's mask) needs."""
+    kinds = set().union(*(stats_kinds(s) for s in statistics))
+    if STATS_INPUT_MOMENTS in kinds:
+        kinds.discard(STATS_INPUT_NORM)  # the moments hold the mean squares the input norm is made of
+    return STATS_SEPARATOR.join(sorted(kinds)) if kinds else STATS_NONE
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ class Capabilities:
     # do) rather than only zero some: the output checks then ask the kept weights to be finite
     # and bounded and record how far they moved; otherwise they must equal the dense ones.  None:
     # a layer-wise method updates them exactly when its prune_linear / prune_group returns new
-    # weights (LayerwisePruner.prune observes it); any other method keeps them unchanged.
+    # weights (the engine, prunebench.layerwise, observes it); any other method keeps them unchanged.
     updates_weights: Optional[bool] = None
 
     @property
@@ -64,12 +81,21 @@ class LayerStats:
     n_tokens: int
     input_sq_mean: Optional[torch.Tensor] = None  # [in]: mean_t x_tj^2
     hessian: Optional[torch.Tensor] = None  # [in, in]: X^T X / n_tokens
+    input_mean: Optional[torch.Tensor] = None  # [in]: mean_t x_tj (STATS_INPUT_MOMENTS)
 
     @property
     def input_norm(self) -> torch.Tensor:
         """||X_j||_2 up to a constant factor (sqrt of the mean square), as Wanda uses it."""
         sq = self.input_sq_mean if self.input_sq_mean is not None else torch.diagonal(self.hessian)
         return sq.clamp_min(0).sqrt()
+
+    @property
+    def input_var(self) -> torch.Tensor:
+        """Var[x_j] over the calibration tokens (population variance): E[x_j^2] - E[x_j]^2."""
+        if self.input_mean is None:
+            raise ValueError("the input variance needs statistics='input_moments'")
+        sq = self.input_sq_mean if self.input_sq_mean is not None else torch.diagonal(self.hessian)
+        return (sq - self.input_mean * self.input_mean).clamp_min(0)
 
 
 @dataclass
@@ -108,8 +134,8 @@ class PruneReport:
     # name -> SparsitySpec of each linear, when they differ from the cell's spec (a per-layer
     # allocation); the runner checks every linear against its own spec.
     layer_specs: Optional[dict] = None
-    # Whether this run changed weights it kept, as observed by the framework (LayerwisePruner.prune
-    # sets it); None: not observed.  See Capabilities.updates_weights and declares_weight_updates.
+    # Whether this run changed weights it kept, as observed by the framework (prune_layerwise sets
+    # it: a LinearResult carried new weights); None: not observed.  See Capabilities.updates_weights and declares_weight_updates.
     updates_weights: Optional[bool] = None
 
 
@@ -189,28 +215,7 @@ class LayerwisePruner(Pruner):
         from .layerwise import prune_layerwise
 
         self.check_spec(ctx.sparsity)
-        # Watch the per-layer answers on their way to the engine (whose code is part of every
-        # layer-wise record's identity, so it is not changed for this): new weights in any
-        # LinearResult mean this run updated the weights it kept.
-        group, returned = self.prune_group, []
-
-        def observed(weights, stats, spec, ctx_):
-            results = group(weights, stats, spec, ctx_)
-            if isinstance(results, dict) and any(getattr(r, "weight", None) is not None for r in results.values()):
-                returned.append(True)
-            return results
-
-        own = self.__dict__.get("prune_group")
-        self.prune_group = observed  # an instance attribute for this call only
-        try:
-            report = prune_layerwise(model, self, ctx)
-        finally:
-            if own is None:
-                del self.prune_group
-            else:
-                self.prune_group = own
-        report.updates_weights = bool(returned)
-        return report
+        return prune_layerwise(model, self, ctx)  # it also reports whether new weights were returned
 
 
 def make_config(config_cls, config=None, overrides=None):

@@ -4,7 +4,8 @@ import torch
 from prunebench import registry
 from prunebench.layerwise import StatsAccumulator, capture_block_inputs, run_block
 from prunebench.models import find_blocks, load_tiny, prunable_linears
-from prunebench.registry import STATS_HESSIAN, STATS_INPUT_NORM, LayerStats, LinearResult, PruneContext
+from prunebench.registry import (STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, STATS_NONE, LayerStats,
+                                 LinearResult, PruneContext, combine_stats)
 from prunebench.sparsity import SparsitySpec, mask_from_scores
 
 from conftest import TINY_FAMILIES
@@ -38,6 +39,67 @@ def test_statistics_accumulate_exactly():
     assert torch.allclose(acc_n.result().input_sq_mean, (X * X).mean(0))
     assert torch.allclose(acc_h.result().hessian, X.t() @ X / 15, atol=1e-6)
     assert torch.allclose(acc_h.result().input_norm, X.norm(dim=0) / 15 ** 0.5, atol=1e-6)
+    assert acc_n.result().input_mean is None and acc_h.result().input_mean is None  # only when asked for
+
+
+def test_input_moments_give_the_mean_and_variance_and_combine_with_the_hessian():
+    torch.manual_seed(0)
+    xs = [3.0 + torch.randn(2, 7, 6) * torch.arange(1, 7) for _ in range(4)]
+    X = torch.cat([x.reshape(-1, 6) for x in xs]).double()
+    both = combine_stats(STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_NONE)
+    assert both == "hessian+input_moments" and combine_stats(STATS_NONE) == STATS_NONE
+    for kind in (STATS_INPUT_MOMENTS, both):
+        acc = StatsAccumulator(6, kind, "cpu")
+        for x in xs:
+            acc.add(x)
+        st = acc.result()
+        assert st.n_tokens == 56 and st.input_mean.dtype == torch.float32
+        assert torch.allclose(st.input_mean.double(), X.mean(0), atol=1e-5)
+        assert torch.allclose(st.input_sq_mean.double(), (X * X).mean(0), rtol=1e-5)
+        assert torch.allclose(st.input_var.double(), X.var(0, unbiased=False), rtol=1e-4)
+        assert (st.hessian is not None) == (kind == both)
+    with pytest.raises(ValueError, match="input_moments"):
+        StatsAccumulator(6, STATS_INPUT_NORM, "cpu").result().input_var
+
+
+def _one_off(prune_linear, statistics=STATS_NONE):
+    from dataclasses import dataclass
+
+    class OneOff(registry.LayerwisePruner):
+        name = "one_off_test"
+        capabilities = registry.Capabilities(statistics=statistics, needs_calibration=statistics != STATS_NONE)
+
+        @dataclass
+        class Config:
+            pass
+
+    OneOff.prune_linear = lambda self, weight, stats, spec, ctx: prune_linear(weight, stats, spec)
+    return OneOff()
+
+
+def test_a_bare_mask_is_refused_saying_what_came_and_what_to_return():
+    pruner = _one_off(lambda w, stats, spec: mask_from_scores(w.abs(), spec))
+    with pytest.raises(TypeError) as info:
+        pruner.prune(load_tiny("llama").model, PruneContext(sparsity=SparsitySpec(0.5), progress=False))
+    message = str(info.value)
+    assert "returned a bare torch.bool tensor" in message and "LinearResult(mask=" in message, message
+    pruner = _one_off(lambda w, stats, spec: None)
+    with pytest.raises(TypeError, match="returned NoneType; return LinearResult"):
+        pruner.prune(load_tiny("llama").model, PruneContext(sparsity=SparsitySpec(0.5), progress=False))
+
+
+def test_the_engine_reports_whether_new_weights_came_back(calib_windows):
+    """PruneReport.updates_weights is observed by prune_layerwise itself: no wrapper around the
+    method (the instance keeps its own prune_group)."""
+    keep = _one_off(lambda w, stats, spec: LinearResult(mask=mask_from_scores(w.abs(), spec)))
+    moved = _one_off(lambda w, stats, spec: LinearResult(mask=mask_from_scores(w.abs(), spec), weight=w * 1.01))
+    ctx = PruneContext(sparsity=SparsitySpec(0.5), progress=False)
+    assert keep.prune(load_tiny("llama").model, ctx).updates_weights is False
+    assert moved.prune(load_tiny("llama").model, ctx).updates_weights is True
+    assert "prune_group" not in vars(keep) and "prune_group" not in vars(moved)
+    from prunebench.layerwise import prune_layerwise
+
+    assert prune_layerwise(load_tiny("llama").model, moved, ctx).updates_weights is True
 
 
 def test_engine_feeds_each_block_the_pruned_outputs_of_the_previous(calib_windows):
