@@ -574,17 +574,21 @@ def cmd_eval(args) -> int:
                  f", at most {args.max_windows}" if args.max_windows else "", windows_from)
     if limit is not None and args.seqlen > limit:
         raise UserError(f"--seqlen {args.seqlen} exceeds the model's position limit of {limit}", hint=f"use --seqlen {limit} or less")
+    from .sequence_start import check_prefix_fits, sequence_start_ids
+
+    start = sequence_start_ids(loaded.tokenizer)  # every window starts as the tokenizer starts a sequence
+    check_prefix_fits(start, args.seqlen, "evaluation")
     loaded.model.to(args.device)
     streams = {dataset: eval_tokens(loaded.tokenizer, dataset, args.data_dir, encoding=args.encoding)
                for dataset in datasets}
     for dataset, ids in streams.items():  # an empty or short text is the user's to fix, before any scoring
-        if ids.numel() < args.seqlen:
+        if ids.numel() < args.seqlen - len(start):
             raise UserError(f"--ppl {dataset}: the text has {ids.numel()} tokens, fewer than one window of "
-                            f"{args.seqlen}", hint="give a longer text or a smaller --seqlen")
+                            f"{args.seqlen - len(start)}", hint="give a longer text or a smaller --seqlen")
     results = {}
     for dataset, ids in streams.items():
         results[dataset] = perplexity(loaded.model, ids, args.seqlen, batch_size=args.batch_size, device=args.device,
-                                      progress=not args.quiet, max_windows=args.max_windows)
+                                      progress=not args.quiet, max_windows=args.max_windows, prefix=start)
     if args.json:
         print(json.dumps({"masks": args.masks, "model": args.model or meta["model"], "perplexity": results}, indent=2))
     else:

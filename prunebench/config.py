@@ -161,16 +161,21 @@ class CellSpec:
             from .data import text_fingerprint
             from .identity import evaluation_code_sha256, method_identity
             from .models import model_fingerprint
+            from .sequence_start import model_sequence_start
 
             pruner = registry.create(self.method, self.method_config)
+            # Every window starts with the tokenizer's sequence start (prunebench.sequence_start):
+            # its ids are part of what the windows are.
+            start = model_sequence_start(self.model, self.trust_remote_code)
+            start = None if start is None else list(start)
             calibration = None
             if pruner.capabilities.needs_calibration:
                 cs = self.calibration
                 # the draw's seed is the cell's (the key has held it here since schema 2)
-                calibration = {**dataclasses.asdict(cs), "seed": self.seed,
+                calibration = {**dataclasses.asdict(cs), "seed": self.seed, "sequence_start": start,
                                "text_sha256": text_fingerprint(cs.dataset, "calibration", self.data_dir, cs.encoding)["sha256"]}
             ev = self.eval
-            evaluation = {**dataclasses.asdict(ev), "code_sha256": evaluation_code_sha256(),
+            evaluation = {**dataclasses.asdict(ev), "sequence_start": start, "code_sha256": evaluation_code_sha256(),
                           "texts_sha256": {ds: text_fingerprint(ds, "eval", self.data_dir, ev.encoding)["sha256"]
                                            for ds in ev.perplexity},
                           "tasks_data": tasks_data_fingerprint(ev.tasks, self.data_dir)}

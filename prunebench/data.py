@@ -26,6 +26,7 @@ import torch
 
 from .errors import UserError
 from .models import cache_root
+from .sequence_start import check_prefix_fits, sequence_start_ids
 
 DATASETS = ("lee", "wikitext2", "c4", "redpajama")
 LEE_FILE = "lee_background.cor"
@@ -243,6 +244,15 @@ class WindowSpec:
     encoding: str = "utf-8"  # for a dataset named by a text path
 
 
+def _with_prefix(prefix: list[int], text_windows: torch.Tensor) -> torch.Tensor:
+    """[n, len(prefix) + L]: each text window after the tokenizer's sequence start (prunebench.
+    sequence_start states the rule); an empty prefix returns the windows themselves."""
+    if not prefix:
+        return text_windows
+    start = torch.tensor(prefix, dtype=text_windows.dtype).expand(text_windows.shape[0], len(prefix))
+    return torch.cat([start, text_windows], dim=1)
+
+
 def _cached(kind: str, key: dict, build):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = cache_root() / kind / f"{digest}.pt"
@@ -265,10 +275,18 @@ def calibration_windows(tokenizer, spec: WindowSpec, data_dir=None) -> tuple[tor
     The papers' loader (SparseGPT, Wanda): for each sample pick a random document longer than
     seqlen and a random window inside it.  Corpora of short documents (Lee) are joined into one
     stream first, with random windows drawn from the stream.
+
+    Each window is the tokenizer's sequence start followed by seqlen - len(start) text tokens,
+    drawn as text windows of that length always were (no start: the windows of before).
     """
+    prefix = sequence_start_ids(tokenizer)
+    check_prefix_fits(prefix, spec.seqlen, "calibration")
+    text_len = spec.seqlen - len(prefix)
     # Keyed by the text's content, so other text under the same name or path is never served stale.
     key = {"tok": tokenizer_fingerprint(tokenizer), "spec": spec.__dict__,
            "text": text_fingerprint(spec.dataset, "calibration", data_dir, spec.encoding)["sha256"], "v": 2}
+    if prefix:  # the vocabulary fingerprint does not say whether a tokenizer adds a start
+        key["start"] = prefix
 
     def build():
         docs = documents(spec.dataset, "calibration", data_dir, spec.encoding)
@@ -282,22 +300,22 @@ def calibration_windows(tokenizer, spec: WindowSpec, data_dir=None) -> tuple[tor
                     ids = encoded.get(i)
                     if ids is None:
                         ids = encoded[i] = encode(tokenizer, docs[i])
-                    if len(ids) > spec.seqlen:
+                    if len(ids) > text_len:
                         break
                 else:
-                    raise UserError(f"no {spec.dataset} document is longer than {spec.seqlen} tokens",
+                    raise UserError(f"no {spec.dataset} document is longer than {text_len} tokens",
                                     hint="use a shorter --seqlen")
-                start = rng.randint(0, len(ids) - spec.seqlen - 1)
-                windows.append(ids[start:start + spec.seqlen])
+                start = rng.randint(0, len(ids) - text_len - 1)
+                windows.append(ids[start:start + text_len])
         else:
             stream = encode(tokenizer, DOC_SEPARATOR.join(docs))
-            if len(stream) <= spec.seqlen:
+            if len(stream) <= text_len:
                 raise UserError(f"the {spec.dataset} calibration text has only {len(stream)} tokens",
-                                hint=f"use a --seqlen below {len(stream)}")
+                                hint=f"use a --seqlen below {len(stream) + len(prefix)}")
             for _ in range(spec.n_samples):
-                start = rng.randint(0, len(stream) - spec.seqlen - 1)
-                windows.append(stream[start:start + spec.seqlen])
-        return torch.stack(windows)
+                start = rng.randint(0, len(stream) - text_len - 1)
+                windows.append(stream[start:start + text_len])
+        return _with_prefix(prefix, torch.stack(windows))
 
     ids = _cached("calibration", key, build)
     return ids, token_fingerprint(ids)
@@ -308,20 +326,26 @@ def stream_windows(tokenizer, dataset: str, seqlen: int, data_dir=None, max_wind
     """Every non-overlapping window of a split's documents (joined), for end-to-end training.
 
     Unlike calibration_windows this never repeats text: a learned per-weight mask overfits a
-    small cycled set (LEAP.md section 6).
+    small cycled set (LEAP.md section 6). Each window is the tokenizer's sequence start followed
+    by the next seqlen - len(start) tokens of text.
     """
+    prefix = sequence_start_ids(tokenizer)
+    check_prefix_fits(prefix, seqlen, "training")
+    text_len = seqlen - len(prefix)
     key = {"tok": tokenizer_fingerprint(tokenizer), "dataset": dataset, "seqlen": seqlen, "split": split,
            "text": text_fingerprint(dataset, "eval" if split == "eval" else "calibration", data_dir)["sha256"],
            "max": max_windows, "v": 2}
+    if prefix:  # the vocabulary fingerprint does not say whether a tokenizer adds a start
+        key["start"] = prefix
 
     def build():
         stream = encode(tokenizer, DOC_SEPARATOR.join(documents(dataset, split, data_dir)))
-        n = len(stream) // seqlen
+        n = len(stream) // text_len
         if max_windows:
             n = min(n, max_windows)
         if n == 0:
             raise UserError(f"the {dataset} {split} text is shorter than one window of {seqlen}", hint="use a shorter seqlen")
-        return stream[: n * seqlen].view(n, seqlen)
+        return _with_prefix(prefix, stream[: n * text_len].view(n, text_len))
 
     ids = _cached("stream", key, build)
     return ids, token_fingerprint(ids)

@@ -368,14 +368,22 @@ class LearnedMaskPruner(Pruner):
     def training_windows(self, ctx):
         """(dataset, train windows, held-out windows, stream fingerprint): every window of the
         training text once, a seeded few of them held out.  With `streaming`, train is a
-        WindowStream whose first windows are the held-out ones."""
+        WindowStream whose first windows are the held-out ones.  Every window starts with the
+        tokenizer's sequence start (prunebench.sequence_start); the loss predicts every position
+        after the first, so a start of more than one token would be predicted: refused."""
         from .data import stream_windows
+        from .sequence_start import sequence_start_ids
 
         c = self.config
         dataset = c.dataset or ctx.calibration_dataset
         if ctx.tokenizer is None:
             raise UserError(f"{self.display or self.name} draws its own training stream and needs the tokenizer "
                             "in the context", hint="the runner passes it; in scripts set PruneContext(tokenizer=...)")
+        start = sequence_start_ids(ctx.tokenizer)
+        if len(start) > 1:
+            raise UserError(f"{self.display or self.name}: the tokenizer starts every sequence with {len(start)} tokens "
+                            f"{start}; the training loss would predict all but the first of them",
+                            hint="learned masks train on tokenizers that start a sequence with at most one token")
         if c.streaming:
             return self._streamed_windows(ctx, dataset)
         windows, fingerprint = stream_windows(ctx.tokenizer, dataset, c.seqlen, ctx.data_dir)
@@ -396,8 +404,11 @@ class LearnedMaskPruner(Pruner):
         stream = WindowStream(open_documents(dataset, ctx.data_dir), ctx.tokenizer, c.seqlen, exclude_text=exclude,
                               allow_repeats=c.allow_stream_repeats)
         heldout = stream.take(0, c.heldout_windows) if c.heldout_windows else torch.zeros(0, c.seqlen, dtype=torch.long)
-        fingerprint = sha256_json({"stream": stream.stats["fingerprint"], "tok": tokenizer_fingerprint(ctx.tokenizer),
-                                   "seqlen": c.seqlen, "excluded": stream.stats.get("excluded_text_sha256")})[:16]
+        what = {"stream": stream.stats["fingerprint"], "tok": tokenizer_fingerprint(ctx.tokenizer),
+                "seqlen": c.seqlen, "excluded": stream.stats.get("excluded_text_sha256")}
+        if stream.prefix:  # windows that start with the tokenizer's sequence start are other windows
+            what["start"] = stream.prefix
+        fingerprint = sha256_json(what)[:16]
         return dataset, StreamedBatches(stream, len(heldout)), heldout, fingerprint
 
     def batch(self, train, step: int, seed: int) -> torch.Tensor:

@@ -162,7 +162,7 @@ _NUMBERS = _f("array", "null", each=_NUM)
 _PERPLEXITY = _f("object", fields={
     "value": _NUM, "diverged": _BOOL, "seqlen": _INT, "n_windows": _INT, "n_tokens": _INT, "window_tokens": _INT,
     "window_nll": _NUMBERS, "windows_fingerprint": _STR, "stream_tokens": _INT, "scored": _STR,
-    "text": _f("object", "null")})
+    "text": _f("object", "null"), "sequence_start": _f("array", "null", each=_f("integer"))})
 _ZEROSHOT = _f("object", fields={
     "metric": _STR, "value": _NUM, "stderr": _NUM, "n": _INT, "per_item": _STR, "source": _STR,
     "per_item_tasks": _f("array", "null", each=_f("array"))})
@@ -187,7 +187,8 @@ RECORD_SCHEMA = _f("object", fields={
         "allocation": _f("object", "null", fields={
             "block_targets": _NUMBERS, "block_achieved": _NUMBERS, "block_scores": _NUMBERS, "block_sizes": _NUMBERS,
             "block_labels": _f("array", "null")})}),
-    "calibration": _f("object", "null", fields={"dataset": _STR, "n_samples": _INT, "seqlen": _INT, "seed": _INT}),
+    "calibration": _f("object", "null", fields={"dataset": _STR, "n_samples": _INT, "seqlen": _INT, "seed": _INT,
+                                                 "sequence_start": _f("array", "null", each=_f("integer"))}),
     "eval": _f("object", required_if_ok=True, fields={
         "perplexity": _f("object", "null", each=_PERPLEXITY),
         "zeroshot": _f("object", "null", each=_ZEROSHOT),

@@ -28,9 +28,10 @@ from .config import DENSE, CellSpec, GridSpec
 from .data import WindowSpec, calibration_windows, eval_tokens, text_fingerprint
 from .environment_lock import lock_fingerprint
 from .errors import UserError
-from .evaluate.perplexity import perplexity
+from .evaluate.perplexity import perplexity, scored_text
 from .models import all_prunable, load_model, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
+from .sequence_start import sequence_start_ids
 from .checks import SPARSITY_TOLERANCE, DenseReference, OutputCheckError, check_output, effective_scope
 from .records import (SCHEMA_VERSION, atomic_write_json, attempt_path, cell_record_path, load_records, read_record,
                       record_path, reject_record, sanitize_nonfinite, warn_skipped)
@@ -345,6 +346,7 @@ def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_d
     calibration details."""
     loaded = session.get()
     model, tokenizer = loaded.model, loaded.tokenizer
+    start = _sequence_start(cell, tokenizer)
     if record is not None:
         record["model"].update({k: loaded.info.get(k) for k in ("family", "n_params", "n_prunable", "architecture",
                                                                  "revision", "file_sha256", "source")})
@@ -358,6 +360,7 @@ def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_d
             tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cell.seed, cs.encoding), grid.data_dir)
         if record is not None:
             record["calibration"] = {**dataclasses.asdict(cs), "seed": cell.seed, "fingerprint": fingerprint,
+                                     "sequence_start": start,
                                      "text": text_fingerprint(cs.dataset, "calibration", grid.data_dir, cs.encoding)}
     work_dir = Path(results_dir) / "work" / cell.key[:16]
     ctx = PruneContext(sparsity=cell.sparsity, calibration=calibration, device=grid.device, seed=cell.seed,
@@ -368,6 +371,16 @@ def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_d
     t0 = time.perf_counter()
     report = pruner.prune(model, ctx)
     return loaded, report, round(time.perf_counter() - t0, 3)
+
+
+def _sequence_start(cell: CellSpec, tokenizer) -> list[int]:
+    """The loaded tokenizer's sequence start, which every window gets: it must be the one the
+    cell's key was made with (read from the model file before loading)."""
+    start = sequence_start_ids(tokenizer)
+    keyed = cell.identity()["eval"].get("sequence_start")
+    if keyed is not None and list(keyed) != start:
+        raise RuntimeError(f"the tokenizer starts sequences with {start}, but the cell's key was made for {keyed}")
+    return start
 
 
 def _lm_eval_dir(results_dir, record) -> Path:
@@ -412,15 +425,15 @@ def write_cell_record(results_dir, record: dict, lm_eval_tmp: Path | None = None
 def evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_dir, progress) -> dict:
     out = {"perplexity": {}, "zeroshot": {}}
     ev = cell.eval
+    start = sequence_start_ids(tokenizer)
     for dataset in ev.perplexity:
         ids = session.eval_ids(dataset)
         result = perplexity(model, ids, ev.seqlen, batch_size=ev.batch_size, device=grid.device, progress=progress,
-                            max_windows=ev.max_ppl_windows)
+                            max_windows=ev.max_ppl_windows, prefix=start)
         # Which text, and which part of it, was scored.
         result["text"] = text_fingerprint(dataset, "eval", grid.data_dir, ev.encoding)
         result["stream_tokens"] = int(ids.numel())
-        result["scored"] = (f"the first {result['n_windows']} non-overlapping windows of {ev.seqlen} tokens: "
-                            f"tokens 0-{result['n_windows'] * ev.seqlen - 1} of {int(ids.numel())}")
+        result["scored"] = scored_text(result["n_windows"], ev.seqlen, start, int(ids.numel()))
         out["perplexity"][dataset] = result
     if ev.tasks:
         from .evaluate.zeroshot import evaluate_zeroshot, resolve_tasks

@@ -25,6 +25,7 @@ import torch
 from .data import DOC_SEPARATOR, _check_data_dir, encode
 from .errors import UserError
 from .identity import file_sha256, sha256_json, sha256_text
+from .sequence_start import check_prefix_fits, sequence_start_ids
 
 # The streamed corpora.  `local` is where their shards sit under a --data-dir laid out like
 # shared/data (see its MANIFEST.md).  No SlimPajama sample exists locally: the RedPajama-1T sample
@@ -250,6 +251,9 @@ class WindowStream:
     exclude_text, no window shares a span of `shingle` tokens with it.  take(start, count) is a
     pure function of the index: reading forward is incremental, and an index behind the cursor
     restarts the pass and skips forward (how a resumed run gets its windows back).
+
+    Each window is the tokenizer's sequence start (prunebench.sequence_start) followed by the
+    next seqlen - len(start) tokens of text; uniqueness and the overlap check look at the text.
     """
 
     def __init__(self, documents, tokenizer, seqlen: int, *, exclude_text: str | None = None,
@@ -262,9 +266,12 @@ class WindowStream:
         if not isinstance(shingle, int) or shingle < 1:
             raise UserError(f"the overlap span must be a positive number of tokens, got {shingle!r}",
                             hint=f"the default is {DEFAULT_SHINGLE}")
-        if exclude_text is not None and shingle > seqlen:
-            raise UserError(f"a window of {seqlen} tokens cannot be checked for {shingle}-token spans of the evaluation text",
-                            hint=f"use a shingle of at most {seqlen} tokens")
+        self.prefix = sequence_start_ids(tokenizer)
+        check_prefix_fits(self.prefix, seqlen, "training")
+        self.text_len = seqlen - len(self.prefix)  # text tokens per window
+        if exclude_text is not None and shingle > self.text_len:
+            raise UserError(f"a window of {self.text_len} text tokens cannot be checked for {shingle}-token spans of the "
+                            "evaluation text", hint=f"use a shingle of at most {self.text_len} tokens")
         self.documents = documents
         self.tokenizer = tokenizer
         self.seqlen = seqlen
@@ -325,7 +332,7 @@ class WindowStream:
 
     def _fill(self, cursor: _Cursor) -> bool:
         """Read documents until a batch of whole windows is cut; False when the pass has ended."""
-        batch_tokens = WINDOWS_PER_BATCH * self.seqlen
+        batch_tokens = WINDOWS_PER_BATCH * self.text_len
         exhausted = False
         while cursor.pending_tokens < batch_tokens:
             document = next(cursor.documents, _END)
@@ -342,13 +349,13 @@ class WindowStream:
             cursor.pending.append(ids)
             cursor.pending_tokens += ids.numel()
             cursor.pass_has_text = True
-        n_windows = cursor.pending_tokens // self.seqlen
+        n_windows = cursor.pending_tokens // self.text_len
         if n_windows:
             tokens = torch.cat(cursor.pending)
-            cut = n_windows * self.seqlen
+            cut = n_windows * self.text_len
             cursor.pending = [tokens[cut:]]
             cursor.pending_tokens = tokens.numel() - cut
-            self._accept(cursor, tokens[:cut].view(n_windows, self.seqlen))
+            self._accept(cursor, tokens[:cut].view(n_windows, self.text_len))
         return not exhausted or bool(n_windows)
 
     def _next_window(self, cursor: _Cursor, asked_for: int) -> torch.Tensor:
@@ -384,7 +391,13 @@ class WindowStream:
                 self._furthest_index, self._furthest_counts = cursor.next_index, cursor.counts()
         if count:
             self.windows_served = max(self.windows_served, start + count)
-        return torch.stack(rows) if rows else torch.empty(0, self.seqlen, dtype=torch.long)
+        if not rows:
+            return torch.empty(0, self.seqlen, dtype=torch.long)
+        windows = torch.stack(rows)
+        if self.prefix:  # the sequence start before each window's text
+            windows = torch.cat([torch.tensor(self.prefix, dtype=windows.dtype).expand(len(rows), len(self.prefix)),
+                                 windows], dim=1)
+        return windows
 
     # -- what was served ------------------------------------------------------------------------
 

@@ -124,11 +124,32 @@ def check_grid(grid, *, dry_run: bool = False) -> list:
             if limit is not None and seqlen > limit:
                 raise UserError(f"{what} seqlen {seqlen} exceeds {model}'s position limit of {limit} tokens",
                                 hint=f"use --seqlen {limit} or less")
+    _check_sequence_start(grid, cells)
 
     if not dry_run:
         for cell in cells:
             cell.key  # computes every fingerprint now: a missing dataset or unreadable file fails here
     return cells
+
+
+def _check_sequence_start(grid, cells) -> None:
+    """Every window a cell makes starts with its tokenizer's sequence start (prunebench.
+    sequence_start): refuse, before any model loads, a window it would fill."""
+    from . import registry
+    from .sequence_start import check_prefix_fits, model_sequence_start
+
+    for model in grid.models:
+        start = model_sequence_start(model, grid.trust_remote_code) or []
+        if not start:
+            continue
+        who = f"{model}'s tokenizer"
+        check_prefix_fits(start, grid.calibration.seqlen, "calibration", who)
+        if grid.eval.perplexity:
+            check_prefix_fits(start, grid.eval.seqlen, "evaluation", who)
+        for cell in cells:  # a learned method's own training windows
+            seqlen = getattr(registry.create(cell.method, cell.method_config).config, "seqlen", None)
+            if cell.model == model and isinstance(seqlen, int) and not isinstance(seqlen, bool):
+                check_prefix_fits(start, seqlen, f"{cell.method} training", who)
 
 
 def _warn_remote_code(models) -> None:

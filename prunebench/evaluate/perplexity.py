@@ -4,6 +4,12 @@ The evaluation text's documents are joined with "\\n\\n", tokenised once, cut in
 non-overlapping windows of `seqlen` tokens (a trailing partial window is dropped), and the
 perplexity is exp of the mean next-token negative log-likelihood over every predicted token.
 
+A model whose tokenizer starts every sequence with a prefix (Gemma's <bos>; see
+prunebench.sequence_start) gets it in every window: a window is the prefix followed by
+seqlen - len(prefix) text tokens, consecutive windows step that many text tokens, and only the
+text tokens are scored (each once), the prefix being context. With no prefix a window's first
+token has no context and is not scored, as in the papers' protocol.
+
 Every result also keeps the summed NLL of each window (`window_nll`, in window order) so that two
 cells scored on the same windows can be compared with a paired bootstrap
 (prunebench.report.uncertainty). A model whose mean NLL is not finite has diverged: its result
@@ -20,16 +26,41 @@ import torch.nn.functional as F
 from ..progress import progress_bar
 
 
-def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """[n, seqlen] non-overlapping windows of the id stream; a trailing partial window is dropped."""
+def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None, prefix=()) -> torch.Tensor:
+    """[n, seqlen] windows: `prefix` then the next seqlen - len(prefix) tokens of the id stream, the
+    text parts non-overlapping; a trailing partial window is dropped."""
     if seqlen < 2:
         raise ValueError("seqlen must be at least 2")
-    n_windows = token_ids.numel() // seqlen
+    prefix = [int(t) for t in prefix]
+    if len(prefix) >= seqlen:
+        raise ValueError(f"a sequence start of {len(prefix)} tokens leaves no text in a window of {seqlen}")
+    text_len = seqlen - len(prefix)
+    n_windows = token_ids.numel() // text_len
     if max_windows:
         n_windows = min(n_windows, max_windows)
     if n_windows == 0:
-        raise ValueError(f"the evaluation text ({token_ids.numel()} tokens) is shorter than one window of {seqlen}")
-    return token_ids[: n_windows * seqlen].view(n_windows, seqlen)
+        raise ValueError(f"the evaluation text ({token_ids.numel()} tokens) is shorter than one window of {text_len}")
+    windows = token_ids[: n_windows * text_len].view(n_windows, text_len)
+    if prefix:
+        start = torch.tensor(prefix, dtype=windows.dtype).expand(n_windows, len(prefix))
+        windows = torch.cat([start, windows], dim=1)
+    return windows
+
+
+def first_scored(prefix) -> int:
+    """Position of a window's first scored token: the first text token after the prefix, and
+    never position 0 (nothing predicts it)."""
+    return max(len(prefix), 1)
+
+
+def scored_text(n_windows: int, seqlen: int, prefix, stream_tokens: int) -> str:
+    """Which tokens a result scored, in words (the record's `scored`)."""
+    if not prefix:
+        return (f"the first {n_windows} non-overlapping windows of {seqlen} tokens: "
+                f"tokens 0-{n_windows * seqlen - 1} of {stream_tokens}")
+    text_len = seqlen - len(prefix)
+    return (f"the first {n_windows} windows of {seqlen} tokens, each the sequence start {list(prefix)} then "
+            f"{text_len} text tokens: text tokens 0-{n_windows * text_len - 1} of {stream_tokens}, each scored once")
 
 
 # 6 significant digits: a window's NLL sum is a few hundred to a few thousand nats, so the
@@ -46,10 +77,10 @@ def _finite_or_none(x: float) -> float | None:
     return float(f"{x:.{WINDOW_NLL_DIGITS}g}") if math.isfinite(x) else None
 
 
-def _finish(window_nll: list[float], windows: torch.Tensor, **extra) -> dict:
+def _finish(window_nll: list[float], windows: torch.Tensor, prefix, **extra) -> dict:
     """The result dict shared by `perplexity` and `perplexity_streamed`."""
     n_windows, seqlen = windows.shape
-    window_tokens = seqlen - 1
+    window_tokens = seqlen - first_scored(prefix)
     total_tokens = n_windows * window_tokens
     # fsum of the unrounded sums: the exact total; any non-finite window makes the mean non-finite.
     finite = all(math.isfinite(x) for x in window_nll)
@@ -59,14 +90,17 @@ def _finish(window_nll: list[float], windows: torch.Tensor, **extra) -> dict:
     return {"value": value, "diverged": value is None, "seqlen": seqlen, "n_windows": n_windows,
             "n_tokens": total_tokens, "window_tokens": window_tokens,
             "window_nll": [_finite_or_none(x) for x in window_nll],
-            "windows_fingerprint": windows_fingerprint(windows), **extra}
+            "windows_fingerprint": windows_fingerprint(windows), "sequence_start": list(prefix), **extra}
 
 
 def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int = 1, device="cpu",
-               progress: bool = True, max_windows: int | None = None) -> dict:
+               progress: bool = True, max_windows: int | None = None, prefix=()) -> dict:
     """Returns {"value", "diverged", "seqlen", "n_windows", "n_tokens", "window_tokens", "window_nll",
-    "windows_fingerprint"}; n_tokens counts predicted tokens, window_nll[i] is window i's summed NLL."""
-    windows = eval_windows(token_ids, seqlen, max_windows)
+    "windows_fingerprint", "sequence_start"}; n_tokens counts scored tokens, window_nll[i] is window
+    i's summed NLL. `prefix`: the tokenizer's sequence start, put before every window's text."""
+    prefix = [int(t) for t in prefix]
+    windows = eval_windows(token_ids, seqlen, max_windows, prefix)
+    s = first_scored(prefix)
     n_windows = windows.shape[0]
     window_nll: list[float] = []
     was_training = model.training
@@ -76,13 +110,13 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int =
         for start in range(0, n_windows, batch_size):
             batch = windows[start:start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            nll = F.cross_entropy(logits[:, s - 1:-1].reshape(-1, logits.shape[-1]), batch[:, s:].reshape(-1),
                                   reduction="none")
             window_nll += nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
             bar.update(batch.shape[0])
     bar.close()
     model.train(was_training)
-    return _finish(window_nll, windows)
+    return _finish(window_nll, windows, prefix)
 
 
 class _Replay(torch.nn.Module):
@@ -103,7 +137,7 @@ class _Replay(torch.nn.Module):
 
 
 def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="cpu", max_windows: int | None = None,
-                        chunk_windows: int = 32, progress: bool = True) -> dict:
+                        chunk_windows: int = 32, progress: bool = True, prefix=()) -> dict:
     """Perplexity with only one decoder block on `device` at a time (the weights stay where they are).
 
     Same protocol and result as `perplexity`.  Windows go through in chunks of `chunk_windows`,
@@ -112,9 +146,11 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
     from ..layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
     from ..models import find_blocks
 
-    windows = eval_windows(token_ids, seqlen, max_windows)
+    prefix = [int(t) for t in prefix]
+    windows = eval_windows(token_ids, seqlen, max_windows, prefix)
+    s = first_scored(prefix)
     n_windows = windows.shape[0]
-    prefix, blocks = find_blocks(model)
+    _, blocks = find_blocks(model)
     was_training = model.training
     model.eval()
     window_nll: list[float] = []
@@ -147,7 +183,7 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
                 for w in chunk:
                     batch = w.unsqueeze(0).to(device)
                     logits = model(input_ids=batch, use_cache=False).logits.float()
-                    nll = F.cross_entropy(logits[0, :-1], batch[0, 1:], reduction="none")
+                    nll = F.cross_entropy(logits[0, s - 1:-1], batch[0, s:], reduction="none")
                     window_nll.append(nll.double().sum().item())
                     bar.update(1)
             finally:
@@ -157,4 +193,4 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
                     m.to(dev)
     bar.close()
     model.train(was_training)
-    return _finish(window_nll, windows, streamed=True)
+    return _finish(window_nll, windows, prefix, streamed=True)

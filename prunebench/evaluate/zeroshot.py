@@ -454,7 +454,16 @@ def _make_lm(model, tokenizer, batch_size: int, max_length: int | None):
             return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                     "model_dtype": str(getattr(self._model, "dtype", ""))}
 
-    return InMemoryHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    from ..sequence_start import sequence_start_ids
+
+    # The sequence-start rule (prunebench.sequence_start) for lm-eval: a tokenizer that starts
+    # sequences with <bos> (Gemma) gets add_bos_token=True, so every context and every
+    # context-plus-continuation is encoded with its special tokens (<bos> first); one that starts
+    # with nothing (SmolLM2) keeps lm-eval's default (None: the tokenizer's own encoding, which adds
+    # nothing). An empty context is lm-eval's own case: it puts prefix_token_id (the BOS id) before it.
+    add_bos = True if sequence_start_ids(tokenizer) else None
+    return InMemoryHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length,
+                        add_bos_token=add_bos)
 
 
 def _leaf_tasks(name: str, group_subtasks: dict) -> list[str]:
