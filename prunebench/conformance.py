@@ -24,7 +24,7 @@ SPECS = ("0.5", "0.6@layer", "2:4", "hybrid:0.35/16")
 # LEAP: exact top-k final mask, so 0.6@layer is met per layer (the sign rule only approximates the
 # target, and is checked as such in real cells).
 FAST_CONFIGS = {"leap": {"preset": "tiny", "final_mask": "topk"}, "maskllm": {"preset": "tiny"},
-                "patch": {"preset": "tiny"}}
+                "patch": {"preset": "tiny"}, "proxsparse": {"preset": "tiny"}}
 
 
 @dataclass
