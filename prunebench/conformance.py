@@ -22,7 +22,7 @@ from .sparsity import SparsitySpec
 SPECS = ("0.5", "0.6@layer", "2:4", "hybrid:0.35/16")
 
 
-def test_config(method: str) -> dict:
+def suite_config(method: str) -> dict:
     """The settings a method declares for this suite (Pruner.test_config: seconds on a tiny model)."""
     from . import registry
 
@@ -62,7 +62,7 @@ def _prune_tiny(method, family, spec, calibration, *, config=None, seed=0, check
     from . import registry
 
     loaded = load_tiny(family, seed=0)
-    pruner = registry.create(method, test_config(method) if config is None else config)
+    pruner = registry.create(method, suite_config(method) if config is None else config)
     reference = DenseReference.take(loaded.model) if check else None
     ctx = PruneContext(sparsity=spec, calibration=calibration, seed=seed, progress=False, registry=registry,
                        tokenizer=loaded.tokenizer, calibration_dataset="lee")
@@ -81,7 +81,7 @@ def check_method(method: str, families=TINY_FAMILIES, specs=SPECS, calibration=N
     from . import registry
 
     cls = registry.get(method)
-    allocation = getattr(registry.create(method, test_config(method) if config is None else config), "allocation", None)
+    allocation = getattr(registry.create(method, suite_config(method) if config is None else config), "allocation", None)
     calibration = calibration_for_tests() if calibration is None else calibration
     outcomes = []
     for family in families:

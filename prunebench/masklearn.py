@@ -8,6 +8,7 @@ supplies only its mask parameterisation as a `LearnedMaskPruner` subclass:
     regularisers(stats, sched)              -> ([loss terms], {metric: float})
     hard_masks(logits, spec)                -> {layer: bool mask}        (the final rule)
     schedule(step)                          -> {name: value}             (temperatures, scales)
+    after_step(logits, step, sched)         -> None  (optional, in place: ProxSparse's proximal step)
 
 and its config (a `MaskTrainingConfig` subclass with its presets).  The engine owns everything
 else: freezing the model, the training stream and its held-out windows, micro-batching and
@@ -338,6 +339,11 @@ class LearnedMaskPruner(Pruner):
     def schedule(self, step: int) -> dict:
         raise NotImplementedError
 
+    def after_step(self, logits: dict, step: int, sched: dict) -> None:
+        """Called after every optimizer step, before the lr scheduler's, under no_grad, with
+        {layer: {key: the trainable tensor itself}} (sharded: a DTensor, to_local() its shard), to be
+        updated in place: a proximal-gradient method's proximal operator.  A no-op by default."""
+
     def finish(self, logits: dict, masks: dict, spec: SparsitySpec, report: PruneReport) -> None:
         """Method-specific statistics of the result, written into the report."""
 
@@ -584,6 +590,9 @@ class LearnedMaskPruner(Pruner):
                     if not math.isfinite(logged["grad_norm"]):
                         raise FloatingPointError(f"{who}: non-finite gradient norm at step {step}")
                 optimizer.step()
+                with torch.no_grad():
+                    self.after_step({name: dict(unit.tensors) for name, unit in zip(holder.names, holder.layers)},
+                                    step, sched)
                 scheduler.step()
                 row = {"step": step, **logged, **{k: sched[k] for k in self.logged_schedule}}
                 for name, value in row.items():

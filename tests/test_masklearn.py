@@ -19,7 +19,7 @@ patch = importlib.import_module("prunebench.methods.patch")
 
 # (method, spec, config) for the engine tests: every learned method on the engine
 LEARNED = [("leap", "0.5", {"preset": "tiny"}), ("maskllm", "2:4", {"preset": "tiny"}),
-           ("patch", "hybrid:0.35/16", {"preset": "tiny"})]
+           ("patch", "hybrid:0.35/16", {"preset": "tiny"}), ("proxsparse", "2:4", {"preset": "tiny"})]
 
 
 def _ctx(loaded, calib, target, **kw):
