@@ -6,10 +6,10 @@ chain logit -> add -> scale -> sigmoid -> floor -> multiply -> sums costs about 
 dense forward+backward of the model (SmolLM2-135M: 0.78 s forward + 0.21 s backward of a 4.0 s
 step, 106 M gates).  Here the noise is counter-based: the uniform of element i is a hash of
 (seed, i), so it needs no generator state, parallelises over any number of threads with the
-same result, and is computed where it is used.  The pass is C++ (built once per machine with
-torch's extension builder, cached); where no compiler is found, or off the CPU, the same hash
-runs as torch integer ops (same uniforms; the log/exp then are torch's, so values agree to a few
-float32 ulps, not bit for bit).
+same result, and is computed where it is used.  The pass is C++ (built once per torch build and
+flags with torch's extension builder, under prunebench.kernel_build's lock, cached); where no
+compiler is found, or off the CPU, the same hash runs as torch integer ops (same uniforms; the
+log/exp then are torch's, so values agree to a few float32 ulps, not bit for bit).
 
 The noise: h = mix(mix(uint32(i) * 0x9E3779B9 + k0) ^ k1) with (k0, k1) the two halves of the
 64-bit seed and `mix` the lowbias32 integer hash (C. Wellons); U = max(h >> 8, 1) / 2^24 (24
@@ -188,22 +188,43 @@ def _cflags() -> list:
     return flags
 
 
+_FUNCTIONS = ("concrete_forward", "concrete_backward")
+_LDFLAGS = ("-fopenmp",)
+
+
+def _module_name() -> str:
+    digest = hashlib.sha256((_SOURCE + " ".join(_cflags())).encode()).hexdigest()[:12]
+    return f"prunebench_concrete_{digest}"
+
+
 @functools.lru_cache(maxsize=1)
 def _extension():
-    """The compiled pass, or None (no compiler, or the build failed: the torch path is used)."""
+    """The compiled pass, or None (no compiler, or the build failed: the torch path is used).
+
+    Built through prunebench.kernel_build, not torch's load_inline in the shared
+    ~/.cache/torch_extensions: there a builder killed while holding torch's lock file left every
+    later build waiting forever; here the build folder is this torch build's own and its lock
+    dies with its holder.  A live holder stuck past the timeout is a UserError (one line naming
+    it), not a silent switch to the torch path, whose values differ by a few ulps."""
     if os.environ.get("PRUNEBENCH_NO_CPP_KERNELS"):
         return None
-    try:
-        from torch.utils.cpp_extension import load_inline
+    from .errors import UserError
+    from .kernel_build import load_inline_locked
 
-        digest = hashlib.sha256((_SOURCE + " ".join(_cflags())).encode()).hexdigest()[:12]
-        return load_inline(name=f"prunebench_concrete_{digest}", cpp_sources=_SOURCE,
-                           functions=["concrete_forward", "concrete_backward"], extra_cflags=_cflags(),
-                           extra_ldflags=["-fopenmp"],
-                           verbose=False)
+    try:
+        return load_inline_locked(_module_name(), _SOURCE, _FUNCTIONS, _cflags(), _LDFLAGS)
+    except UserError:
+        raise
     except Exception as exc:  # a missing compiler is not an error: the torch path computes the same gates
         log.warning("fused concrete-gate kernel unavailable (%s); using torch ops", str(exc).splitlines()[0][:200])
         return None
+
+
+def build_folder():
+    """Where `_extension` builds (prunebench.kernel_build's folder for this source and flags)."""
+    from .kernel_build import extension_folder
+
+    return extension_folder(_module_name(), _SOURCE, _cflags(), _LDFLAGS)
 
 
 def backend(device) -> str:

@@ -10,7 +10,9 @@ ZeroRedundancyOptimizer (ZeRO stage 1): two thirds of the training state of floa
 `shard_logits` torch's FSDP2 (`fully_shard`) shards everything: each layer's logits are one FSDP
 unit, gathered in full only while that layer's masked weight is computed (and again for its
 backward), their gradients reduce-scattered, and each process keeps and updates its shard of
-the logits and of their moments; checkpoints then go through torch.distributed.checkpoint.
+the logits and of their moments; each process then checkpoints its own shards
+(prunebench.masklearn, in prunebench.state_files' formats: torch.distributed.checkpoint's
+.metadata is a pickle, and nothing read from a results directory is unpickled).
 
 What a step computes does not depend on the process count: micro-batch k of step s reads the
 same sequences and draws the same mask noise whichever process runs it (both are functions of
@@ -235,24 +237,3 @@ class LogitHolder(nn.Module):
     def local_bytes(self) -> int:
         """Bytes of logits this process holds (its shards when sharded)."""
         return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in self.parameters())
-
-
-def save_sharded(directory, holder: LogitHolder, optimizer) -> None:
-    """Each process writes its own shards of the logits and of their optimizer state, nothing
-    gathered (torch.distributed.checkpoint; a collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    state = {"logits": holder.state_dict(), "optimizer": get_optimizer_state_dict(holder, optimizer)}
-    dcp.save(state, checkpoint_id=str(directory))
-
-
-def load_sharded(directory, holder: LogitHolder, optimizer) -> None:
-    """Read `save_sharded`'s files into the sharded logits and optimizer, in place."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    state = {"logits": holder.state_dict(), "optimizer": get_optimizer_state_dict(holder, optimizer)}
-    dcp.load(state, checkpoint_id=str(directory))  # the logits' shards are written in place
-    holder.load_state_dict(state["logits"])
-    set_optimizer_state_dict(holder, optimizer, state["optimizer"])

@@ -97,12 +97,19 @@ def build_lock(folder: Path, timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float
         os.close(fd)  # closing the descriptor releases the flock
 
 
+def extension_folder(name: str, source: str, cflags: list[str], ldflags: list[str], root: Path | None = None) -> Path:
+    """The folder `load_inline_locked` builds these arguments in."""
+    return build_folder(name, source, [*cflags, "|", *ldflags], root)
+
+
 def load_inline_locked(name: str, source: str, functions: list[str], cflags: list[str],
                        ldflags: list[str], timeout_s: float = DEFAULT_TIMEOUT_S, root: Path | None = None):
     """torch's load_inline in a folder of this build's own, under `build_lock`."""
     from torch.utils.cpp_extension import load_inline
 
-    folder = build_folder(name, source, [*cflags, "|", *ldflags], root)
+    folder = extension_folder(name, source, cflags, ldflags, root)
     with build_lock(folder, timeout_s):
-        return load_inline(name=name, cpp_sources=source, functions=functions, extra_cflags=cflags,
-                           extra_ldflags=ldflags, build_directory=str(folder), verbose=False)
+        # copies: torch appends to the flag lists it is given, which would change the caller's
+        # lists and so the folder the next call names
+        return load_inline(name=name, cpp_sources=source, functions=list(functions), extra_cflags=list(cflags),
+                           extra_ldflags=list(ldflags), build_directory=str(folder), verbose=False)

@@ -42,15 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import DataParallel, LogitHolder, load_sharded, save_sharded
+from .distributed import DataParallel, LogitHolder
 from .errors import UserError
-from .records import atomic_write_json
+from .records import atomic_write_json, sanitize_nonfinite
+from .state_files import FORMAT as STATE_FILE_FORMAT
+from .state_files import (FORMAT_VERSION, StateFileError, decode_optimizer, encode_optimizer, read_state, require,
+                          strict_json, write_state)
 from .models import all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
 from .registry import Pruner, PruneReport
 from .sparsity import SparsitySpec
 
 CHECKPOINT_VERSION = 1
+STATE_FORMAT = f"{STATE_FILE_FORMAT}/{FORMAT_VERSION}"  # in the multi-process pointer file
 LR_SCHEDULES = ("cosine", "constant")
 # adamw: torch's AdamW, the moments in the logits' dtype (the authors' Hugging Face trainer);
 # adamw-8bit: torchao's AdamW8bit, the same update with both moments stored 8-bit, block-wise.
@@ -431,7 +435,7 @@ class LearnedMaskPruner(Pruner):
 
     @property
     def checkpoint_file(self) -> str:
-        return f"{self.name}_state.pt"
+        return f"{self.name}_state.safetensors"
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -442,17 +446,25 @@ class LearnedMaskPruner(Pruner):
         # thread) changes nothing that matters numerically.
         flushed = torch.set_flush_denormal(True)
         try:
-            return self._train(model, ctx)
+            try:
+                return self._train(model, ctx)
+            except _Unresumable as exc:  # a checkpoint that does not fit the run: never trusted
+                where = Path(ctx.work_dir) / self.checkpoint_file
+                refused = f"{self.display or self.name}: ignored checkpoint {where}: {exc}; the cell starts from scratch"
+                return self._train(model, ctx, refused=refused)
         finally:
             if flushed:
                 torch.set_flush_denormal(False)  # the process default
 
-    def _train(self, model, ctx) -> PruneReport:
+    def _train(self, model, ctx, refused: Optional[str] = None) -> PruneReport:
+        """refused: the line saying why the checkpoint was not resumed (the second try)."""
         self.check_spec(ctx.sparsity)
         c, spec = self.config, ctx.sparsity
         who = self.display or self.name
         report = PruneReport(stats={"config": dataclasses.asdict(c), "scope": self.report_scope(spec),
                                     "paper_differences": c.paper_differences()})
+        if refused:
+            report.warnings.append(refused)
         modules = all_prunable(model)
         device = torch.device(ctx.device)
         logits_dtype = resolve_dtype(c.logits_dtype)
@@ -482,7 +494,7 @@ class LearnedMaskPruner(Pruner):
 
         state_path = Path(ctx.work_dir) / self.checkpoint_file if ctx.work_dir and c.checkpoint_every else None
         run_key = self._run_key(ctx, modules, fingerprint)
-        resumed = self._load_state(state_path, run_key, report, dp)
+        resumed = None if refused else self._load_state(state_path, run_key, report, dp, layers=list(modules))
 
         if resumed is None:
             t0 = time.perf_counter()
@@ -512,13 +524,9 @@ class LearnedMaskPruner(Pruner):
         curves = {"step": [], "loss": [], "ce": []}
         start_step = 0
         if resumed is not None:
-            if resumed.get("layout") is not None:  # every process reads its shards of logits and moments
-                load_sharded(resumed["shard_dir"], holder, optimizer)
-            elif resumed.get("optimizer_shard") is not None:  # this process's share of the sharded moments
-                optimizer.optim.load_state_dict(resumed["optimizer_shard"])
-            else:
-                optimizer.load_state_dict(resumed["optimizer"])
-            scheduler.load_state_dict(resumed["scheduler"])
+            # every process its logit shards (sharded), its moments or its share of them, the
+            # schedule; each checked against what it goes into (_Unresumable: start afresh)
+            self._restore(resumed, holder, optimizer, scheduler, modules, spec, dp)
             for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
                 # a shard restores only the local optimizer; the lr lives in the groups (a tensor
                 # for torchao's optimizers, which must keep it one)
@@ -686,34 +694,40 @@ class LearnedMaskPruner(Pruner):
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
     def _checkpoint(self, dp, path: Path, run_key, holder, optimizer, scheduler, step, curves) -> None:
-        """One process: the whole state in one file.  Several: a sharded checkpoint, one file per
-        process in a directory per step, nothing gathered (with shard_optimizer_state each process
-        writes only its own AdamW moments; the replicated logits, schedule and curves come from
-        rank 0 alone; with shard_logits torch.distributed.checkpoint writes each process's shards
-        of logits and moments beside rank 0's schedule and curves), made current when rank 0
-        atomically rewrites the pointer file."""
+        """One process: the whole state in one file.  Several: one file per process in a directory
+        per step, nothing gathered (replicated logits, schedule and curves from rank 0 alone; with
+        shard_optimizer_state each process writes only its own AdamW moments; with shard_logits
+        each its own shards of the logits and of their moments), made current when rank 0
+        atomically rewrites the pointer file.  Every file: tensors in safetensors, the rest
+        strict JSON (prunebench.state_files): nothing read back can run code."""
         if not dp.active:
             self._save_state(path, run_key, holder.full(), optimizer, scheduler, step, curves)
             return
         shard_dir = _shard_dir(path, step)
         shard_dir.mkdir(parents=True, exist_ok=True)
-        if holder.sharded:
-            save_sharded(shard_dir, holder, optimizer)
-            if dp.is_main:
-                _atomic_save({"run_key": run_key, "step": step, "world": dp.world, "rank": 0,
-                              "layout": holder.layout(), **_replicated_state(None, None, scheduler, curves)},
-                             shard_dir / "rank0.pt")
-        else:
-            local = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this process's share
-            state = {"run_key": run_key, "step": step, "world": dp.world, "rank": dp.rank,
-                     "optimizer_shard": local.state_dict() if local is not None else None}
-            if dp.is_main:
-                state.update(_replicated_state(holder.full(), None if local is not None else optimizer, scheduler,
-                                               curves))
-            _atomic_save(state, shard_dir / f"rank{dp.rank}.pt")
+        zero = getattr(optimizer, "optim", None)  # ZeroRedundancyOptimizer: this process's share
+        mode = "sharded" if holder.sharded else "zero" if zero is not None else "replicated"
+        meta, tensors = {"run_key": run_key, "step": step, "world": dp.world, "rank": dp.rank, "mode": mode}, {}
+        if mode == "sharded":  # every process: its own shards, read back by the same rank
+            logits = {name: {key: p.detach().to_local() for key, p in unit.tensors.items()}
+                      for name, unit in zip(holder.names, holder.layers)}
+            _put_logits(meta, tensors, logits)
+            _put_optimizer(meta, tensors, optimizer)
+        elif zero is not None:
+            _put_optimizer(meta, tensors, zero)
+        if dp.is_main:
+            if mode != "sharded":  # replicated: every process holds the same full logits
+                _put_logits(meta, tensors, holder.full())
+            if mode == "replicated":
+                _put_optimizer(meta, tensors, optimizer)
+            _put_replicated(meta, tensors, scheduler, curves)
+            if mode == "sharded":
+                meta["layout"] = holder.layout()
+        write_state(_shard_file(shard_dir, dp.rank), meta, tensors)
         dp.barrier()  # every shard is on disk before the pointer names them
         if dp.is_main:
-            pointer = {"run_key": run_key, "step": step, "world": dp.world, "dir": shard_dir.name}
+            pointer = {"format": STATE_FORMAT, "run_key": run_key, "step": step, "world": dp.world,
+                       "dir": shard_dir.name}
             atomic_write_json(_pointer(path), pointer)
             for old in path.parent.glob(f"{path.stem}.step*"):  # earlier steps: superseded
                 if old != shard_dir:
@@ -723,82 +737,229 @@ class LearnedMaskPruner(Pruner):
     def _save_state(self, path: Path, run_key, logits, optimizer, scheduler, step, curves) -> None:
         """Atomic: write a temp file, then os.replace.  The noise and data order are counter-based
         functions of (seed, step), so no generator state is needed beyond the step."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save({"run_key": run_key, "step": step, **_replicated_state(logits, optimizer, scheduler, curves)}, path)
+        meta, tensors = {"run_key": run_key, "step": step, "world": 1, "rank": 0, "mode": "single"}, {}
+        _put_logits(meta, tensors, logits)
+        _put_optimizer(meta, tensors, optimizer)
+        _put_replicated(meta, tensors, scheduler, curves)
+        write_state(path, meta, tensors)
 
-    def _load_state(self, path: Optional[Path], run_key, report, dp=DataParallel()):
+    def _load_state(self, path: Optional[Path], run_key, report, dp=DataParallel(), layers=None):
+        """The checkpoint to resume from, or None.  Read as data only and checked (format, run,
+        step, tensors); one that fails is named in one warning line and ignored, and a pickle of
+        the old format is never opened.  Several processes: all of them resume, or none does."""
         if path is None:
             return None
         who = self.display or self.name
-        if dp.active:
-            return self._load_shards(path, run_key, report, dp, who)
-        if not path.is_file():
-            return None
+        legacy = path.with_suffix(".pt")
+        if legacy.exists() or (dp.active and any(path.parent.glob(f"{path.stem}.step*/rank*.pt"))):
+            report.warnings.append(f"{who}: ignored an old-format checkpoint beside {path} (a pickle: never loaded)")
+        state, reason = None, None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a damaged checkpoint is not trusted
-            report.warnings.append(f"{who}: ignored unreadable checkpoint {path} ({exc})")
-            return None
-        if state.get("run_key") != run_key:
-            report.warnings.append(f"{who}: ignored checkpoint {path} from a different run (config, data or seed differ)")
-            return None
-        torch.set_rng_state(state["torch_rng"])
-        return state
-
-    def _load_shards(self, path: Path, run_key, report, dp, who):
-        """Every process reads rank 0's shard (the replicated state) and its own (its moments);
-        all of them resume, or none does."""
-        reason, state = None, None
-        try:
-            pointer = json.loads(_pointer(path).read_text())
-        except FileNotFoundError:
-            pointer = None
-        except (OSError, ValueError) as exc:
-            pointer, reason = None, f"ignored unreadable checkpoint pointer {_pointer(path)} ({exc})"
-        if pointer is not None:
-            if pointer.get("run_key") != run_key:
-                reason = f"ignored checkpoint {_pointer(path)} from a different run (config, data or seed differ)"
-            elif pointer.get("world") != dp.world:
-                reason = (f"ignored checkpoint {_pointer(path)}: written by {pointer.get('world')} processes, "
-                          f"this run has {dp.world} (the optimizer shards follow the process count)")
-            else:
-                try:
-                    shard_dir = path.parent / pointer["dir"]
-                    state = torch.load(shard_dir / "rank0.pt", map_location="cpu", weights_only=False)
-                    state["shard_dir"] = shard_dir
-                    if dp.rank != 0 and state.get("layout") is None:  # sharded logits: read in _train
-                        own = torch.load(shard_dir / f"rank{dp.rank}.pt", map_location="cpu", weights_only=False)
-                        state["optimizer_shard"] = own["optimizer_shard"]
-                    if state.get("run_key") != run_key or state.get("step") != pointer["step"]:
-                        raise ValueError("its shards do not match the pointer")
-                except Exception as exc:  # a damaged checkpoint is not trusted
-                    state, reason = None, f"ignored unreadable checkpoint {path.parent / pointer.get('dir', '?')} ({exc})"
+            state = self._read_checkpoint(path, run_key, dp, layers)
+        except StateFileError as exc:
+            reason = str(exc)
         if dp.any_true(state is None):  # one process cannot resume: none does
             if reason is not None:
-                report.warnings.append(f"{who}: {reason}")
+                report.warnings.append(f"{who}: ignored checkpoint {reason}; the cell starts from scratch")
             return None
-        torch.set_rng_state(state["torch_rng"])
         return state
 
+    def _read_checkpoint(self, path: Path, run_key, dp, layers):
+        """This process's view of the checkpoint (None if there is none); StateFileError naming
+        the file and the reason otherwise."""
+        if not dp.active:
+            if not path.exists():
+                return None
+            where = path
+            main = own = _read_part(path, run_key, 1, 0, None, "single")
+        else:
+            pointer_path = _pointer(path)
+            try:
+                pointer = strict_json(pointer_path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                return None
+            except (OSError, UnicodeDecodeError, StateFileError) as exc:
+                raise StateFileError(f"{pointer_path}: {str(exc).splitlines()[0]}") from None
+            if not isinstance(pointer, dict) or pointer.get("format") != STATE_FORMAT:
+                raise StateFileError(f"{pointer_path}: an old-format or foreign checkpoint pointer")
+            if pointer.get("run_key") != run_key:
+                raise StateFileError(f"{pointer_path}: from a different run (config, data or seed differ)")
+            if pointer.get("world") != dp.world:
+                raise StateFileError(f"{pointer_path}: written by {pointer.get('world')} processes, this run has "
+                                     f"{dp.world} (the optimizer shards follow the process count)")
+            step = pointer.get("step")
+            if type(step) is not int or pointer.get("dir") != _shard_dir(path, step).name:  # no path from the file
+                raise StateFileError(f"{pointer_path}: malformed")
+            shard_dir = where = _shard_dir(path, step)
+            main = _read_part(_shard_file(shard_dir, 0), run_key, dp.world, 0, step, None)
+            own = main if dp.rank == 0 else _read_part(_shard_file(shard_dir, dp.rank), run_key, dp.world, dp.rank,
+                                                       step, main[0]["mode"])
+        (meta, tensors), (own_meta, own_tensors) = main, own
+        try:
+            return self._checked_state(meta, tensors, own_meta, own_tensors, layers)
+        except StateFileError as exc:
+            raise StateFileError(f"{where}: {exc}") from None
 
-def _replicated_state(logits, optimizer, scheduler, curves) -> dict:
-    """The part of a checkpoint every process holds alike (logits in their training dtype)."""
-    return {"logits": None if logits is None else {layer: {k: p.detach().cpu() for k, p in ps.items()}
-                                                   for layer, ps in logits.items()},
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "scheduler": scheduler.state_dict(), "curves": curves, "torch_rng": torch.get_rng_state()}
+    def _checked_state(self, meta, tensors, own_meta, own_tensors, layers) -> dict:
+        """The resumable state from rank 0's part (replicated) and this process's (its shards),
+        checked for everything that is known before the logits exist."""
+        step, mode = meta["step"], meta["mode"]
+        require(0 < step < self.config.steps, f"step {step} is outside this run's 1..{self.config.steps - 1}")
+        curves = meta.get("curves")
+        require(isinstance(curves, dict) and all(isinstance(v, list) and all(_scalar(x) for x in v)
+                                                 for v in curves.values())
+                and len(curves.get("step", [])) == step, "its training curves do not match its step")
+        require(isinstance(meta.get("scheduler"), dict), "no lr schedule")
+        rng = tensors.get("torch_rng")
+        require(rng is not None and rng.dtype == torch.uint8 and rng.shape == torch.get_rng_state().shape,
+                "no generator state")
+        # sharded logits: this process's shards; sharded moments (zero, sharded): its own
+        logits = _get_logits(*((own_meta, own_tensors) if mode == "sharded" else (meta, tensors)), layers,
+                             resolve_dtype(self.config.logits_dtype))
+        opt_meta, opt_tensors = (own_meta, own_tensors) if mode in ("sharded", "zero") else (meta, tensors)
+        state = {"step": step, "mode": mode, "curves": curves, "scheduler": meta["scheduler"], "torch_rng": rng,
+                 "logits": logits, "optimizer": (opt_meta.get("optimizer"), opt_tensors)}
+        if mode == "sharded":  # the full shapes the placeholders take (FSDP then shards them)
+            layout = meta.get("layout")
+            require(isinstance(layout, dict) and list(layout) == list(logits)
+                    and all(isinstance(keys, dict) and list(keys) == list(logits[name])
+                            and all(isinstance(v, list) and len(v) == 2 and isinstance(v[0], list)
+                                    and all(type(d) is int and d >= 0 for d in v[0]) for v in keys.values())
+                            for name, keys in layout.items()), "its layout does not match its logits")
+            state["layout"] = layout
+        return state
+
+    def _restore(self, resumed, holder, optimizer, scheduler, modules, spec, dp):
+        """Load a checked checkpoint into the run's logits, optimizer and schedule, each tensor
+        checked against what it goes into.  Any mismatch on any process: _Unresumable on all."""
+        reason = None
+        try:
+            if resumed["mode"] == "sharded":  # this process's shards, in place
+                with torch.no_grad():
+                    for name, unit in zip(holder.names, holder.layers):
+                        require(list(unit.tensors) == list(resumed["logits"][name]), f"layer {name}: other logits")
+                        for key, p in unit.tensors.items():
+                            local, t = p.to_local(), resumed["logits"][name][key]
+                            require(t.shape == local.shape, f"logits {name}.{key}: shard {list(t.shape)}, this "
+                                                            f"process holds {list(local.shape)}")
+                            local.copy_(t)
+            target = optimizer.optim if resumed["mode"] == "zero" else optimizer
+            opt_meta, opt_tensors = resumed["optimizer"]
+            target.load_state_dict(decode_optimizer(opt_meta, opt_tensors, target))
+            live = scheduler.state_dict()
+            saved = resumed["scheduler"]
+            require(set(saved) == set(live) and all(_same_json_type(saved[k], live[k]) for k in live)
+                    and saved.get("last_epoch") == resumed["step"], "its lr schedule does not match its step")
+            scheduler.load_state_dict(saved)
+        except Exception as exc:  # ours (StateFileError) or torch's own checks of a state dict
+            reason = _one_line(exc)
+        if dp.any_true(reason is not None):
+            raise _Unresumable(reason or "another process could not use its part")
+        # The logits must give masks of the run's weights (the one check of their shapes against
+        # the model that needs no prior): the method's own final rule, on every process.
+        full = holder.full()
+        try:
+            masks = self.hard_masks(full, spec)
+            require(list(masks) == list(modules) and all(
+                tuple(masks[n].shape) == tuple(weight_matrix(m).shape) for n, m in modules.items()),
+                "its logits do not give masks of this model's weights")
+        except StateFileError as exc:
+            reason = str(exc)
+        except Exception as exc:  # the method's rule failed on them
+            reason = f"its logits do not fit this model ({_one_line(exc)})"
+        del full
+        if dp.any_true(reason is not None):
+            raise _Unresumable(reason or "another process could not use its part")
+        torch.set_rng_state(resumed["torch_rng"])
 
 
-def _atomic_save(state: dict, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+class _Unresumable(Exception):
+    """A checkpoint that passed reading but does not fit the run: the cell starts from scratch."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _scalar(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _same_json_type(saved, live) -> bool:
+    if isinstance(live, (list, tuple)):
+        return isinstance(saved, list) and len(saved) == len(live) and all(
+            _same_json_type(s, v) for s, v in zip(saved, live))
+    if isinstance(live, float):
+        return type(saved) in (int, float)
+    return type(saved) is type(live)
+
+
+def _put_logits(meta: dict, tensors: dict, logits: dict) -> None:
+    """{layer: {key: tensor}} as tensors logits/<layer>/<key> and their order in the JSON."""
+    meta["logits"] = [[layer, list(keys)] for layer, keys in logits.items()]
+    for layer, keys in logits.items():
+        for key, t in keys.items():
+            tensors[f"logits/{layer}/{key}"] = t
+
+
+def _get_logits(meta: dict, tensors: dict, layers, dtype) -> dict:
+    listing = meta.get("logits")
+    require(isinstance(listing, list) and all(isinstance(row, list) and len(row) == 2 and isinstance(row[0], str)
+                                              and isinstance(row[1], list) and row[1]
+                                              and all(isinstance(k, str) for k in row[1]) for row in listing),
+            "no logits")
+    out = {}
+    for layer, keys in listing:
+        require(layer not in out and len(set(keys)) == len(keys), "its logits are listed twice")
+        out[layer] = {}
+        for key in keys:
+            t = tensors.get(f"logits/{layer}/{key}")
+            require(t is not None, f"logits {layer}.{key} are missing")
+            require(t.dtype == dtype, f"logits {layer}.{key} are {t.dtype}, this run trains {dtype}")
+            out[layer][key] = t
+    require(layers is None or list(out) == list(layers), "its layers are not this model's prunable layers")
+    return out
+
+
+def _put_optimizer(meta: dict, tensors: dict, optimizer) -> None:
+    meta["optimizer"], more = encode_optimizer(optimizer.state_dict())
+    tensors.update(more)
+
+
+def _put_replicated(meta: dict, tensors: dict, scheduler, curves) -> None:
+    """What every process holds alike: the lr schedule, the curves (non-finite values as null,
+    as the record stores them) and the generator state."""
+    curves = json.loads(json.dumps(curves, default=float))
+    sanitize_nonfinite(curves)
+    meta.update(scheduler=scheduler.state_dict(), curves=curves)
+    tensors["torch_rng"] = torch.get_rng_state()
+
+
+def _read_part(path: Path, run_key, world, rank, step, mode):
+    """One process's file, checked against the pointer and rank 0's (StateFileError naming it)."""
+    try:
+        meta, tensors = read_state(path)
+    except FileNotFoundError:
+        raise StateFileError(f"{path}: missing") from None
+    except StateFileError as exc:
+        raise StateFileError(f"{path}: {exc}") from None
+    if meta.get("run_key") != run_key:
+        raise StateFileError(f"{path}: from a different run (config, data or seed differ)")
+    if (meta.get("world"), meta.get("rank")) != (world, rank) or (step is not None and meta.get("step") != step) \
+            or type(meta.get("step")) is not int:
+        raise StateFileError(f"{path}: does not match its checkpoint (step, process)")
+    expected = ("single",) if world == 1 else ("replicated", "zero", "sharded")
+    if meta.get("mode") not in expected or (mode is not None and meta.get("mode") != mode):
+        raise StateFileError(f"{path}: written for another way of running")
+    return meta, tensors
 
 
 def _remove_state(path: Path) -> None:
     """A checkpoint's every file: the single-process file, the pointer (first: without it the
-    shards are never read) and the shard directories."""
+    shards are never read) and the shard directories; and an old-format file, never read."""
     path.unlink(missing_ok=True)
+    path.with_suffix(".pt").unlink(missing_ok=True)
     _pointer(path).unlink(missing_ok=True)
     for shard_dir in path.parent.glob(f"{path.stem}.step*"):
         shutil.rmtree(shard_dir, ignore_errors=True)
@@ -806,6 +967,10 @@ def _remove_state(path: Path) -> None:
 
 def _shard_dir(path: Path, step: int) -> Path:
     return path.with_name(f"{path.stem}.step{step:07d}")
+
+
+def _shard_file(shard_dir: Path, rank: int) -> Path:
+    return shard_dir / f"rank{rank}.safetensors"
 
 
 def _pointer(path: Path) -> Path:

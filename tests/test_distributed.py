@@ -17,6 +17,7 @@ from prunebench.errors import UserError
 from prunebench.models import all_prunable, load_tiny, weight_matrix
 from prunebench.registry import PruneContext
 from prunebench.sparsity import SparsitySpec
+from prunebench.state_files import read_state
 
 # LEAP on a tiny Llama: 4 steps of 4 sequences, one sequence per micro-batch (so one mask draw
 # per sequence, as the authors' code draws), the held-out curve on 2 windows.
@@ -60,7 +61,7 @@ def _worker(rank, world, store_file, out_dir, config, preempt_at, work_dir):
             masks, report = _train(config, work_dir)
         except KeyboardInterrupt:
             return
-        torch.save({"masks": masks, "stats": {k: report.stats.get(k) for k in
+        torch.save({"masks": masks, "warnings": report.warnings, "stats": {k: report.stats.get(k) for k in
                                               ("processes", "micro_batches_per_process", "heldout_loss",
                                                "resumed_from_step", "curves", "logits_bytes",
                                                "logits_bytes_per_process")}},
@@ -76,7 +77,8 @@ def _run_two(tmp_path, name, config, preempt_at=None, work_dir=None):
     store = tmp_path / f"{name}.store"
     mp.spawn(_worker, args=(2, str(store), str(out), config, preempt_at, str(work_dir) if work_dir else None),
              nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)] if (out / "rank0.pt").exists() else None
+    # (this test's own result files: tensors and plain values, read without unpickling code)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)] if (out / "rank0.pt").exists() else None
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +105,21 @@ def test_two_processes_learn_what_one_process_learns(tmp_path, two_process_run):
 
 
 def _shards_at_cut(work_dir, step):
-    """The sharded checkpoint a preempted two-process run left: the pointer and one file per process."""
+    """The sharded checkpoint a preempted two-process run left: the pointer and one file per
+    process, each (strict JSON metadata, tensors) in safetensors."""
     pointer = json.loads((work_dir / "leap_state.latest.json").read_text())
     assert pointer["step"] == step and pointer["world"] == 2
     shard_dir = work_dir / pointer["dir"]
-    shards = [torch.load(shard_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["rank0.safetensors", "rank1.safetensors"]
+    shards = [read_state(shard_dir / f"rank{r}.safetensors") for r in range(2)]
     assert [p.name for p in work_dir.iterdir() if p.name.startswith("leap_state.step")] == [shard_dir.name]
-    assert not (work_dir / "leap_state.pt").exists()  # no gathered single-file copy
+    assert not (work_dir / "leap_state.safetensors").exists()  # no gathered single-file copy
     return shards
 
 
 def _resume_and_compare(tmp_path, config, uninterrupted, work_dir):
     resumed = _run_two(tmp_path, "resumed", config, work_dir=work_dir)
-    assert resumed[0]["stats"]["resumed_from_step"] == 2
+    assert resumed[0]["stats"]["resumed_from_step"] == 2, resumed[0]["warnings"]
     for name, mask in uninterrupted[0]["masks"].items():
         assert torch.equal(resumed[0]["masks"][name], mask), name
     assert not any(work_dir.iterdir())  # a finished run leaves no state to resume from
@@ -124,9 +128,9 @@ def _resume_and_compare(tmp_path, config, uninterrupted, work_dir):
 def test_a_resumed_two_process_run_ends_with_the_uninterrupted_mask(tmp_path, two_process_run):
     uninterrupted = two_process_run
     assert _run_two(tmp_path, "cut", CONFIG, preempt_at=2, work_dir=tmp_path / "w_cut") is None
-    shards = _shards_at_cut(tmp_path / "w_cut", 2)
-    assert shards[0]["logits"] and shards[0]["optimizer"] is not None  # replicated: rank 0 writes it once
-    assert "logits" not in shards[1] and shards[1]["optimizer_shard"] is None
+    (meta0, _), (meta1, tensors1) = _shards_at_cut(tmp_path / "w_cut", 2)
+    assert meta0["logits"] and meta0["optimizer"]["state"]  # replicated: rank 0 writes it once
+    assert "logits" not in meta1 and "optimizer" not in meta1 and not tensors1
     _resume_and_compare(tmp_path, CONFIG, uninterrupted, tmp_path / "w_cut")
 
 
@@ -137,9 +141,9 @@ def test_sharded_optimizer_state_is_saved_by_each_process_and_resumes(tmp_path):
     uninterrupted = _run_two(tmp_path, "full", config, work_dir=tmp_path / "w_full")
     assert _run_two(tmp_path, "cut", config, preempt_at=2, work_dir=tmp_path / "w_cut") is None
     shards = _shards_at_cut(tmp_path / "w_cut", 2)
-    assert shards[0]["optimizer"] is None and "logits" not in shards[1]
-    moments = [len(s["optimizer_shard"]["state"]) for s in shards]
-    n_logits = sum(len(ps) for ps in shards[0]["logits"].values())
+    assert [meta["mode"] for meta, _ in shards] == ["zero", "zero"] and "logits" not in shards[1][0]
+    moments = [len(meta["optimizer"]["state"]) for meta, _ in shards]  # each process: its own moments
+    n_logits = sum(len(keys) for _, keys in shards[0][0]["logits"])
     assert min(moments) > 0 and sum(moments) == n_logits, (moments, n_logits)
     _resume_and_compare(tmp_path, config, uninterrupted, tmp_path / "w_cut")
 
@@ -163,11 +167,14 @@ def test_sharded_logits_learn_what_one_process_learns_and_resume(tmp_path):
 
     assert _run_two(tmp_path, "cut", config, preempt_at=2, work_dir=tmp_path / "w_cut") is None
     work_dir = tmp_path / "w_cut"
-    pointer = json.loads((work_dir / "leap_state.latest.json").read_text())
-    shard_dir = work_dir / pointer["dir"]
-    meta = torch.load(shard_dir / "rank0.pt", weights_only=False)
-    assert meta["logits"] is None and meta["optimizer"] is None and meta["layout"]  # no gathered copy
-    assert sorted(p.name for p in shard_dir.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    shards = _shards_at_cut(work_dir, 2)
+    layout = shards[0][0]["layout"]
+    for name, keys in layout.items():  # each process holds its own shard of every logit: no gathered copy
+        for key, (shape, _) in keys.items():
+            rows = [tensors[f"logits/{name}/{key}"].shape for _, tensors in shards]
+            assert sum(r[0] for r in rows) == shape[0] and all(list(r[1:]) == shape[1:] for r in rows)
+            assert all(r[0] < shape[0] for r in rows)
+    assert all(meta["optimizer"]["state"] for meta, _ in shards)  # and of its moments
     _resume_and_compare(tmp_path, config, two, work_dir)
 
 

@@ -71,3 +71,49 @@ def test_a_build_after_a_killed_build_does_not_wait(tmp_path):
     holder.wait()
     module = load_inline_locked("prunebench_test_twice", SOURCE, ["twice"], ["-O1"], [], timeout_s=5, root=tmp_path)
     assert module.twice(21) == 42
+
+
+CONCRETE_HOLDER = textwrap.dedent("""
+    import time
+    from prunebench import concrete
+    from prunebench.kernel_build import build_lock, TORCH_BATON
+    with build_lock(concrete.build_folder()) as folder:  # concrete.py's own build folder
+        (folder / TORCH_BATON).touch()  # as torch leaves it when killed mid-build
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+CONCRETE_BUILD = textwrap.dedent("""
+    import torch
+    from prunebench import concrete
+    logits, weight = torch.randn(64, 300) * 0.05, torch.randn(64, 300)
+    fused = concrete.concrete_masked_weight(logits, weight, 5, 50.0, 0.5)
+    print(concrete.backend("cpu"), flush=True)
+    concrete._extension = lambda: None  # the torch path (no compiler): the same values
+    plain = concrete.concrete_masked_weight(logits, weight, 5, 50.0, 0.5)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+    print("same", flush=True)
+""")
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_concrete_builds_after_a_builder_was_killed_holding_its_lock():
+    """The issue's hang: a process killed while it held the fused gate kernel's build lock.
+    concrete.py's own entry point, in a fresh process, then builds (or loads) without waiting."""
+    from prunebench import concrete
+
+    folder = concrete.build_folder()
+    concrete.backend("cpu")  # built once here (cached), so the fresh process below only loads it
+    assert concrete.build_folder() == folder  # (torch appends to the flag lists it is given)
+    holder = subprocess.Popen([sys.executable, "-c", CONCRETE_HOLDER], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    holder.stdout.close()
+    assert (folder / TORCH_BATON).exists() and str(holder.pid) in (folder / LOCK_NAME).read_text()
+    # A dead holder must not count (torch's bare lock file made this wait forever); 300 s covers a cold build.
+    done = subprocess.run([sys.executable, "-c", CONCRETE_BUILD], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["cpp", "same"]
+    assert not (folder / TORCH_BATON).exists()

@@ -202,7 +202,7 @@ def test_resume_gives_the_same_mask(calib_windows, tmp_path, monkeypatch):
     loaded = load_tiny("llama")
     with pytest.raises(KeyboardInterrupt):
         registry.create("leap", config).prune(loaded.model, _ctx(loaded, calib_windows, work_dir=tmp_path / "b"))
-    assert (tmp_path / "b" / "leap_state.pt").is_file()
+    assert (tmp_path / "b" / "leap_state.safetensors").is_file()
     monkeypatch.setattr(leap.Leap, "_save_state", original)
     loaded = load_tiny("llama")
     report = registry.create("leap", config).prune(loaded.model, _ctx(loaded, calib_windows, work_dir=tmp_path / "b"))
@@ -210,7 +210,7 @@ def test_resume_gives_the_same_mask(calib_windows, tmp_path, monkeypatch):
     assert len(report.stats["curves"]["loss"]) == 6
     for name, w in _weights(loaded.model).items():
         assert torch.equal(w != 0, uninterrupted[name] != 0), name
-    assert not (tmp_path / "b" / "leap_state.pt").exists()
+    assert not (tmp_path / "b" / "leap_state.safetensors").exists()
 
 
 def test_nan_loss_names_the_step(calib_windows):

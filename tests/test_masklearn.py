@@ -66,7 +66,7 @@ def test_resume_gives_the_same_mask(calib_windows, tmp_path, monkeypatch, method
     loaded = load_tiny("llama")
     with pytest.raises(KeyboardInterrupt):
         registry.create(method, config).prune(loaded.model, _ctx(loaded, calib_windows, target, work_dir=tmp_path / "b"))
-    state = tmp_path / "b" / f"{method}_state.pt"
+    state = tmp_path / "b" / f"{method}_state.safetensors"
     assert state.is_file()
     monkeypatch.setattr(cls, "_save_state", original)
     loaded = load_tiny("llama")
