@@ -254,17 +254,24 @@ def _with_prefix(prefix: list[int], text_windows: torch.Tensor) -> torch.Tensor:
 
 
 def _cached(kind: str, key: dict, build):
+    """A token-id tensor built once and kept in the cache as safetensors (a cache another process
+    or user can write is never unpickled); a damaged entry is rebuilt, never trusted."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    path = cache_root() / kind / f"{digest}.pt"
+    path = cache_root() / kind / f"{digest}.safetensors"
     if path.is_file():
         try:
-            return torch.load(path)
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            stored = load_file(path)
+            if set(stored) == {"ids"} and stored["ids"].dtype == torch.int64:
+                return stored["ids"]
+        except (OSError, SafetensorError, ValueError):
             pass
     value = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(value, tmp)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    save_file({"ids": value.to(torch.int64).contiguous()}, str(tmp))
     os.replace(tmp, path)
     return value
 

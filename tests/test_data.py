@@ -17,7 +17,7 @@ def test_calibration_windows_are_cached_and_fingerprinted(tiny_tokenizer, tmp_pa
     c, fc = calibration_windows(tiny_tokenizer, WindowSpec("lee", 3, 32, 8))
     assert a.shape == (3, 32) and torch.equal(a, b) and fa == fb == token_fingerprint(a)
     assert fc != fa
-    assert list((tmp_path / "calibration").glob("*.pt"))
+    assert list((tmp_path / "calibration").glob("*.safetensors"))
 
 
 def test_stream_windows_never_repeat(tiny_tokenizer):
@@ -36,3 +36,30 @@ def test_wikitext_from_data_dir_matches_the_hf_rows(data_dir, tiny_tokenizer):
 def test_c4_calibration_from_data_dir(data_dir, tiny_tokenizer):
     ids, fp = calibration_windows(tiny_tokenizer, WindowSpec("c4", 4, 256, 0), data_dir=data_dir)
     assert ids.shape == (4, 256) and fp
+
+
+def test_the_token_cache_is_never_unpickled(tmp_path, monkeypatch):
+    """Cached windows are safetensors: a pickle planted where the old cache kept them is never
+    opened, and a damaged entry is rebuilt to the same windows."""
+    import pickle
+
+    from prunebench.data import WindowSpec, calibration_windows
+    from prunebench.models import tiny_tokenizer
+
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    marker = tmp_path / "planted-code-ran"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    spec = WindowSpec("lee", 4, 64, 0)
+    ids, fp = calibration_windows(tiny_tokenizer(), spec)
+    (entry,) = (tmp_path / "cache" / "calibration").glob("*.safetensors")
+    entry.with_suffix(".pt").write_bytes(pickle.dumps(Planted()))
+    entry.write_bytes(b"not a safetensors file")
+    again, fp_again = calibration_windows(tiny_tokenizer(), spec)
+    assert torch.equal(again, ids) and fp_again == fp
+    assert not marker.exists()
+    third, _ = calibration_windows(tiny_tokenizer(), spec)  # from the rebuilt entry
+    assert torch.equal(third, ids)
