@@ -48,6 +48,7 @@ from .records import atomic_write_json, sanitize_nonfinite
 from .state_files import FORMAT as STATE_FILE_FORMAT
 from .state_files import (FORMAT_VERSION, StateFileError, decode_optimizer, encode_optimizer, read_state, require,
                           strict_json, write_state)
+from .output_head import OutputHead
 from .models import all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
 from .registry import Pruner, PruneReport
@@ -550,7 +551,8 @@ class LearnedMaskPruner(Pruner):
             model.eval()  # no dropout: the only randomness is the mask noise
         patch = MaskedLinears(modules, holder, self)
         patch.seed = ctx.seed
-        head = OutputHead.of(model) if c.loss_chunk else None
+        head = OutputHead.of(model, hint="set loss_chunk: 0 to compute the loss from the model's own logits") \
+            if c.loss_chunk else None
         bar = progress_bar(total=c.steps, desc=f"{self.name} {spec.label}", enabled=ctx.progress, unit="step")
         bar.update(start_step)
         try:
@@ -1050,41 +1052,6 @@ def optimizer_state_bytes(optimizer) -> int:
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy (float32)."""
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
-
-
-@dataclass(frozen=True)
-class OutputHead:
-    """A causal LM split at its last hidden state, for a loss that applies the vocabulary head a
-    chunk of tokens at a time: the decoder, the head's linear layer and the logit soft-cap."""
-
-    decoder: nn.Module
-    linear: nn.Linear
-    softcap: Optional[float] = None
-
-    @classmethod
-    def of(cls, model) -> "OutputHead":
-        """Only the plain head (a linear layer, optionally soft-capped as the config says) is
-        reproduced; a model whose forward does anything else to its logits is refused."""
-        config = getattr(model, "config", None)
-        text = getattr(config, "text_config", None) or config
-        get_decoder, get_head = getattr(model, "get_decoder", None), getattr(model, "get_output_embeddings", None)
-        decoder = get_decoder() if callable(get_decoder) else None
-        linear = get_head() if callable(get_head) else None
-        if decoder is None or decoder is model or not isinstance(linear, nn.Linear):
-            raise UserError(f"loss_chunk: cannot split {type(model).__name__} into a decoder and a linear output head",
-                            hint="set loss_chunk: 0 to compute the loss from the model's own logits")
-        for name in ("logits_scaling", "logit_scale", "output_multiplier_scale"):
-            value = getattr(text, name, None)
-            if value not in (None, 1, 1.0):
-                raise UserError(f"loss_chunk: {type(model).__name__} scales its logits ({name}={value}), which the "
-                                "chunked loss does not reproduce", hint="set loss_chunk: 0")
-        return cls(decoder, linear, getattr(text, "final_logit_softcapping", None) or None)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.linear(hidden)
-        if self.softcap:  # in the model's dtype, as its own forward does
-            out = torch.tanh(out / self.softcap) * self.softcap
-        return out
 
 
 def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: OutputHead) -> torch.Tensor:

@@ -35,6 +35,33 @@ def test_perplexity_matches_a_direct_computation():
     assert result["value"] == pytest.approx(math.exp(nll.item()), rel=1e-5)
 
 
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("through_head", [True, False])
+def test_perplexity_in_chunks_scores_every_token_as_the_full_logits_do(family, through_head, monkeypatch):
+    """Evaluation applies the vocabulary head a few tokens at a time (or scores the model's own
+    logits a few positions at a time when its head cannot be split off): each window's NLL sum is
+    the full computation's, with a sequence start and without, whatever the chunk size."""
+    from prunebench.evaluate import perplexity as ppl
+    from prunebench.output_head import OutputHead
+
+    loaded = load_tiny(family)
+    vocab = loaded.model.get_output_embeddings().out_features
+    monkeypatch.setattr(ppl, "SCORE_CHUNK_BYTES", 4 * vocab * 7)  # 7 tokens per chunk
+    if not through_head:
+        monkeypatch.setattr(OutputHead, "find", classmethod(lambda cls, model: None))
+    torch.manual_seed(0)
+    ids = torch.randint(3, 250, (3 * 32 + 5,))
+    for prefix in ([], [1]):
+        result = perplexity(loaded.model, ids, 32, batch_size=2, progress=False, prefix=prefix)
+        windows = ppl.eval_windows(ids, 32, prefix=prefix)
+        first = ppl.first_scored(prefix)
+        with torch.no_grad():
+            logits = loaded.model(input_ids=windows).logits.float()
+            full = F.cross_entropy(logits[:, first - 1:-1].reshape(-1, logits.shape[-1]),
+                                   windows[:, first:].reshape(-1), reduction="none").view(3, -1).double().sum(1)
+        assert result["window_nll"] == pytest.approx(full.tolist(), rel=1e-5)
+
+
 def test_local_directory_loads_through_from_pretrained(tmp_path):
     tiny = load_tiny("qwen2")
     tiny.model.save_pretrained(tmp_path / "m")

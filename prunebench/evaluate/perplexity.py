@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..output_head import OutputHead
 from ..progress import progress_bar
 
 
@@ -93,6 +94,40 @@ def _finish(window_nll: list[float], windows: torch.Tensor, prefix, **extra) -> 
             "windows_fingerprint": windows_fingerprint(windows), "sequence_start": list(prefix), **extra}
 
 
+# The float32 logits scored at once: a few hundred MB, whatever the vocabulary (SmolLM2's 49k: 1365
+# tokens; Gemma-3's 262k: 256), so the [tokens x vocabulary] logits of a batch never exist whole.
+SCORE_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def score_chunk_tokens(vocab: int) -> int:
+    return max(1, SCORE_CHUNK_BYTES // (4 * vocab))
+
+
+def token_nll(model, batch: torch.Tensor, first: int, head: OutputHead | None = None) -> torch.Tensor:
+    """[B, T - first] float64 next-token NLL of positions first..T-1 of `batch` [B, T].
+
+    With `head` (the model split at its last hidden state) the vocabulary head runs a chunk of
+    tokens at a time, so no batch's [tokens x vocabulary] logits exist whole; without, the model's
+    own logits are scored a chunk of positions at a time (no float32 copy of them all).  A token's
+    NLL is the log-softmax of its own logits row either way, so chunking changes no value."""
+    if head is not None:
+        states = head.decoder(input_ids=batch, use_cache=False).last_hidden_state
+        vocab = head.linear.out_features
+    else:
+        states = model(input_ids=batch, use_cache=False).logits
+        vocab = states.shape[-1]
+    chunk = score_chunk_tokens(vocab)
+    n, t = batch.shape
+    nll = torch.empty(n, t - first, dtype=torch.float64, device=batch.device)
+    for b in range(n):
+        for c in range(first, t, chunk):
+            stop = min(c + chunk, t)
+            rows = states[b, c - 1:stop - 1]  # position p - 1 predicts token p
+            logits = (head.logits(rows) if head is not None else rows).float()
+            nll[b, c - first:stop - first] = F.cross_entropy(logits, batch[b, c:stop], reduction="none")
+    return nll
+
+
 def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int = 1, device="cpu",
                progress: bool = True, max_windows: int | None = None, prefix=()) -> dict:
     """Returns {"value", "diverged", "seqlen", "n_windows", "n_tokens", "window_tokens", "window_nll",
@@ -103,16 +138,14 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int =
     s = first_scored(prefix)
     n_windows = windows.shape[0]
     window_nll: list[float] = []
+    head = OutputHead.find(model)
     was_training = model.training
     model.eval()
     bar = progress_bar(total=n_windows, desc=f"perplexity @{seqlen}", enabled=progress, unit="win")
     with torch.no_grad():
         for start in range(0, n_windows, batch_size):
             batch = windows[start:start + batch_size].to(device)
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[:, s - 1:-1].reshape(-1, logits.shape[-1]), batch[:, s:].reshape(-1),
-                                  reduction="none")
-            window_nll += nll.view(batch.shape[0], -1).double().sum(dim=1).tolist()
+            window_nll += token_nll(model, batch, s, head).sum(dim=1).tolist()
             bar.update(batch.shape[0])
     bar.close()
     model.train(was_training)
