@@ -180,8 +180,8 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
                # scale per block of 256 values, as tests/test_optimizers.py measures
                "8bit": 1 + 4 / 256}
 LOSS_BYTES_PER_LOGIT = 2 + 4 + 4  # the bf16 output, its float32 copy and the cross-entropy's gradient
-# perplexity (evaluate/perplexity.py): the float32 logits, their shifted contiguous copy and the
-# cross-entropy's log-softmax, all [batch x seqlen x vocab] at once
+# perplexity (evaluate/perplexity.py) scores a chunk of tokens at a time from the last hidden
+# states: the chunk's float32 logits, the cross-entropy's log-softmax and its exp
 EVAL_BYTES_PER_LOGIT = 4 + 4 + 4
 
 
@@ -227,10 +227,15 @@ def training_memory(arch: Arch, per_weight: float, *, micro_tokens: int, logits_
 
 
 def eval_memory(arch: Arch, *, batch: int, seqlen: int, weight_dtype="bf16") -> float:
-    """Bytes while perplexity is scored: the weights, one batch's logits over the vocabulary in
-    float32 three times over (EVAL_BYTES_PER_LOGIT), one block's activations."""
+    """Bytes while perplexity is scored: the weights, one chunk's logits over the vocabulary in
+    float32 three times over (EVAL_BYTES_PER_LOGIT; perplexity.score_chunk_tokens), the batch's
+    last hidden states, one block's activations."""
+    from .evaluate.perplexity import score_chunk_tokens
+
     tokens = batch * seqlen
-    return (arch.params * DTYPE_BYTES[weight_dtype] + tokens * arch.vocab * EVAL_BYTES_PER_LOGIT
+    chunk = min(tokens, score_chunk_tokens(arch.vocab))
+    return (arch.params * DTYPE_BYTES[weight_dtype] + chunk * arch.vocab * EVAL_BYTES_PER_LOGIT
+            + tokens * arch.hidden * DTYPE_BYTES[weight_dtype]
             + tokens * (8 * arch.hidden + 4 * arch.intermediate) * 2)
 
 
