@@ -102,34 +102,14 @@ def capture_locals(wanted: dict, into: dict):
 
 
 def capture_inputs(args):
-    """(model's block `args.block`, {linear name: module}, {linear name: [inputs per batch]})."""
-    import torch
+    """({linear name: module}, {linear name: [inputs per batch of 4 windows]}) of block `args.block`."""
+    from block_inputs import block_at, record_inputs
 
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.layerwise import batch_windows, capture_block_inputs, run_block
-    from prunebench.models import find_blocks, load_model, prunable_linears
-
-    loaded = load_model(args.model)
-    windows, _ = calibration_windows(loaded.tokenizer, WindowSpec(args.calibration, args.n_samples, args.seqlen, 0))
-    hidden, block_args, block_kwargs = capture_block_inputs(loaded.model, windows, "cpu")
-    hidden = batch_windows(hidden, 4)
-    _, blocks = find_blocks(loaded.model)
-    for block in blocks[:args.block]:
-        hidden = run_block(block, hidden, block_args, block_kwargs, "cpu")
-    linears = prunable_linears(blocks[args.block])
     names = [n.strip() for n in args.linears.split(",") if n.strip()]
-    missing = [n for n in names if n not in linears]
-    if missing:
-        raise SystemExit(f"no linear {missing} in block {args.block}; it has {', '.join(linears)}")
-    inputs = {n: [] for n in names}
-    handles = [linears[n].register_forward_pre_hook(lambda m, inp, n=n: inputs[n].append(inp[0].detach().clone()))
-               for n in names]
-    try:
-        run_block(blocks[args.block], hidden, block_args, block_kwargs, "cpu")
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: linears[n] for n in names}, inputs
+    block, linears, hidden, block_args, block_kwargs = block_at(args.model, args.block, names, args.n_samples,
+                                                                args.seqlen, dataset=args.calibration,
+                                                                windows_per_batch=4)
+    return linears, record_inputs(block, linears, hidden, block_args, block_kwargs)
 
 
 def relative_error(H, W, W_new) -> float:

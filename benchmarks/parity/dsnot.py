@@ -55,27 +55,13 @@ def load_reference(checkout: Path):
 
 def layer_inputs(model_spec, block_index, names, n_samples, seqlen):
     """{name: (weight [out, in] float32, [per window [seqlen, in] inputs])} for linears of one block."""
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.layerwise import capture_block_inputs, run_block
-    from prunebench.models import find_blocks, load_model, prunable_linears, weight_matrix
+    from prunebench.models import weight_matrix
 
-    loaded = load_model(model_spec)
-    windows, _ = calibration_windows(loaded.tokenizer, WindowSpec("lee", n_samples, seqlen, 0))
-    hidden, args, kwargs = capture_block_inputs(loaded.model, windows, "cpu")
-    _, blocks = find_blocks(loaded.model)
-    for block in blocks[:block_index]:
-        hidden = run_block(block, hidden, args, kwargs, "cpu")
-    linears = prunable_linears(blocks[block_index])
-    missing = [n for n in names if n not in linears]
-    if missing:
-        raise SystemExit(f"no linear {missing} in block {block_index}; it has {', '.join(linears)}")
-    seen = {n: [] for n in names}
-    handles = [linears[n].register_forward_pre_hook(lambda m, i, n=n: seen[n].append(i[0][0].detach().float().clone()))
-               for n in names]
-    run_block(blocks[block_index], hidden, args, kwargs, "cpu")
-    for h in handles:
-        h.remove()
-    return {n: (weight_matrix(linears[n]).detach().float().clone(), seen[n]) for n in names}
+    from block_inputs import block_at, record_inputs
+
+    block, linears, hidden, args, kwargs = block_at(model_spec, block_index, names, n_samples, seqlen)
+    seen = record_inputs(block, linears, hidden, args, kwargs)
+    return {n: (weight_matrix(m).detach().float().clone(), [x[0] for x in seen[n]]) for n, m in linears.items()}
 
 
 def our_stats(xs):

@@ -42,24 +42,14 @@ def load_reference(checkout: Path):
 
 def layer_hessians(model_spec, block_index, names, n_samples, seqlen):
     """{name: (weight [out, in] float32, H = X^T X / n)} for linears of one decoder block."""
-    import torch
-
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.layerwise import capture_block_inputs, collect_block_stats, run_block
-    from prunebench.models import find_blocks, load_model, prunable_linears, weight_matrix
+    from prunebench.layerwise import collect_block_stats
+    from prunebench.models import weight_matrix
     from prunebench.registry import STATS_HESSIAN
 
-    loaded = load_model(model_spec)
-    windows, _ = calibration_windows(loaded.tokenizer, WindowSpec("lee", n_samples, seqlen, 0))
-    hidden, args, kwargs = capture_block_inputs(loaded.model, windows, "cpu")
-    _, blocks = find_blocks(loaded.model)
-    for block in blocks[:block_index]:
-        hidden = run_block(block, hidden, args, kwargs, "cpu")
-    linears = prunable_linears(blocks[block_index])
-    missing = [n for n in names if n not in linears]
-    if missing:
-        raise SystemExit(f"no linear {missing} in block {block_index}; it has {', '.join(linears)}")
-    groups, stats, _ = collect_block_stats(blocks[block_index], linears, STATS_HESSIAN, hidden, args, kwargs, "cpu")
+    from block_inputs import block_at
+
+    block, linears, hidden, args, kwargs = block_at(model_spec, block_index, names, n_samples, seqlen)
+    groups, stats, _ = collect_block_stats(block, linears, STATS_HESSIAN, hidden, args, kwargs, "cpu")
     leader = {n: g[0] for g in groups for n in g}
     return {n: (weight_matrix(linears[n]).detach().float().clone(), stats[leader[n]].hessian) for n in names}
 
