@@ -207,6 +207,25 @@ def sparsegpt_prune(weight: torch.Tensor, hinv_upper: torch.Tensor, spec: Sparsi
     return W, mask
 
 
+def factorised_group(method: str, weights: dict, stats, percdamp: float, max_retries: int):
+    """What the OBS-style methods share for linears that read the same input (q/k/v, gate/up):
+    their rows stacked in float32 with dead inputs zeroed, the upper Cholesky factor of the damped
+    H^-1 (factorised once for the group), each linear's row range, and the dampening retries'
+    warnings under the method's name."""
+    if stats is None or stats.hessian is None:
+        raise ValueError(f"{method} needs the Hessian X^T X of the layer inputs (statistics='hessian')")
+    stacked, bounds = stack_rows(weights)
+    H, W, _dead = prepare_hessian(stats.hessian.to(stacked.device), stacked)
+    hinv, _pd, warnings = damped_inverse_cholesky(H, percdamp, max_retries)
+    return W, hinv, bounds, [w.replace("sparsegpt:", f"{method}:", 1) for w in warnings]
+
+
+def split_results(bounds: dict, new_weight: torch.Tensor, mask: torch.Tensor, warnings: list) -> dict:
+    """Each linear's LinearResult from the stacked answer (the group's warnings go with the first)."""
+    return {n: LinearResult(mask=mask[a:b], weight=new_weight[a:b], warnings=list(warnings) if i == 0 else [])
+            for i, (n, (a, b)) in enumerate(bounds.items())}
+
+
 # ---------------------------------------------------------------------------------------------
 
 @register
@@ -240,15 +259,9 @@ class SparseGPT(LayerwisePruner):
         """Layers that share their input (q/k/v, gate/up) share the Hessian: it is prepared and
         factorised once and their rows are solved together (each layer's mask still selected
         over its own rows), the same result as one at a time at a fraction of the cost."""
-        if stats is None or stats.hessian is None:
-            raise ValueError("sparsegpt needs the Hessian X^T X of the layer inputs (statistics='hessian')")
         cfg = self.config
         if spec.target == 0:
             return {n: LinearResult(mask=torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
-        stacked, bounds = stack_rows(weights)
-        H, W, _dead = prepare_hessian(stats.hessian.to(stacked.device), stacked)
-        hinv, _pd, warnings = damped_inverse_cholesky(H, cfg.percdamp, cfg.max_damp_retries)
-        del H
+        W, hinv, bounds, warnings = factorised_group(self.name, weights, stats, cfg.percdamp, cfg.max_damp_retries)
         new_w, mask = sparsegpt_prune(W, hinv, spec, cfg.blocksize, row_groups=list(bounds.values()))
-        return {n: LinearResult(mask=mask[a:b], weight=new_w[a:b], warnings=list(warnings) if i == 0 else [])
-                for i, (n, (a, b)) in enumerate(bounds.items())}
+        return split_results(bounds, new_w, mask, warnings)

@@ -46,14 +46,14 @@ All arithmetic is float32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from prunebench.errors import UserError
-from prunebench.layerwise import stack_rows
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
 from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
 
-from .sparsegpt import block_keep_mask, damped_inverse_cholesky, prepare_hessian
+from .sparsegpt import block_keep_mask, factorised_group, split_results
 
 SELECTIONS = ("remaining", "block")
 
@@ -194,17 +194,10 @@ class Thanos(LayerwisePruner):
     def prune_group(self, weights, stats, spec, ctx):
         """Layers that share their input share the Hessian: factorised once, rows solved together,
         each layer's mask selected over its own rows (the same result as one at a time)."""
-        if stats is None or stats.hessian is None:
-            raise ValueError("thanos needs the Hessian X^T X of the layer inputs (statistics='hessian')")
         cfg = self.config
         if spec.target == 0:
             return {n: LinearResult(mask=torch.ones_like(w, dtype=torch.bool)) for n, w in weights.items()}
-        stacked, bounds = stack_rows(weights)
-        H, W, _dead = prepare_hessian(stats.hessian.to(stacked.device), stacked)
-        hinv, _pd, warnings = damped_inverse_cholesky(H, cfg.percdamp, cfg.max_damp_retries)
-        warnings = [w.replace("sparsegpt:", "thanos:", 1) for w in warnings]
-        del H
+        W, hinv, bounds, warnings = factorised_group(self.name, weights, stats, cfg.percdamp, cfg.max_damp_retries)
         new_w, mask = thanos_prune(W, hinv, stats.input_norm.to(W.device), spec, cfg.blocksize, cfg.v_blocksize,
                                    cfg.selection, row_groups=list(bounds.values()))
-        return {n: LinearResult(mask=mask[a:b], weight=new_w[a:b], warnings=list(warnings) if i == 0 else [])
-                for i, (n, (a, b)) in enumerate(bounds.items())}
+        return split_results(bounds, new_w, mask, warnings)
