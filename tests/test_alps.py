@@ -7,7 +7,7 @@ import torch
 
 from prunebench import registry
 from prunebench.errors import UserError
-from prunebench.registry import LayerStats, PruneContext
+from prunebench.registry import PruneContext
 from prunebench.sparsity import SparsitySpec, is_valid_mask, mask_from_scores
 
 from prunebench.methods.admm import normalise_inputs
@@ -15,37 +15,9 @@ from prunebench.methods.alps import (RhoSchedule, alps_admm, alps_prune, eigen_f
                                      ridge_solve)
 from prunebench.methods.sparsegpt import CholeskyError
 
+from synthetic_layers import make_layer, one_thread, prune_one, recon_error  # noqa: F401 (one_thread: a fixture)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def make_layer(seed=0, n=2048, d_in=128, d_out=64, rank=8):
-    """Correlated inputs (a mixing matrix plus low-rank common factors), column scales spread
-    over ~2 orders of magnitude: the regime where weight updates and activation-aware masks matter."""
-    g = torch.Generator().manual_seed(seed)
-    A = 0.3 * torch.eye(d_in) + torch.randn(d_in, d_in, generator=g) / d_in ** 0.5
-    X = torch.randn(n, d_in, generator=g) @ A
-    X = X + torch.randn(n, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
-    X = X * torch.exp(torch.randn(d_in, generator=g))
-    W = torch.randn(d_out, d_in, generator=g)
-    H = X.T @ X / n
-    return X, W, LayerStats(n_tokens=n, hessian=H, input_sq_mean=torch.diagonal(H).clone())
-
-
-def recon_error(X, W, W_hat):
-    return float(((X @ (W - W_hat).T) ** 2).sum())
-
-
-def run(name, W, stats, spec, **config):
-    pruner = registry.create(name, config)
-    spec = spec.resolved(pruner.default_scope)
-    res = pruner.prune_linear(W.clone(), stats, spec, PruneContext(sparsity=spec, registry=registry))
-    return res, (res.weight if res.weight is not None else W * res.mask), spec
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def masked_optimum(A, W, mask):
@@ -180,7 +152,7 @@ def test_admm_loop_applies_the_schedule_every_third_iteration():
 @pytest.mark.parametrize("scope", [None, "layer", "row"])
 def test_unstructured_sparsity_is_exact(scope):
     _, W, stats = make_layer(d_in=96, d_out=40)
-    res, new_w, spec = run("alps", W, stats, SparsitySpec(0.6, scope=scope))
+    res, new_w, spec = prune_one("alps", W, stats, SparsitySpec(0.6, scope=scope))
     assert res.mask.dtype == torch.bool and res.mask.shape == W.shape and is_valid_mask(res.mask, spec)
     if spec.scope == "row":
         assert ((~res.mask).sum(dim=1) == int(0.6 * W.shape[1])).all()
@@ -194,7 +166,7 @@ def test_unstructured_sparsity_is_exact(scope):
 def test_nm_masks_are_exact(nm):
     _, W, stats = make_layer(d_in=128, d_out=24)  # 128 is not a multiple of 3: a short tail group
     spec = SparsitySpec.parse(f"{nm[0]}:{nm[1]}")
-    res, new_w, _ = run("alps", W, stats, spec)
+    res, new_w, _ = prune_one("alps", W, stats, spec)
     n, m = nm
     assert is_valid_mask(res.mask, spec)
     full = W.shape[1] - W.shape[1] % m
@@ -206,7 +178,7 @@ def test_nm_masks_are_exact(nm):
 def test_reconstruction_beats_masks_without_update_and_matches_admm_at_70(seed):
     X, W, stats = make_layer(seed=seed)
     spec = SparsitySpec(0.7)
-    errs = {name: recon_error(X, W, run(name, W, stats, spec)[1]) for name in ("alps", "admm", "wanda", "magnitude")}
+    errs = {name: recon_error(X, W, prune_one(name, W, stats, spec)[1]) for name in ("alps", "admm", "wanda", "magnitude")}
     assert errs["alps"] < errs["wanda"] < errs["magnitude"], errs
     assert errs["alps"] <= errs["admm"], errs
 

@@ -8,53 +8,22 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.registry import LayerStats, PruneContext
+from prunebench.registry import LayerStats
 from prunebench.sparsity import SparsitySpec, is_valid_mask, mask_from_scores, n_to_prune, nm_mask
 
 from prunebench.methods.admm import _early_two_of_four, _pair_bounds, admm_prune, cubic_sparsity, select_mask, two_of_four
 from prunebench.methods.sparsegpt import (CholeskyError, damped_inverse_cholesky, prepare_hessian,
                                           sparsegpt_prune)
 
+from synthetic_layers import make_layer, one_thread, prune_one, recon_error  # noqa: F401 (one_thread: a fixture)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The machine is shared; these tensors are tiny anyway.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-def make_layer(seed=0, n=2048, d_in=128, d_out=64, rank=8):
-    """X = Z A + low-rank common factors, columns rescaled over ~2 orders of magnitude."""
-    g = torch.Generator().manual_seed(seed)
-    A = 0.3 * torch.eye(d_in) + torch.randn(d_in, d_in, generator=g) / d_in ** 0.5
-    X = torch.randn(n, d_in, generator=g) @ A
-    X = X + torch.randn(n, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
-    X = X * torch.exp(torch.randn(d_in, generator=g))
-    W = torch.randn(d_out, d_in, generator=g)
-    H = X.T @ X / n
-    return X, W, LayerStats(n_tokens=n, hessian=H, input_sq_mean=torch.diagonal(H).clone())
-
-
-def recon_error(X, W, W_hat):
-    return float(((X @ (W - W_hat).T) ** 2).sum())
-
-
-def run(name, W, stats, spec, **config):
-    """Build a method through the registry and prune one matrix as the engine would."""
-    pruner = registry.create(name, config)
-    spec = spec.resolved(pruner.default_scope)
-    ctx = PruneContext(sparsity=spec, registry=registry)
-    res = pruner.prune_linear(W.clone(), stats, spec, ctx)
-    new_w = res.weight if res.weight is not None else W * res.mask
-    return res, new_w, spec
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_reconstruction_error_orders_the_methods():
     X, W, stats = make_layer()
     spec = SparsitySpec(0.5)
-    errs = {name: recon_error(X, W, run(name, W, stats, spec)[1])
+    errs = {name: recon_error(X, W, prune_one(name, W, stats, spec)[1])
             for name in ("admm", "sparsegpt", "wanda", "magnitude")}
     assert errs["admm"] <= errs["sparsegpt"] <= errs["wanda"] <= errs["magnitude"], errs
 
@@ -63,7 +32,7 @@ def test_reconstruction_error_orders_the_methods():
 @pytest.mark.parametrize("scope", [None, "row", "layer"])
 def test_unstructured_sparsity_is_exact(name, scope):
     _, W, stats = make_layer(d_in=96, d_out=40)
-    res, new_w, spec = run(name, W, stats, SparsitySpec(0.6, scope=scope))
+    res, new_w, spec = prune_one(name, W, stats, SparsitySpec(0.6, scope=scope))
     assert res.mask.dtype == torch.bool and res.mask.shape == W.shape
     assert is_valid_mask(res.mask, spec)
     if spec.scope == "row":  # the same count in every row (rounded per row, as mask_from_scores does)
@@ -79,7 +48,7 @@ def test_unstructured_sparsity_is_exact(name, scope):
 def test_nm_masks_are_valid(name, nm):
     _, W, stats = make_layer(d_in=128, d_out=32)  # 128 is not a multiple of 3: a short tail group
     spec = SparsitySpec.parse(f"{nm[0]}:{nm[1]}")
-    res, new_w, _ = run(name, W, stats, spec)
+    res, new_w, _ = prune_one(name, W, stats, spec)
     assert is_valid_mask(res.mask, spec)
     n, m = nm
     full = W.shape[1] - W.shape[1] % m
@@ -91,8 +60,8 @@ def test_nm_masks_are_valid(name, nm):
 @pytest.mark.parametrize("name", ["sparsegpt", "admm"])
 def test_same_inputs_same_result(name):
     _, W, stats = make_layer(d_in=64, d_out=32)
-    a, wa, _ = run(name, W, stats, SparsitySpec(0.5))
-    b, wb, _ = run(name, W, stats, SparsitySpec(0.5))
+    a, wa, _ = prune_one(name, W, stats, SparsitySpec(0.5))
+    b, wb, _ = prune_one(name, W, stats, SparsitySpec(0.5))
     assert torch.equal(a.mask, b.mask)
     assert torch.equal(wa, wb)
 
@@ -128,8 +97,8 @@ def test_admm_frozen_mask_reaches_the_masked_least_squares_optimum():
 def test_admm_mask_from_wanda():
     X, W, stats = make_layer(seed=1)
     spec = SparsitySpec(0.5)
-    wanda, w_wanda, wanda_spec = run("wanda", W, stats, spec)
-    res, w_admm, admm_spec = run("admm", W, stats, spec, mask_from="wanda")
+    wanda, w_wanda, wanda_spec = prune_one("wanda", W, stats, spec)
+    res, w_admm, admm_spec = prune_one("admm", W, stats, spec, mask_from="wanda")
     assert admm_spec == wanda_spec  # an unscoped spec resolves with the source's default scope
     assert torch.equal(res.mask, wanda.mask)
     assert recon_error(X, W, w_admm) <= recon_error(X, W, w_wanda)
@@ -156,23 +125,23 @@ def test_sparsegpt_retries_cholesky_with_more_dampening():
     H = 1.9 * torch.eye(n) - 0.9 * torch.ones(n, n)
     W = torch.randn(8, n, generator=torch.Generator().manual_seed(0))
     stats = LayerStats(n_tokens=100, hessian=H)
-    res, new_w, _ = run("sparsegpt", W, stats, SparsitySpec(0.5))
+    res, new_w, _ = prune_one("sparsegpt", W, stats, SparsitySpec(0.5))
     assert len(res.warnings) == 4  # 0.01 -> 0.1 -> 1 -> 10 -> 100
     assert "percdamp=0.01" in res.warnings[0] and "percdamp=100" in res.warnings[-1]
     assert torch.isfinite(new_w).all()
 
     with pytest.raises(CholeskyError, match="percdamp in 0.01, 0.1, 1"):
-        run("sparsegpt", W, stats, SparsitySpec(0.5), max_damp_retries=2)
+        prune_one("sparsegpt", W, stats, SparsitySpec(0.5), max_damp_retries=2)
 
 
 def test_sparsegpt_rejects_what_dampening_cannot_fix():
     W = torch.randn(4, 16)
     with pytest.raises(CholeskyError, match="negative diagonal"):
-        run("sparsegpt", W, LayerStats(10, hessian=-torch.eye(16) - 0.1), SparsitySpec(0.5))
+        prune_one("sparsegpt", W, LayerStats(10, hessian=-torch.eye(16) - 0.1), SparsitySpec(0.5))
     bad = torch.eye(16)
     bad[3, 5] = float("nan")
     with pytest.raises(CholeskyError, match="NaN"):
-        run("sparsegpt", W, LayerStats(10, hessian=bad), SparsitySpec(0.5))
+        prune_one("sparsegpt", W, LayerStats(10, hessian=bad), SparsitySpec(0.5))
 
 
 def test_sparsegpt_matches_explicit_obs():
@@ -208,9 +177,9 @@ def test_dead_inputs():
     X[:, [0, 7]] = 0  # features that never fire
     H = X.T @ X / X.shape[0]
     stats = LayerStats(X.shape[0], hessian=H)
-    res, new_w, _ = run("sparsegpt", W, stats, SparsitySpec(0.5))
+    res, new_w, _ = prune_one("sparsegpt", W, stats, SparsitySpec(0.5))
     assert (new_w[:, [0, 7]] == 0).all() and torch.isfinite(new_w).all()
-    res, new_w, _ = run("admm", W, stats, SparsitySpec(0.5))
+    res, new_w, _ = prune_one("admm", W, stats, SparsitySpec(0.5))
     assert torch.isfinite(new_w).all()
     assert not res.mask[:, [0, 7]].any()  # zero Wanda score: pruned first
 

@@ -12,23 +12,16 @@ from prunebench.methods.sparsegpt import damped_inverse_cholesky
 from prunebench.methods.thanos import obs_multipliers, outlier_rows, thanos_prune
 from prunebench.methods.wanda import wanda_scores
 
+import synthetic_layers
+from synthetic_layers import one_thread  # noqa: F401 (a fixture)
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_layer(seed=0, n=1024, d_in=64, d_out=24, rank=6):
-    """Correlated inputs with column scales spread over ~2 orders of magnitude."""
-    g = torch.Generator().manual_seed(seed)
-    A = 0.3 * torch.eye(d_in) + torch.randn(d_in, d_in, generator=g) / d_in ** 0.5
-    X = torch.randn(n, d_in, generator=g) @ A + torch.randn(n, rank, generator=g) @ torch.randn(rank, d_in, generator=g)
-    X = X * torch.exp(torch.randn(d_in, generator=g))
-    W = torch.randn(d_out, d_in, generator=g)
-    return X, W, X.T @ X / n
+    """A smaller synthetic layer: (X, W, H = X^T X / n)."""
+    X, W, stats = synthetic_layers.make_layer(seed, n, d_in, d_out, rank)
+    return X, W, stats.hessian
 
 
 def undamped(X, W, spec, **kw):
