@@ -176,6 +176,9 @@ class Pruner:
         if spec.pattern not in self.capabilities.patterns:
             raise UserError(f"method {self.name!r} does not support the {spec.pattern_name} pattern",
                             hint=f"it supports: {', '.join(self.capabilities.patterns)}")
+        allocation = getattr(self, "allocation", None)
+        if allocation is not None:  # 'wanda+owl': the allocation must support the pattern too
+            allocation.check_spec(spec)
 
     def uses_methods(self) -> tuple:
         """Registered methods this configuration calls (e.g. LEAP's Wanda prior): their code is

@@ -202,6 +202,18 @@ def test_a_mask_off_its_block_target_fails_the_check():
         check_output(named, SparsitySpec(0.7), "row", layer_specs=report.layer_specs)
 
 
+@pytest.mark.parametrize("method,spec,message", [("wanda+owl", "2:4", "N:8"),
+                                                  ("wanda+alphapruning", "2:4", "does not support the 2:4 pattern")])
+def test_a_grid_refuses_an_allocation_at_a_pattern_it_cannot_give_before_any_model_loads(method, spec, message):
+    """Found on Gemma-3-270M: these were refused only when the cell ran (the grid asked the
+    method, not its allocation)."""
+    grid = grid_from_dict({"models": ["tiny:llama"], "methods": [method], "sparsities": [spec],
+                           "calibration": {"dataset": "lee", "n_samples": 2, "seqlen": 32},
+                           "eval": {"perplexity": ["lee"], "seqlen": 32, "tasks": []}})
+    with pytest.raises(UserError, match=message):
+        grid.cells()
+
+
 def test_composite_names_resolve_and_reject_what_does_not_compose():
     assert registry.resolve("Wanda+OWL") == "wanda+owl"
     assert registry.resolve("sparsegpt+alpha") == "sparsegpt+alphapruning"
