@@ -274,25 +274,32 @@ def validate_record(rec) -> None:
         raise InvalidRecord("; ".join(errors[:3]) + more)
 
 
-def _refuse_constant(name: str):
-    # also what a record from before non-finite values were stored as null holds (a diverged
-    # perplexity as a bare Infinity, before 2026-12-01): refused like any other, its cell recomputed
-    raise InvalidRecord(f"not strict JSON: {name} (prunebench stores a non-finite number as null)")
+def strict_json_hooks(error: type, constant_note: str = "") -> dict:
+    """json.loads keyword arguments that refuse NaN / Infinity and a name twice in one object,
+    raising `error` with a one-line reason (records here, checkpoint headers in state_files)."""
+    def refuse_constant(name: str):
+        raise error(f"not strict JSON: {name}{constant_note}")
+
+    def no_duplicate_names(pairs: list) -> dict:
+        out = {}
+        for name, value in pairs:
+            if name in out:
+                raise error(f"not strict JSON: the name {name!r} twice in one object")
+            out[name] = value
+        return out
+
+    return {"parse_constant": refuse_constant, "object_pairs_hook": no_duplicate_names}
 
 
-def _no_duplicate_names(pairs: list) -> dict:
-    out = {}
-    for name, value in pairs:
-        if name in out:
-            raise InvalidRecord(f"not strict JSON: the name {name!r} twice in one object")
-        out[name] = value
-    return out
+# also what a record from before non-finite values were stored as null holds (a diverged
+# perplexity as a bare Infinity, before 2026-12-01): refused like any other, its cell recomputed
+_RECORD_JSON = strict_json_hooks(InvalidRecord, " (prunebench stores a non-finite number as null)")
 
 
 def parse_record_text(text: str) -> dict:
     """Strict JSON -> a validated record (InvalidRecord / ValueError with a one-line reason)."""
     try:
-        rec = json.loads(text, parse_constant=_refuse_constant, object_pairs_hook=_no_duplicate_names)
+        rec = json.loads(text, **_RECORD_JSON)
     except json.JSONDecodeError as exc:
         raise InvalidRecord(f"not valid JSON: {exc}") from None
     except RecursionError:  # hostile nesting must not stop a reader

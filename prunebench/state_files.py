@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .atomic import atomic_path
+from .records import strict_json_hooks
 
 FORMAT = "prunebench-training-state"
 FORMAT_VERSION = 1
@@ -95,19 +96,8 @@ def read_state(path) -> tuple[dict, dict]:
 
 def strict_json(text: str):
     """json.loads refusing NaN / Infinity and duplicate names (StateFileError)."""
-    def refuse_constant(name):
-        raise StateFileError(f"not strict JSON: {name}")
-
-    def no_duplicates(pairs):
-        out = {}
-        for name, value in pairs:
-            if name in out:
-                raise StateFileError(f"not strict JSON: the name {name!r} twice in one object")
-            out[name] = value
-        return out
-
     try:
-        return json.loads(text, parse_constant=refuse_constant, object_pairs_hook=no_duplicates)
+        return json.loads(text, **strict_json_hooks(StateFileError))
     except (json.JSONDecodeError, RecursionError) as exc:
         raise StateFileError(f"not valid JSON ({_line(exc)})") from None
 
