@@ -263,3 +263,33 @@ def test_evaluate_zeroshot_embedded_without_data_dir():
     out = zs.evaluate_zeroshot(model, tokenizer, "embedded", limit=5, batch_size=8)
     assert "pb_lee_next_sentence" not in out  # the preset is the next-word task alone
     assert out[zs.EMBEDDED_TASK]["n"] == 5 and 0.0 <= out[zs.EMBEDDED_TASK]["value"] <= 1.0
+
+
+def test_rows_per_batch_holds_the_logits_budget():
+    # 262k vocabulary, 700-token MMLU request: one row's logits are 734 MB, over a 512 MB budget -> 1
+    assert zs.rows_per_batch(700, 262144, 16, budget=512 << 20) == 1
+    assert zs.rows_per_batch(100, 262144, 16, budget=512 << 20) == 5
+    assert zs.rows_per_batch(100, 49152, 16, budget=512 << 20) == 16  # never more than asked
+    tiers = zs.batches_by_length([700, 100, 100, 10], 262144, 16, budget=512 << 20)
+    assert tiers == {1: [0], 5: [1, 2], 16: [3]}
+
+
+def test_memory_bounded_batches_score_like_one_batch(monkeypatch):
+    # The same requests scored with a budget that splits them into several row counts give the same
+    # accuracy per item as one batch of 8 (answers go back to their requests).
+    model, tokenizer = _tiny_model()
+    whole = zs.evaluate_zeroshot(model, tokenizer, "embedded", limit=12, batch_size=8)
+    seen = []
+    real = zs.batches_by_length
+
+    def tiny_budget(lengths, vocab, most, budget=zs.LOGITS_BYTES_PER_BATCH):
+        # two rows of the longest request per batch: shorter requests get more rows
+        tiers = real(lengths, vocab, most, budget=vocab * 4 * 2 * max(lengths))
+        seen.append(sorted(tiers))
+        return tiers
+
+    monkeypatch.setattr(zs, "batches_by_length", tiny_budget)
+    split = zs.evaluate_zeroshot(model, tokenizer, "embedded", limit=12, batch_size=8)
+    assert any(len(t) > 1 for t in seen), seen  # really split into several row counts
+    a, b = whole[zs.EMBEDDED_TASK], split[zs.EMBEDDED_TASK]
+    assert a["per_item"] == b["per_item"] and a["value"] == b["value"]

@@ -55,6 +55,11 @@ RESULTS_FILE = "lm_eval_results.json"
 # Bootstrap is only used for stderrs of non-mean metrics (e.g. lambada's perplexity); acc's
 # stderr is analytic. lm-eval's default of 100k resamples costs minutes on CPU for nothing here.
 BOOTSTRAP_ITERS = 1000
+# lm-eval scores a batch from its full float32 logits and then their log-softmax (two [rows x
+# tokens x vocabulary] tensors, plus the model's own copy): a fixed row count that fits SmolLM2's
+# 49k vocabulary takes Gemma-3's 262k past this machine's memory (16 rows of MMLU: > 17 GB,
+# killed). So each batch is held to this many bytes of logits, and longer requests get fewer rows.
+LOGITS_BYTES_PER_BATCH = 512 << 20
 # Bump when a converter's output changes, so cached conversions are rebuilt.
 CONVERTER_VERSION = 1
 
@@ -445,6 +450,21 @@ def task_manager_for(tasks: Sequence[str], data_dir=None):
     return _task_manager(needs_stock, tuple(paths))
 
 
+def rows_per_batch(tokens: int, vocab: int, most: int, budget: int = LOGITS_BYTES_PER_BATCH) -> int:
+    """Rows of `tokens` tokens whose float32 logits over `vocab` fit `budget` bytes: at least 1,
+    at most `most` (the batch size asked for)."""
+    return max(1, min(most, budget // max(1, tokens * vocab * 4)))
+
+
+def batches_by_length(lengths: Sequence[int], vocab: int, most: int, budget: int = LOGITS_BYTES_PER_BATCH) -> dict:
+    """{rows per batch: [request indices]}: each request goes to the row count its own length
+    allows, so a batch (padded to its longest request) stays within the budget."""
+    tiers: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        tiers.setdefault(rows_per_batch(n, vocab, most, budget), []).append(i)
+    return tiers
+
+
 def _make_lm(model, tokenizer, batch_size: int, max_length: int | None):
     from lm_eval.models.huggingface import HFLM
 
@@ -453,6 +473,23 @@ def _make_lm(model, tokenizer, batch_size: int, max_length: int | None):
         def get_model_info(self) -> dict:
             return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                     "model_dtype": str(getattr(self._model, "dtype", ""))}
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+            # Requests of each length tier are scored at that tier's row count (LOGITS_BYTES_PER_BATCH);
+            # HFLM returns answers in its input order, so each tier's answers go back to their places.
+            vocab = self._model.get_output_embeddings().weight.shape[0]
+            lengths = [min(len(ctx) + len(cont), self.max_length + 1) for _, ctx, cont in requests]
+            asked = self.batch_size_per_gpu
+            answers: list = [None] * len(requests)
+            try:
+                for rows, indices in sorted(batches_by_length(lengths, vocab, int(asked)).items()):
+                    self.batch_size_per_gpu = rows
+                    part = super()._loglikelihood_tokens([requests[i] for i in indices], disable_tqdm, override_bs)
+                    for i, a in zip(indices, part):
+                        answers[i] = a
+            finally:
+                self.batch_size_per_gpu = asked
+            return answers
 
     from ..sequence_start import sequence_start_ids
 
