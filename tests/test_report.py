@@ -176,8 +176,9 @@ def test_reference_frame_uses_fractions_and_hf_ids():
     gemma_leap = reference[(reference["model"] == "google/gemma-3-1b-pt")
                            & (reference["method"] == "leap") & (reference["sparsity"] == 0.5)]
     assert gemma_leap["published_avg"].iat[0] == pytest.approx(0.4493)
-    assert set(reference["source"]) == {"LEAP (arXiv 2605.17289)", "OPTIMA (sibling study)"}
-    assert len(paper_reference_frame(include_sibling_study=False)) == 20 + 7
+    assert set(reference["source"]) == {"LEAP (arXiv 2605.17289)", "OPTIMA (sibling study)",
+                                        "Thanos in the LEAP group's sweep"}
+    assert len(paper_reference_frame(include_sibling_study=False)) == 20 + 7 + 4
 
 
 def test_gemma_average_is_flagged():
@@ -209,11 +210,13 @@ def test_headline_gain_over_admm():
     assert set(zip(gains["model"], gains["sparsity_label"])) == expected_pairs
     assert set(gains["baseline"]) == {"admm"}
 
-    # ADMM is the best published layer-wise baseline in every setting (OPTIMA's Wanda / SparseGPT
-    # included), so the "best layer-wise" comparison gives the same headline.
+    # ADMM is the best published layer-wise baseline in every setting but one (OPTIMA's Wanda /
+    # SparseGPT included): Thanos's Llama-3.1 8B 50% row (Avg 57.64 against ADMM's 57.50) leaves
+    # LEAP +0.07 there instead of +0.21, so the "best layer-wise" headline is +1.32 at 50%.
     best = gain_table(reference, baseline=BEST_LAYERWISE)
-    assert set(best["baseline"]) == {"admm"}
-    assert _mean_gains(best) == PAPER_HEADLINE_GAIN
+    assert set(best["baseline"]) == {"admm", "thanos"}
+    assert list(best.loc[best["baseline"] == "thanos", "model"]) == ["meta-llama/Llama-3.1-8B"]
+    assert _mean_gains(best) == {"0.5": 1.32, "0.6": 3.83, "all": 2.58}
 
     # The 8B pairs are part of the headline: the four small models alone give another number.
     small_only = gains[gains["model"] != "meta-llama/Llama-3.1-8B"]
@@ -424,6 +427,16 @@ def test_paper_report_includes_the_patch_table():
     text = build_paper_report()
     assert "PATCH (arXiv 2509.23410): Qwen-2.5 0.5B" in text
     assert "| PATCH | 45% tiles/128 | 14.57 | 40.29 |" in text and "| MaskLLM | 2:4 | 15.22 | 39.33 |" in text
+    # the baselines issue's rows (BASELINES.md): Thanos and ProxSparse at 2:4
+    assert "| Thanos | 2:4 | 37.32 | - |" in text and "| ProxSparse | 2:4 | 111.05 | 32.05 |" in text
+
+
+def test_paper_report_marks_the_thanos_sweep_rows(paper_markdown):
+    rows = [line for line in paper_markdown.splitlines() if line.startswith("|") and "Thanos" in line]
+    # Qwen-2.5 0.5B and Llama-3.1 8B at 50% and 60%, PPL / Avg only, each marked with its source
+    marked = [line for line in rows if "Thanosᵗ" in line]
+    assert len(marked) == 4 and all("‡" in line for line in marked)
+    assert "- ᵗ Thanos row of the LEAP group's sweep" in paper_markdown
 
 
 def test_a_text_named_by_path_stays_out_of_file_names_and_headings(tmp_path):

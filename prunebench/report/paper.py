@@ -25,6 +25,9 @@ import pandas as pd
 PAPER_ARXIV_ID = "2605.17289"
 PAPER_SOURCE = f"LEAP (arXiv {PAPER_ARXIV_ID})"
 SIBLING_STUDY_SOURCE = "OPTIMA (sibling study)"
+# Thanos in the LEAP group's protocol (128 C4 x 2048 calibration, WikiText-2, six-task average), as
+# transcribed in ../shared/BASELINES.md: rows the LEAP paper's sweep ran but printed only this way.
+THANOS_SWEEP_SOURCE = "Thanos in the LEAP group's sweep"
 
 # The paper's six lm-eval tasks (metric `acc` for all), in the paper's column order.
 PAPER_TASKS = ["mmlu", "piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa"]
@@ -123,6 +126,10 @@ _PPL_AVG_ONLY = [
     ("Qwen-2.5 0.5B", "sparsegpt", 0.6, 40.56, 37.29, SIBLING_STUDY_SOURCE),
     ("LLaMA-3.2 1B", "wanda", 0.6, 71.53, 33.92, SIBLING_STUDY_SOURCE),
     ("LLaMA-3.2 1B", "sparsegpt", 0.6, 48.00, 36.64, SIBLING_STUDY_SOURCE),
+    ("Qwen-2.5 0.5B", "thanos", 0.5, 20.85, 42.10, THANOS_SWEEP_SOURCE),
+    ("Qwen-2.5 0.5B", "thanos", 0.6, 44.29, 37.64, THANOS_SWEEP_SOURCE),
+    ("Llama-3.1 8B", "thanos", 0.5, 9.27, 57.64, THANOS_SWEEP_SOURCE),
+    ("Llama-3.1 8B", "thanos", 0.6, 15.91, 49.43, THANOS_SWEEP_SOURCE),
 ]
 
 PERCENT = 100.0
@@ -245,6 +252,8 @@ PATCH_TABLE = (
     ("maskllm", "2:4", 15.22, 39.33),
     ("sparsegpt", "2:4", 36.59, 34.81),
     ("wanda", "2:4", 72.48, None),
+    ("thanos", "2:4", 37.32, None),  # ppl only in ../shared/BASELINES.md
+    ("proxsparse", "2:4", 111.05, 32.05),  # worse than SparseGPT 2:4 on this small model
 )
 
 
@@ -258,5 +267,5 @@ def patch_paper_markdown() -> str:
         lines.append(f"| {method_display_name(method)} | {format_sparsity_label(label)} | {format_number(ppl)} | "
                      f"{format_number(avg)} |")
     lines += ["", "PATCH's sparsity is the effective one (half the weights of its 2:4 tiles; 128 x 128 tiles). "
-              "Wanda 2:4's average is not published there.", ""]
+              "Wanda 2:4's and Thanos 2:4's averages are not published there.", ""]
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from prunebench.report.paper import (
     PAPER_TASKS,
     PERCENT,
     SIBLING_STUDY_SOURCE,
+    THANOS_SWEEP_SOURCE,
     dataset_display_name,
     method_display_name,
     model_display_name,
@@ -104,6 +105,11 @@ AVG_PUBLISHED_ONLY = Marker(
 SIBLING_STUDY = Marker(
     "§", r"$^{\S}$", "row reported by OPTIMA, a sibling study of the same group with the same "
     "dense rows, not by the LEAP paper")
+THANOS_SWEEP = Marker(
+    "ᵗ", r"$^{\mathrm{t}}$", "Thanos row of the LEAP group's sweep, printed there only as PPL / Avg "
+    "(transcribed in shared/BASELINES.md)")
+# The publication a reference row comes from, where it is not the paper of the table.
+SOURCE_MARKERS = {SIBLING_STUDY_SOURCE: SIBLING_STUDY, THANOS_SWEEP_SOURCE: THANOS_SWEEP}
 NOT_SIGNIFICANT = Marker(
     "ⁿˢ", r"$^{\mathrm{ns}}$", "not significant: the 95% paired-bootstrap interval contains zero")
 NO_INTERVAL = Marker("¶", r"$^{\P}$", uncertainty.NO_ITEM_DATA)
@@ -112,7 +118,7 @@ NOT_COMPARABLE = Marker(
 EVAL_NOISE_ONLY = Marker(
     "ᵉ", r"$^{\mathrm{e}}$", "evaluation noise only: a side that depends on the calibration seed was run with "
     "one seed, so the seed's noise is not in this interval and no verdict may rest on it")
-MARKERS = (AVG_INCONSISTENT, AVG_ROUNDING, AVG_PARTIAL, AVG_PUBLISHED_ONLY, SIBLING_STUDY,
+MARKERS = (AVG_INCONSISTENT, AVG_ROUNDING, AVG_PARTIAL, AVG_PUBLISHED_ONLY, SIBLING_STUDY, THANOS_SWEEP,
            NOT_SIGNIFICANT, NO_INTERVAL, NOT_COMPARABLE, EVAL_NOISE_ONLY)
 DIVERGED = "diverged"
 
@@ -734,7 +740,7 @@ def _table_row(row: pd.Series, tasks: list[str], ppl_dataset: str | None,
     if compare:
         cells[AVG_COLUMN].difference = avg_acc_difference(row, dense_row, tasks)
     source = row.get("source") if isinstance(row.get("source"), str) else None
-    method_markers = (SIBLING_STUDY,) if source == SIBLING_STUDY_SOURCE else ()
+    method_markers = (SOURCE_MARKERS[source],) if source in SOURCE_MARKERS else ()
     return TableRow(row["model"], row["method"], row["sparsity_label"], source, method_markers,
                     cells, int(row.get("n_records", 1)), _n_seeds(row))
 
@@ -799,8 +805,9 @@ def paper_layout(df: pd.DataFrame, tasks: Sequence[str] | None = None,
                 notes.append(Footnote(None, f"{row.model} {row.method_name}, "
                                             f"{format_sparsity_label(row.sparsity_label)}: mean of "
                                             f"{row.n_records} records of {row.n_seeds} seed(s)."))
-    if any(SIBLING_STUDY in row.method_markers for block in blocks for row in block.rows):
-        notes.append(Footnote(SIBLING_STUDY, SIBLING_STUDY.meaning + "."))
+    for marker in SOURCE_MARKERS.values():
+        if any(marker in row.method_markers for block in blocks for row in block.rows):
+            notes.append(Footnote(marker, marker.meaning + "."))
     if any(AVG_PUBLISHED_ONLY in row.cells[AVG_COLUMN].markers for block in blocks for row in block.rows):
         notes.append(Footnote(AVG_PUBLISHED_ONLY, AVG_PUBLISHED_ONLY.meaning + "."))
     for marker in (AVG_INCONSISTENT, AVG_ROUNDING):
