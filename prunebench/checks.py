@@ -6,6 +6,12 @@
    its own through the same hook.
 3. The achieved sparsity of that pattern is within SPARSITY_TOLERANCE of the target at the scope
    the method reports it used (per row, per layer, or over all layers together).
+4. Every parameter the method was not asked to change (embeddings, norms, biases, the output
+   head: everything but the decoder linears' weights) is the dense model's, bit for bit
+   (`check_against_dense`, against a `DenseReference` taken before pruning).
+5. The weights the method kept are what it says it did to them: the dense values, bit for bit,
+   for a mask-only method; finite and within UPDATE_BOUND of the layer's dense scale for one
+   that updates them (Capabilities.updates_weights), whose change is then measured and recorded.
 
 The pruned pattern is the method's own keep-mask where it reports one (PruneReport.masks: both
 engines do, and a plugin's `prune` may), so the dense model's exact zeros (4.5% of Gemma-3-270M's
@@ -13,12 +19,6 @@ dequantised Q4_K_M linears) count as kept weights where the mask keeps them; eve
 prunes must be zero, and a weight the mask keeps may be zero only where the dense one was (or, for
 a method that updates weights, where it then counts as pruned).  Without masks the pattern is read
 from the weights' zeros, the dense model's own included (`kept_masks`).
-4. Every parameter the method was not asked to change (embeddings, norms, biases, the output
-   head: everything but the decoder linears' weights) is the dense model's, bit for bit
-   (`check_against_dense`, against a `DenseReference` taken before pruning).
-5. The weights the method kept are what it says it did to them: the dense values, bit for bit,
-   for a mask-only method; finite and within UPDATE_BOUND of the layer's dense scale for one
-   that updates them (Capabilities.updates_weights), whose change is then measured and recorded.
 
 A failed check raises OutputCheckError with a one-line reason; the runner records the cell as
 failed and goes on.
