@@ -6,6 +6,11 @@ cell through torchrun (`python -m prunebench.cell_worker --torchrun TORCHRUN-ARG
 torchrun inside this module so that it, too, dies with the runner).  Each runs the cell by key;
 rank 0 writes the record as any runner does and, beside it, the outcome the launching runner counts.
 
+`prunebench run --executor slurm` starts one per SLURM array task: `python -m prunebench.cell_worker
+--slurm ARRAY.json SHA256` runs the cell whose key is at $SLURM_ARRAY_TASK_ID in the file, once the
+file's sha256 is the one the batch script names (a file changed since submission is refused).
+A spec is read as strict JSON; nothing is unpickled.
+
 A worker never outlives the runner that started it, even one killed with SIGKILL: on Linux it
 asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), then checks that the parent
 the runner named is still its parent (it may have died before the request took effect).
@@ -68,14 +73,46 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+def _read_spec(path: str, sha256: str | None = None) -> dict:
+    """A cell spec: strict JSON, an object, and (for a SLURM task) the bytes submitted."""
+    import hashlib
+
+    from .records import strict_json_hooks
+
+    data = Path(path).read_bytes()
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(f"{path} changed since it was submitted (its sha256 is not the batch script's)")
+    spec = json.loads(data.decode("utf-8"), **strict_json_hooks(ValueError))
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid"), dict) or not isinstance(spec.get("options"), dict):
+        raise ValueError(f"{path} is not a prunebench cell spec")
+    return spec
+
+
+def _slurm_cell(spec: dict) -> tuple:
+    """(key, outcome path) of this array task, and the torch.distributed world of a job with
+    several tasks (one per GPU, one node), described as torchrun would."""
+    index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    keys = spec.get("keys")
+    if not isinstance(keys, list) or not 0 <= index < len(keys) or not isinstance(keys[index], str):
+        raise ValueError(f"array task {index} has no cell in the spec")
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if ntasks > 1:
+        job = int(os.environ.get("SLURM_JOB_ID", "0"))
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"),
+                          WORLD_SIZE=str(ntasks), LOCAL_WORLD_SIZE=str(ntasks), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(20000 + job % 20000))
+    return keys[index], Path(spec["outcomes"]) / f"{index}.outcome.json"
+
+
 def main(argv=None) -> int:
     die_with_parent()  # first: everything after may take minutes
     argv = sys.argv[1:] if argv is None else argv
     _configure_logging()
     if argv[:1] == ["--torchrun"]:
         return _run_torchrun(argv[1:])
-    if len(argv) != 1:
-        print("usage: python -m prunebench.cell_worker SPEC.json", file=sys.stderr)
+    slurm = argv[:1] == ["--slurm"]
+    if len(argv) != (3 if slurm else 1):
+        print("usage: python -m prunebench.cell_worker SPEC.json | --slurm ARRAY.json SHA256", file=sys.stderr)
         return 2
 
     from . import registry
@@ -84,7 +121,13 @@ def main(argv=None) -> int:
     from .records import atomic_write_json
     from .runner import run_cell_by_key
 
-    spec = json.loads(Path(argv[0]).read_text())
+    try:
+        spec = _read_spec(argv[1], argv[2]) if slurm else _read_spec(argv[0])
+        if slurm:
+            spec["key"], spec["outcome"] = _slurm_cell(spec)
+    except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
+        print(f"prunebench: error: {str(exc)[:300]}", file=sys.stderr)
+        return 2
     registry.allow_replacing(spec.get("replace") or ())
     try:
         grid = grid_from_dict(spec["grid"], where="cell worker")

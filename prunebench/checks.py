@@ -1,17 +1,24 @@
 """What the runner verifies in every method's output, built-in or plugin, before a record says ok.
 
 1. Every prunable weight is finite.
-2. The zero pattern is the spec's pattern: each pattern has a checker, registered here by name
+2. The pruned pattern is the spec's pattern: each pattern has a checker, registered here by name
    (`register_pattern_checker`), so a new pattern (a hybrid dense/2:4 tile layout, say) brings
    its own through the same hook.
-3. The achieved sparsity, measured from the weights, is within SPARSITY_TOLERANCE of the target
-   at the scope the method reports it used (per row, per layer, or over all layers together).
+3. The achieved sparsity of that pattern is within SPARSITY_TOLERANCE of the target at the scope
+   the method reports it used (per row, per layer, or over all layers together).
 4. Every parameter the method was not asked to change (embeddings, norms, biases, the output
    head: everything but the decoder linears' weights) is the dense model's, bit for bit
    (`check_against_dense`, against a `DenseReference` taken before pruning).
 5. The weights the method kept are what it says it did to them: the dense values, bit for bit,
    for a mask-only method; finite and within UPDATE_BOUND of the layer's dense scale for one
    that updates them (Capabilities.updates_weights), whose change is then measured and recorded.
+
+The pruned pattern is the method's own keep-mask where it reports one (PruneReport.masks: both
+engines do, and a plugin's `prune` may), so the dense model's exact zeros (4.5% of Gemma-3-270M's
+dequantised Q4_K_M linears) count as kept weights where the mask keeps them; every weight the mask
+prunes must be zero, and a weight the mask keeps may be zero only where the dense one was (or, for
+a method that updates weights, where it then counts as pruned).  Without masks the pattern is read
+from the weights' zeros, the dense model's own included (`kept_masks`).
 
 A failed check raises OutputCheckError with a one-line reason; the runner records the cell as
 failed and goes on.
@@ -25,13 +32,11 @@ from typing import Callable
 
 import torch
 
-from .models import all_prunable, snapshot_prunable
+from .models import all_prunable, is_conv1d, snapshot_prunable
 from .sparsity import SparsitySpec, hybrid_tiles
 
 # Achieved sparsity may differ from the target by this much (a fraction: 0.005 = half a point) at
-# the checked scope, plus the rounding of one weight per checked unit (row or layer).  Weights
-# that were already zero in the dense model count as pruned, as every score-based method treats
-# them, so a dense model with a few exact zeros stays inside it.
+# the checked scope, plus the rounding of one weight per checked unit (row or layer).
 SPARSITY_TOLERANCE = 0.005
 
 # A method that updates the weights it keeps (a reconstruction) may move them, but no kept weight
@@ -93,6 +98,8 @@ def check_finite(named_weights) -> None:
 
 
 def check_pattern(named_weights, spec: SparsitySpec) -> None:
+    """named_weights: (name, [out, in] tensor) pairs whose zeros (False) are the pruned weights:
+    weights, or keep-masks (kept_masks)."""
     checker = _PATTERN_CHECKERS.get(spec.pattern)
     if checker is None:
         raise OutputCheckError(f"no checker is registered for the {spec.pattern_name} pattern")
@@ -103,7 +110,8 @@ def check_pattern(named_weights, spec: SparsitySpec) -> None:
 
 
 def check_sparsity(named_weights, spec: SparsitySpec, scope: str | None, tolerance: float = SPARSITY_TOLERANCE) -> None:
-    """Achieved sparsity against the target, at `scope` (row | layer | global).
+    """Achieved sparsity against the target, at `scope` (row | layer | global), counting the
+    zeros (False) of weights or keep-masks (kept_masks).
 
     N:M specs are checked per layer (an N:M mask is exactly 1 - N/M except in a short trailing
     group).
@@ -138,8 +146,11 @@ def check_sparsity(named_weights, spec: SparsitySpec, scope: str | None, toleran
 
 def check_output(named_weights, spec: SparsitySpec, scope: str | None, *, dense: bool = False,
                  layer_specs: dict | None = None, model=None, reference: "DenseReference | None" = None,
-                 updates_weights: bool = False) -> dict | None:
+                 updates_weights: bool = False, masks: dict | None = None) -> dict | None:
     """All checks for one cell. `named_weights`: (name, [out, in] weight) pairs.
+
+    masks (name -> bool keep-mask [out, in]): what the method pruned (PruneReport.masks); the
+    pattern and amount are checked on them (see kept_masks).  None: on the weights' zeros.
 
     layer_specs (name -> spec), from a per-block allocation: every linear is checked against its
     own block's spec (pattern and amount, at the method's scope, "layer" for a global scope),
@@ -147,31 +158,82 @@ def check_output(named_weights, spec: SparsitySpec, scope: str | None, *, dense:
 
     With `model` and the `reference` taken before pruning, the pruned model is compared with the
     dense one too (check_against_dense; `updates_weights`: what the method declares, see
-    prunebench.registry.declares_weight_updates), and what that found is returned.
+    prunebench.registry.declares_weight_updates), and what that found is returned, with "mask":
+    "reported" or "zeros" (where the checked pattern came from; None for a dense cell).
     """
     named = [(n, w.detach()) for n, w in named_weights]
     check_finite(named)
     found = None
-    if reference is not None:
-        found = check_against_dense(model, reference, updates_weights=updates_weights, dense=dense)
     if dense:
+        if reference is not None:
+            found = {**check_against_dense(model, reference, updates_weights=updates_weights, dense=True), "mask": None}
         return found
+    dense_weights = dense_matrices(model, reference) if reference is not None else None
+    kept = kept_masks(named, masks, dense_weights, updates_weights=updates_weights)
+    if reference is not None:
+        found = check_against_dense(model, reference, updates_weights=updates_weights,
+                                    masks=dict(kept) if masks is not None else None)
+        found["mask"] = "reported" if masks is not None else "zeros"
     if layer_specs:
-        missing = [n for n, _ in named if n not in layer_specs]
+        missing = [n for n, _ in kept if n not in layer_specs]
         if missing:
             raise OutputCheckError(f"the allocation gave no target for {missing[0]} ({len(missing)} linears)")
         per_layer_scope = "layer" if scope in (None, "global") else scope
-        for name, w in named:
-            check_pattern([(name, w)], layer_specs[name])
-            check_sparsity([(name, w)], layer_specs[name], per_layer_scope)
+        for name, k in kept:
+            check_pattern([(name, k)], layer_specs[name])
+            check_sparsity([(name, k)], layer_specs[name], per_layer_scope)
         if spec.pattern != "nm":
             # Each block's target is truncated per row (or layer): allow that rounding once more.
-            unit = max((1.0 / w.shape[1] if per_layer_scope == "row" else 1.0 / w.numel()) for _, w in named)
-            check_sparsity(named, spec, "global", tolerance=SPARSITY_TOLERANCE + unit)
+            unit = max((1.0 / k.shape[1] if per_layer_scope == "row" else 1.0 / k.numel()) for _, k in kept)
+            check_sparsity(kept, spec, "global", tolerance=SPARSITY_TOLERANCE + unit)
         return found
-    check_pattern(named, spec)
-    check_sparsity(named, spec, scope)
+    check_pattern(kept, spec)
+    check_sparsity(kept, spec, scope)
     return found
+
+
+def dense_matrices(model, reference: "DenseReference") -> dict:
+    """name -> the dense [out, in] weight of each pruned linear (views of the reference's copies)."""
+    modules = all_prunable(model)
+    return {name: (d.t() if name in modules and is_conv1d(modules[name]) else d)
+            for name, d in reference.prunable.items()}
+
+
+def kept_masks(named, masks: dict | None, dense_weights: dict | None = None, *, updates_weights: bool = False) -> list:
+    """The keep-mask each check counts, as (name, bool [out, in]) pairs in `named`'s order.
+
+    Without masks: the weights' non-zeros (the dense model's zeros then count as pruned).  With
+    the method's masks: every weight a mask prunes must be zero; a weight it keeps may be zero
+    where the dense one was (the dense model's own zero, kept).  A kept weight zeroed whose dense
+    one was not: refused for a mask-only method (it zeroed more than its mask says); a method that
+    updates weights may land a kept weight on exactly zero, which then counts as pruned, so many
+    of them still fail the amount or pattern.  Without the dense weights a kept zero counts as
+    pruned too (no way to tell whose it is)."""
+    if masks is None:
+        return [(name, w != 0) for name, w in named]
+    missing = [name for name, _ in named if name not in masks]
+    if missing:
+        raise OutputCheckError(f"the method's masks have none for {missing[0]} ({len(missing)} of {len(named)} linears)")
+    out = []
+    for name, w in named:
+        mask = masks[name]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(w.shape):
+            what = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise OutputCheckError(f"{name}: the method's mask must be a bool tensor of the weight's shape "
+                                   f"{tuple(w.shape)}, got {what}")
+        mask = mask.to(w.device)
+        nonzero = w != 0
+        leaked = ~mask & nonzero
+        if bool(leaked.any()):
+            raise OutputCheckError(f"{name}: {int(leaked.sum())} weight(s) its mask prunes are not zero")
+        zeroed = mask & ~nonzero
+        if dense_weights is not None and name in dense_weights:
+            zeroed &= dense_weights[name].to(w.device) != 0
+        if not updates_weights and dense_weights is not None and bool(zeroed.any()):
+            raise OutputCheckError(f"{name}: {int(zeroed.sum())} weight(s) its mask keeps are zero but were not in "
+                                   f"the dense model: the method zeroed more than its mask says")
+        out.append((name, mask & ~zeroed))
+    return out
 
 
 def effective_scope(spec: SparsitySpec, reported: str | None) -> str:
@@ -237,12 +299,14 @@ def _sig(x: float) -> float:
     return float(f"{x:.6g}")
 
 
-def check_kept_weights(model, reference: DenseReference, *, updates_weights: bool, dense: bool = False) -> dict | None:
+def check_kept_weights(model, reference: DenseReference, *, updates_weights: bool, dense: bool = False,
+                       masks: dict | None = None) -> dict | None:
     """The weights each linear kept against its dense ones.  Mask-only (updates_weights False):
     equal, bit for bit; dense: every weight equal.  Updating: finite (checked before) and within
     UPDATE_BOUND times the layer's largest dense weight; returns the relative change of the kept
     weights per linear, ||(W - W_dense) * M||_F / ||W_dense * M||_F with M the kept weights, and
-    its summary.  Weights already zero in the dense model count as pruned, as everywhere."""
+    its summary.  masks: name -> the keep-mask [out, in] the checks count (kept_masks); None: the
+    weights' non-zeros."""
     per_layer = {}
     for name, module in all_prunable(model).items():
         w = module.weight.detach().to("cpu")
@@ -254,7 +318,9 @@ def check_kept_weights(model, reference: DenseReference, *, updates_weights: boo
                 raise OutputCheckError(f"{name}.weight differs from the dense model's ({int((w != d).sum())} weights), "
                                        f"in a cell that prunes nothing")
             continue
-        kept = w != 0
+        kept = w != 0 if masks is None else masks[name].to("cpu")
+        if masks is not None and is_conv1d(module):
+            kept = kept.t()  # masks are [out, in]; w and d here are in storage layout
         if not updates_weights:
             changed = kept & (w != d)
             if bool(changed.any()):
@@ -286,11 +352,12 @@ def check_kept_weights(model, reference: DenseReference, *, updates_weights: boo
 WEIGHT_UPDATE_METRIC = "relative Frobenius change of each linear's kept weights, ||(W - W_dense) * M||_F / ||W_dense * M||_F"
 
 
-def check_against_dense(model, reference: DenseReference, *, updates_weights: bool, dense: bool = False) -> dict:
+def check_against_dense(model, reference: DenseReference, *, updates_weights: bool, dense: bool = False,
+                        masks: dict | None = None) -> dict:
     """Checks 4 and 5 for one pruned model; returns what the record stores of them:
     {"unchanged_parameters": n, "kept_weights": "unchanged" | "updated" | "dense", "weight_update": ... or None}."""
     n_fixed = check_fixed_parameters(model, reference)
-    update = check_kept_weights(model, reference, updates_weights=updates_weights, dense=dense)
+    update = check_kept_weights(model, reference, updates_weights=updates_weights, dense=dense, masks=masks)
     return {"unchanged_parameters": n_fixed,
             "kept_weights": "dense" if dense else ("updated" if updates_weights else "unchanged"),
             "weight_update": update}

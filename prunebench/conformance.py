@@ -73,7 +73,8 @@ def _prune_tiny(method, family, spec, calibration, *, config=None, seed=0, check
     if check:
         scope = effective_scope(spec, report.stats.get("scope"))
         found = check_output(weights.items(), spec, scope, layer_specs=report.layer_specs, model=loaded.model,
-                             reference=reference, updates_weights=declares_weight_updates(pruner.capabilities, report))
+                             reference=reference, updates_weights=declares_weight_updates(pruner.capabilities, report),
+                             masks=report.masks)
     return weights, report, found
 
 

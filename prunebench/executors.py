@@ -8,9 +8,10 @@ Executors:
             (torch.distributed data parallelism, prunebench.distributed); other cells as local;
 Every process a runner starts (cell workers, torchrun and its workers) dies with it, even when
 the runner is killed with SIGKILL (prunebench.cell_worker.die_with_parent, Linux).
-  slurm   - one submitit job array per grid, one array task per cell; each task loads its model,
-            runs the cell by key and writes its record into the (shared) results directory.
-            `cluster="local"` runs the same array through submitit's local executor (tests).
+  slurm   - one SLURM job array per grid (sbatch), one array task per cell, started from a JSON
+            cell spec on a command line; each task loads its model, runs the cell by key and writes
+            its record into the (shared) results directory; the runner waits on squeue / sacct and
+            reads back only JSON (SlurmExecutor).
 
 Cell claims: before computing a cell a runner creates results/records/.locks/<key>.lock with
 O_CREAT|O_EXCL (atomic on POSIX and on NFSv3+), holding pid, host, time and the SLURM job id.
@@ -337,115 +338,196 @@ def _timed_out(grid, cell, results_dir, timeout_s: float, lock_stale_s) -> dict:
     return {"key": cell.key, "status": "failed", "error": error, "record": record}
 
 
-try:  # submitit is an optional extra; without it only the local executor exists
-    from submitit.helpers import Checkpointable as _Checkpointable
-except ImportError:  # pragma: no cover
-    class _Checkpointable:
-        pass
+SLURM_POLL_ENV = "PRUNEBENCH_SLURM_POLL_S"  # seconds between looks at the queue (tests: a fraction)
+DEFAULT_SLURM_POLL_S = 30.0
+# sacct states after which an array task will not run again (a requeued one is PENDING again)
+SLURM_DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                     "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+SLURM_UNSEEN_POLLS = 5  # a task neither queued nor accounted for this many looks in a row: failed
+OUTCOME_STATUSES = ("ok", "failed", "skipped", "busy")
 
 
-class CellTask(_Checkpointable):
-    """One array task: run one cell by key in a fresh process.
+class SlurmExecutor:
+    """One SLURM job array per grid, through `sbatch`, `squeue` and `sacct` themselves.
 
-    A submitit Checkpointable: on preemption or timeout submitit calls `checkpoint`, which drops
-    this task's claim and requeues the same cell; a method that checkpoints into the cell's
-    work_dir (LEAP) continues from there.
-    """
-
-    def __init__(self, grid_data: dict, results_dir: str, key: str, options: dict, tasks: int = 1, replace=()):
-        self.grid_data, self.results_dir, self.key, self.options = grid_data, results_dir, key, options
-        self.tasks = tasks
-        self.replace = tuple(replace)  # --replace names, so the task's plugins load as the submitter's did
-
-    def __call__(self) -> dict:
-        from . import registry
-        from .config import grid_from_dict
-        from .runner import run_cell_by_key
-
-        registry.allow_replacing(getattr(self, "replace", ()))
-        if self.tasks > 1:  # one SLURM task per GPU: submitit describes the world as torchrun would
-            import submitit
-
-            submitit.helpers.TorchDistributedEnvironment().export()
-
-        grid = grid_from_dict(self.grid_data, where="array task")
-        return run_cell_by_key(grid, self.results_dir, self.key, **self.options)
-
-    def checkpoint(self, *args, **kwargs):
-        import submitit
-
-        from .runner import release_claims_held_here
-
-        release_claims_held_here()  # the requeued task may land on another node
-        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
-
-
-class SubmititExecutor:
-    """One submitit job array per grid: SLURM on a cluster, or submitit's local executor."""
+    Nothing a job or anyone else leaves in the results directory is unpickled or executed here:
+    each array task starts from a command line (`python -m prunebench.cell_worker --slurm
+    ARRAY.json SHA256`) that names one JSON file of the grid and the cells' keys, whose sha256 is
+    part of the batch script (sbatch keeps its own copy of the script, so the file cannot be
+    swapped afterwards); the runner waits on the jobs' states and reads back only the strict-JSON
+    outcome each task writes and its validated record.  A preempted task is requeued by SLURM
+    (--requeue) and takes its own claim over (CellLock); `timeout_min` is each task's --time,
+    and a task that reaches it gets a failed record that says so."""
 
     name = "slurm"
 
     def __init__(self, cluster: str = "slurm", partition: str | None = None, gpus_per_cell: int = 0,
                  timeout_min: int = 240, array_parallelism: int | None = None, cpus_per_cell: int | None = None,
-                 mem_gb: int | None = None, wait: bool = True, nproc_per_node: int = 1):
+                 mem_gb: int | None = None, wait: bool = True, nproc_per_node: int = 1, poll_s: float | None = None):
+        if cluster != "slurm":  # submitit's local and debug backends unpickled their results
+            raise UserError(f"--submitit-cluster {cluster} is no longer available: the slurm executor submits "
+                            "through sbatch", hint="use --executor local (with --timeout, a worker process per cell)")
         if gpus_per_cell is not None and gpus_per_cell < 0:
             raise UserError(f"--gpus-per-cell must be 0 or more, got {gpus_per_cell}")
         if timeout_min is not None and timeout_min <= 0:
             raise UserError(f"--timeout must be a positive number of minutes, got {timeout_min}")
         if array_parallelism is not None and array_parallelism < 1:
             raise UserError(f"--array-parallelism must be 1 or more, got {array_parallelism}")
-        self.cluster, self.partition, self.gpus_per_cell = cluster, partition, gpus_per_cell
-        self.timeout_min, self.array_parallelism = timeout_min, array_parallelism
-        self.cpus_per_cell, self.mem_gb, self.wait = cpus_per_cell, mem_gb, wait
         if nproc_per_node < 1:
             raise UserError(f"--nproc-per-node must be 1 or more, got {nproc_per_node}")
+        self.partition, self.gpus_per_cell = partition, gpus_per_cell
+        self.timeout_min, self.array_parallelism = timeout_min, array_parallelism
+        self.cpus_per_cell, self.mem_gb, self.wait = cpus_per_cell, mem_gb, wait
         self.nproc_per_node = nproc_per_node
+        if poll_s is None:
+            try:
+                poll_s = float(os.environ.get(SLURM_POLL_ENV, DEFAULT_SLURM_POLL_S))
+            except ValueError:
+                raise UserError(f"{SLURM_POLL_ENV} must be a number of seconds, "
+                                f"got {os.environ.get(SLURM_POLL_ENV)!r}"[:200]) from None
+        self.poll_s = max(0.05, poll_s)
 
-    def make_executor(self, results_dir: Path):
-        try:
-            import submitit
-        except ImportError:
-            raise UserError("the slurm executor needs submitit", hint="pip install 'prunebench[slurm]'") from None
-        try:
-            executor = submitit.AutoExecutor(folder=str(results_dir / "slurm_logs" / "%j"), cluster=self.cluster)
-        except RuntimeError as exc:  # submitit: 'Could not detect "srun"...'
-            raise UserError(f"cannot use the {self.cluster} cluster: {exc}",
-                            hint="run on a SLURM login node, or pass --submitit-cluster local to try it here") from None
-        params = {"name": "prunebench", "timeout_min": self.timeout_min, "gpus_per_node": self.gpus_per_cell or 0,
-                  "cpus_per_task": self.cpus_per_cell, "mem_gb": self.mem_gb,
-                  "slurm_partition": self.partition, "slurm_array_parallelism": self.array_parallelism,
-                  "tasks_per_node": self.nproc_per_node if self.nproc_per_node > 1 else None}
-        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
-        return executor
+    def sbatch_args(self, n_cells: int, logs: Path) -> list:
+        array = f"0-{n_cells - 1}" + (f"%{self.array_parallelism}" if self.array_parallelism else "")
+        args = ["--parsable", "--job-name=prunebench", f"--array={array}", f"--time={int(self.timeout_min)}",
+                f"--output={logs}/%A_%a.out", f"--error={logs}/%A_%a.err", "--nodes=1",
+                f"--ntasks-per-node={self.nproc_per_node}", "--requeue"]
+        if self.partition:
+            args.append(f"--partition={self.partition}")
+        if self.gpus_per_cell:
+            args.append(f"--gpus-per-node={self.gpus_per_cell}")
+        if self.cpus_per_cell:
+            args.append(f"--cpus-per-task={self.cpus_per_cell}")
+        if self.mem_gb:
+            args.append(f"--mem={self.mem_gb}G")
+        return args
 
     def run(self, grid, cells, results_dir, summary, *, plugins=(), progress=False, **options) -> None:
         import dataclasses
+        import hashlib
+        import shlex
+        import sys
+
+        from . import registry
+        from .records import atomic_write_json, atomic_write_text
 
         if not cells:
             return
         results_dir = Path(results_dir).resolve()  # array tasks may start in another directory
-        executor = self.make_executor(results_dir)
-        grid_data = dataclasses.asdict(grid)
-        options = {**options, "plugins": tuple(str(Path(p).resolve()) for p in plugins), "progress": False}
-        from . import registry
-
-        tasks = [CellTask(grid_data, str(results_dir), c.key, options, tasks=self.nproc_per_node,
-                          replace=registry.replaceable()) for c in cells]
-        jobs = executor.submit_array(tasks)
-        log.info("submitted %d cells as job array %s (%s); logs in %s", len(jobs),
-                 jobs[0].job_id.split("_")[0] if jobs else "-", self.cluster, results_dir / "slurm_logs")
-        summary.job_ids = [j.job_id for j in jobs]
+        logs = results_dir / "slurm_logs"
+        work = logs / f"array-{uuid.uuid4().hex[:12]}"
+        work.mkdir(parents=True, exist_ok=True)
+        spec = {"grid": dataclasses.asdict(grid), "results_dir": str(results_dir), "keys": [c.key for c in cells],
+                "outcomes": str(work), "replace": list(registry.replaceable()),
+                "options": {**options, "progress": False, "plugins": [str(Path(p).resolve()) for p in plugins]}}
+        spec_path = atomic_write_json(work / "array.json", spec)
+        digest = hashlib.sha256(spec_path.read_bytes()).hexdigest()
+        command = [sys.executable, "-m", "prunebench.cell_worker", "--slurm", str(spec_path), digest]
+        if self.nproc_per_node > 1:  # one task per GPU, each a rank of the cell's world
+            command = ["srun", f"--ntasks={self.nproc_per_node}", *command]
+        script = atomic_write_text(work / "array.sbatch", "#!/bin/bash\n# prunebench: one array task per cell "
+                                   f"(the cells' keys are in {spec_path.name})\nexec {shlex.join(command)}\n")
+        job = _slurm(["sbatch", *self.sbatch_args(len(cells), logs), str(script)]).split(";")[0].strip()
+        if not job.isdigit():
+            raise UserError(f"sbatch answered {job[:200]!r}, not a job id")
+        log.info("submitted %d cells as job array %s; logs in %s", len(cells), job, logs)
+        summary.job_ids = [f"{job}_{i}" for i in range(len(cells))]
         if not self.wait:
-            summary.submitted = len(jobs)
+            summary.submitted = len(cells)
             return
-        for job, cell in zip(jobs, cells):
-            try:
-                outcome = job.result()
-                if isinstance(outcome, list):  # a multi-task job: rank 0's outcome is the cell's
-                    outcome = next((o for o in outcome if o.get("status") != "follower"), outcome[0])
-            except Exception as exc:  # the job itself died (node failure, OOM, timeout without requeue)
-                outcome = {"key": cell.key, "status": "failed", "error": f"job {job.job_id}: {str(exc).strip()[-500:]}"}
+        for cell, outcome in zip(cells, self._wait(job, cells, work, grid, results_dir, options)):
             _count(summary, outcome, cell)
+
+    def _wait(self, job: str, cells, work: Path, grid, results_dir: Path, options) -> list:
+        outcomes, unseen = {}, {}
+        while len(outcomes) < len(cells):
+            queued = {_task_index(t) for t in _slurm(["squeue", "-h", "-r", "-j", job, "-o", "%i"]).split()}
+            states = None
+            for index, cell in enumerate(cells):
+                if index in outcomes:
+                    continue
+                path = work / f"{index}.outcome.json"
+                if path.exists():  # read after the queue: a task gone from it has written its outcome by now
+                    outcomes[index] = read_outcome(path, cell, results_dir)
+                    continue
+                if index in queued:
+                    unseen.pop(index, None)
+                    continue
+                if states is None:
+                    states = _sacct_states(job)
+                state = states.get(index)
+                if state in SLURM_DONE_STATES:
+                    outcomes[index] = self._ended(f"{job}_{index}", state, cell, grid, results_dir, options)
+                elif state is None:  # accounting may lag the queue by a moment
+                    unseen[index] = unseen.get(index, 0) + 1
+                    if unseen[index] >= SLURM_UNSEEN_POLLS:
+                        outcomes[index] = {"key": cell.key, "status": "failed",
+                                           "error": f"job {job}_{index} left the queue without an outcome, and "
+                                                    "sacct does not know it"}
+            if len(outcomes) < len(cells):
+                time.sleep(self.poll_s)
+        return [outcomes[i] for i in range(len(cells))]
+
+    def _ended(self, task: str, state: str, cell, grid, results_dir: Path, options) -> dict:
+        if state == "TIMEOUT":
+            return _timed_out(grid, cell, results_dir, self.timeout_min * 60.0, options.get("lock_stale_s"))
+        return {"key": cell.key, "status": "failed",
+                "error": f"job {task} ended {state} without an outcome (see {results_dir / 'slurm_logs' / task}.err)"}
+
+
+def _slurm(command: list) -> str:
+    """Run a SLURM command; its output, or a one-line UserError."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise UserError(f"the slurm executor needs {command[0]!r}, which is not on PATH",
+                        hint="run on a SLURM login node") from None
+    except subprocess.TimeoutExpired:
+        raise UserError(f"{command[0]} did not answer within 120 s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise UserError(f"{command[0]} failed ({done.returncode}): {last[:300]}")
+    return done.stdout
+
+
+def _task_index(task: str) -> int | None:
+    """'1234_5' -> 5 (an array task's index); None for anything else (a pending range '1234_[6-9]')."""
+    tail = task.rpartition("_")[2]
+    return int(tail) if tail.isdigit() else None
+
+
+def _sacct_states(job: str) -> dict:
+    """index -> the first word of each array task's state (sacct says 'CANCELLED by 123')."""
+    states = {}
+    for line in _slurm(["sacct", "-n", "-P", "-X", "-j", job, "-o", "JobID,State"]).splitlines():
+        task, _, state = line.partition("|")
+        index = _task_index(task.strip())
+        if index is not None and state.split():
+            states[index] = state.split()[0].rstrip("+")
+    return states
+
+
+def read_outcome(path: Path, cell, results_dir: Path) -> dict:
+    """A task's outcome file, as strict JSON of the expected shape, with the cell's validated
+    record when it ran; anything else is the cell's failure, in one line."""
+    from .records import cell_record_path, read_record, strict_json_hooks
+
+    try:
+        outcome = json.loads(path.read_text(encoding="utf-8"), **strict_json_hooks(ValueError))
+        if not isinstance(outcome, dict) or outcome.get("key") != cell.key or outcome.get("status") not in OUTCOME_STATUSES:
+            raise ValueError("not an outcome of this cell")
+        if not isinstance(outcome.get("error"), (str, type(None))):
+            raise ValueError("its error is not text")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return {"key": cell.key, "status": "failed", "error": f"unreadable outcome {path.name}: {str(exc)[:200]}"}
+    outcome = {"key": cell.key, "status": outcome["status"], "error": outcome.get("error"),
+               "user_error": outcome.get("user_error") is True, "record": None}
+    if outcome["status"] in ("ok", "failed"):
+        with contextlib.suppress(OSError, ValueError):
+            record = read_record(cell_record_path(results_dir, cell.model, cell.method, cell.sparsity_label, cell.key))
+            if record.get("key") == cell.key and record.get("status") == outcome["status"]:
+                outcome["record"] = record
+    return outcome
 
 
 def _count(summary, outcome: dict, cell) -> None:
@@ -473,5 +555,5 @@ def make_executor(name: str, **options):
         timeout_s = options.get("timeout_s")
         return TorchrunExecutor(nproc, timeout_s) if nproc > 1 else LocalExecutor(timeout_s)
     if name == "slurm":
-        return SubmititExecutor(**options)
+        return SlurmExecutor(**options)
     raise UserError(f"unknown executor {name!r}", hint="use local or slurm")

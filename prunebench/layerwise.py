@@ -315,7 +315,7 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
     prefix, blocks = find_blocks(model)
     # updates_weights: whether any LinearResult carried new weights (the output checks then allow
     # the kept weights to move; see Capabilities.updates_weights)
-    report = PruneReport(stats={"per_block_s": [], "scope": spec.scope}, updates_weights=False)
+    report = PruneReport(stats={"per_block_s": [], "scope": spec.scope}, updates_weights=False, masks={})
     device = torch.device(ctx.device)
     activation_device = ctx.extras.get("activation_device", "cpu")
     batch = int(ctx.extras.get("block_batch", BLOCK_BATCH_WINDOWS))
@@ -364,6 +364,8 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
                     report.updates_weights = True
                 new_weight = result.weight if result.weight is not None else weights[name]
                 set_weight_matrix(linears[name], new_weight * result.mask.to(new_weight.device))
+                # the output checks count this mask, not the weights' zeros (the dense model has some)
+                report.masks[full_name] = result.mask.to("cpu")
                 report.warnings.extend(f"{full_name}: {w}" for w in result.warnings)
                 if report.layer_specs is not None:
                     report.layer_specs[full_name] = block_spec

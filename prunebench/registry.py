@@ -130,7 +130,10 @@ class PruneContext:
 class PruneReport:
     warnings: list = field(default_factory=list)
     stats: dict = field(default_factory=dict)
-    masks: Optional[dict] = None  # name -> bool mask, when the method keeps them
+    # name -> bool keep-mask [out, in] of every pruned linear: what the output checks count as
+    # pruned (both engines fill it; a method's own `prune` should).  None: the weights' zeros are
+    # counted, the dense model's own zeros included, so a dense model with exact zeros may fail.
+    masks: Optional[dict] = None
     # name -> SparsitySpec of each linear, when they differ from the cell's spec (a per-layer
     # allocation); the runner checks every linear against its own spec.
     layer_specs: Optional[dict] = None

@@ -260,7 +260,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
             record["sparsity"]["scope"] = scope  # the scope the method actually used (and was checked at)
         updates = registry.declares_weight_updates(registry.get(cell.method).capabilities, report)
         found = check_output(named, cell.sparsity, scope, dense=cell.method == DENSE, layer_specs=report.layer_specs,
-                             model=model, reference=session.reference, updates_weights=updates)
+                             model=model, reference=session.reference, updates_weights=updates, masks=report.masks)
         if "allocation" in report.stats:  # per-block targets, scores and achieved values, plotted by the report
             record["sparsity"]["allocation"] = report.stats["allocation"]
         measured = measure_sparsity(named)
@@ -270,7 +270,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         record["sparsity"]["checked"] = {"finite": True, "pattern": cell.sparsity.pattern_name,
                                          "scope": scope, "tolerance": SPARSITY_TOLERANCE,
                                          "unchanged_parameters": found["unchanged_parameters"],
-                                         "kept_weights": found["kept_weights"]}
+                                         "kept_weights": found["kept_weights"], "mask": found["mask"]}
         if found["weight_update"] is not None:  # how far a reconstruction moved the kept weights
             record["weight_update"] = found["weight_update"]
         record["cost"] = mask_cost(named, cell.sparsity if cell.method != DENSE else None, model)

@@ -229,6 +229,7 @@ def test_the_runner_records_what_it_checked(plugin, tmp_path):
     assert dense["status"] == wanda["status"] == sgpt["status"] == "ok"
     assert dense["sparsity"]["checked"]["kept_weights"] == "dense"
     assert wanda["sparsity"]["checked"]["kept_weights"] == "unchanged"
+    assert wanda["sparsity"]["checked"]["mask"] == sgpt["sparsity"]["checked"]["mask"] == "reported"  # the engine's
     assert wanda["sparsity"]["checked"]["unchanged_parameters"] == 7 and "weight_update" not in wanda
     assert sgpt["sparsity"]["checked"]["kept_weights"] == "updated"
     update = sgpt["weight_update"]
@@ -280,3 +281,192 @@ def test_a_masks_file_without_a_fingerprint(masks_file, tmp_path, capsys, caplog
     with caplog.at_level(logging.WARNING, logger="prunebench"):
         assert main(["eval", "--masks", str(old), *EVAL]) == 0
     assert "not verified that tiny:llama is the model its masks were made for" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks count the method's mask, not the weights' zeros (Gemma-3-270M's dequantised Q4_K_M
+# linears hold 4.5% exact zeros: MaskLLM at 2:4 and PATCH at hybrid:0.35/64 failed on them)
+
+from prunebench import registry  # noqa: E402
+from prunebench.checks import check_output, effective_scope  # noqa: E402
+from prunebench.models import weight_matrix  # noqa: E402
+from prunebench.registry import PruneContext, declares_weight_updates  # noqa: E402
+from prunebench.sparsity import SparsitySpec  # noqa: E402
+
+MASKS_PLUGIN = '''
+from dataclasses import dataclass
+import torch
+from prunebench.models import all_prunable, weight_matrix
+from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, Pruner, PruneReport, STATS_NONE, register
+from prunebench.sparsity import mask_from_scores
+
+CAPS = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)
+
+
+@dataclass
+class NoConfig:
+    pass
+
+
+@register
+class ZeroExtra(LayerwisePruner):  # magnitude, then a few kept weights zeroed behind the mask's back
+    name = "oc_zero_extra"
+    capabilities = CAPS
+    default_scope = "layer"
+    Config = NoConfig
+
+    def prune_linear(self, weight, stats, spec, ctx):
+        return LinearResult(mask=mask_from_scores(weight.abs(), spec))
+
+    def prune(self, model, ctx):
+        report = super().prune(model, ctx)
+        w = weight_matrix(next(iter(all_prunable(model).values())))
+        with torch.no_grad():
+            first = (w[0] != 0).nonzero().flatten()[:3]
+            w[0, first] = 0  # 3 of a 64 x 64 layer's weights: 0.07 points, inside the tolerance
+        return report
+
+
+class OwnMasks(Pruner):  # implements prune itself and reports its masks, as a plugin may
+    capabilities = CAPS
+    Config = NoConfig
+
+    def prune(self, model, ctx):
+        spec = ctx.sparsity.resolved("layer")
+        masks = {}
+        for name, module in all_prunable(model).items():
+            w = weight_matrix(module)
+            dense = w.detach().clone()
+            mask = mask_from_scores(dense.abs().float(), spec)
+            with torch.no_grad():
+                w.mul_(mask.to(w.dtype))
+            masks[name] = self.reported(mask, dense)
+        return PruneReport(stats={"scope": "layer"}, masks=masks)
+
+    def reported(self, mask, dense):
+        return mask
+
+
+@register
+class Own(OwnMasks):
+    name = "oc_own_masks"
+
+
+@register
+class Short(OwnMasks):  # says it kept 5% of the weights that are zero: its mask prunes 45% where 50% is asked
+    name = "oc_short_mask"
+    def reported(self, mask, dense):
+        zero = (dense == 0).flatten().nonzero().flatten()
+        mask = mask.clone()
+        mask.view(-1)[zero[:int(0.05 * dense.numel())]] = True
+        return mask
+
+
+@register
+class Leaky(OwnMasks):  # reports a mask that prunes more than it zeroed
+    name = "oc_leaky_mask"
+    def reported(self, mask, dense):
+        mask = mask.clone()
+        mask[0, mask[0].nonzero().flatten()[0]] = False
+        return mask
+
+
+@register
+class WrongShape(OwnMasks):
+    name = "oc_wrong_shape_mask"
+    def reported(self, mask, dense):
+        return mask.t()[:3]
+'''
+
+
+@pytest.fixture(scope="module")
+def masks_plugin(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plugin") / "masks.py"
+    path.write_text(textwrap.dedent(MASKS_PLUGIN))
+    registry.load_plugin(path)
+    return path
+
+
+def zero_heavy_tiny(family="llama", *, seed=0):
+    """A tiny model whose linears hold many exact zeros, as a quantised checkpoint's do: in 30% of
+    the groups of 4 inputs three weights are zero (a 2:4 mask must keep one of them), and 10% of
+    the other weights are zero (every 16 x 16 tile has more than the 5% a dense tile may show)."""
+    loaded = load_tiny(family, seed=0)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in all_prunable(loaded.model).values():
+            w = weight_matrix(module)
+            groups = w.view(w.shape[0], -1, 4)
+            heavy = torch.rand(groups.shape[:2], generator=gen) < 0.3
+            groups[..., :3].masked_fill_(heavy.unsqueeze(-1), 0.0)
+            w.masked_fill_(torch.rand(w.shape, generator=gen) < 0.1, 0.0)
+    return loaded
+
+
+def prune_and_check(method, spec_text, calibration, *, loaded=None, config=None, use_masks=True):
+    """Prune (a zero-heavy tiny model by default) and run the runner's checks on the result."""
+    loaded = loaded or zero_heavy_tiny()
+    spec = SparsitySpec.parse(spec_text)
+    pruner = registry.create(method, registry.get(method).test_config if config is None else config)
+    reference = DenseReference.take(loaded.model)
+    ctx = PruneContext(sparsity=spec, calibration=calibration, progress=False, registry=registry,
+                       tokenizer=loaded.tokenizer, calibration_dataset="lee")
+    torch.manual_seed(0)
+    report = pruner.prune(loaded.model, ctx)
+    named = [(n, weight_matrix(m)) for n, m in all_prunable(loaded.model).items()]
+    return check_output(named, spec, effective_scope(spec, report.stats.get("scope")), layer_specs=report.layer_specs,
+                        model=loaded.model, reference=reference,
+                        updates_weights=declares_weight_updates(pruner.capabilities, report),
+                        masks=report.masks if use_masks else None)
+
+
+def test_the_zero_heavy_model_is_what_failed_before():
+    """Counting the weights' zeros, a correct 2:4 or hybrid mask fails on this model: the checks
+    must count the method's mask instead (the tests below)."""
+    loaded = zero_heavy_tiny()
+    named = [(n, weight_matrix(m)) for n, m in all_prunable(loaded.model).items()]
+    zeros = sum(int((w == 0).sum()) for _, w in named) / sum(w.numel() for _, w in named)
+    assert 0.25 < zeros < 0.35
+    with pytest.raises(OutputCheckError, match="tiles of 16 x 16 are neither dense nor 2:4"):
+        check_output(named, SparsitySpec.parse("hybrid:0.35/16"), "global")  # every tile dense, by its mask
+
+
+@pytest.mark.parametrize("method,spec", [("magnitude", "2:4"), ("sparsegpt", "2:4"), ("wanda", "0.5"),
+                                         ("maskllm", "2:4"), ("patch", "hybrid:0.35/16")])
+def test_a_model_with_many_exact_zeros_passes_when_its_masks_are_counted(calib_windows, method, spec):
+    found = prune_and_check(method, spec, calib_windows)
+    assert found["mask"] == "reported"
+    if method in ("maskllm", "patch"):  # learned masks keep some of the dense zeros: the old check failed
+        with pytest.raises(OutputCheckError, match="more than 0.005 from the|neither dense nor 2:4"):
+            prune_and_check(method, spec, calib_windows, use_masks=False)
+
+
+def test_a_plugin_reporting_its_own_masks_gets_the_same_checks(masks_plugin, calib_windows):
+    assert prune_and_check("oc_own_masks", "2:4", calib_windows)["mask"] == "reported"
+    assert prune_and_check("oc_own_masks", "0.5", calib_windows)["mask"] == "reported"
+    with pytest.raises(OutputCheckError, match=r"^model\.layers\.0\.self_attn\.q_proj: 1 weight\(s\) its mask "
+                                               r"prunes are not zero$"):
+        prune_and_check("oc_leaky_mask", "2:4", calib_windows)
+    with pytest.raises(OutputCheckError, match=r"mask must be a bool tensor of the weight's shape \(64, 64\), "
+                                               r"got torch.bool \(3, 64\)$"):
+        prune_and_check("oc_wrong_shape_mask", "2:4", calib_windows)
+
+
+def test_a_mask_short_of_the_target_fails_though_the_dense_zeros_fill_the_weights(masks_plugin, calib_windows):
+    # 45% pruned by the mask, and the dense model's zeros it keeps make the weights look 50% sparse
+    assert prune_and_check("oc_short_mask", "0.5", calib_windows, use_masks=False)["mask"] == "zeros"
+    loaded = zero_heavy_tiny()
+    with pytest.raises(OutputCheckError, match=r"^model\.layers\.0\.self_attn\.q_proj: sparsity 0\.45\d+ is "
+                                               r"more than 0\.005 from the per-layer target 0\.5000$"):
+        prune_and_check("oc_short_mask", "0.5", calib_windows, loaded=loaded)
+
+
+def test_zeroing_weights_the_mask_keeps_fails_even_inside_the_tolerance(masks_plugin, calib_windows):
+    assert prune_and_check("oc_zero_extra", "0.5", calib_windows, loaded=load_tiny("llama"), use_masks=False)
+    with pytest.raises(OutputCheckError, match=r"^model\.layers\.0\.self_attn\.q_proj: 3 weight\(s\) its mask "
+                                               r"keeps are zero but were not in the dense model: the method zeroed "
+                                               r"more than its mask says$"):
+        prune_and_check("oc_zero_extra", "0.5", calib_windows, loaded=load_tiny("llama"))
+    # the same check through the runner
+    [outcome] = check_method("oc_zero_extra", families=("llama",), specs=("2:4",), calibration=calib_windows)
+    assert not outcome.ok and "the method zeroed more than its mask says" in outcome.reason
