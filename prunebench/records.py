@@ -182,7 +182,7 @@ RECORD_SCHEMA = _f("object", fields={
             "heldout_step": _NUMBERS, "heldout_ppl": _NUMBERS})})}),
     "sparsity": _f("object", required=True, fields={
         "label": _f("string", required=True, pattern=r".+"), "target": _NUM, "pattern": _STR, "scope": _STR,
-        "achieved": _NUM, "per_layer": _f("object", "null", each=_NUM), "mask_sha256": _STR,
+        "achieved": _NUM, "pruned_by_mask": _NUM, "per_layer": _f("object", "null", each=_NUM), "mask_sha256": _STR,
         "checked": _f("object", "null"),
         "allocation": _f("object", "null", fields={
             "block_targets": _NUMBERS, "block_achieved": _NUMBERS, "block_scores": _NUMBERS, "block_sizes": _NUMBERS,

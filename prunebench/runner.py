@@ -267,6 +267,15 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         record["sparsity"]["achieved"] = measured["overall"]
         record["sparsity"]["per_layer"] = measured["per_layer"]
         record["sparsity"]["mask_sha256"] = mask_fingerprint(named)
+        # `achieved` counts the weights' zeros (what storage and the cost see), the dense model's own
+        # zeros included; the method's mask says what it pruned (Gemma-3-270M's dequantised linears
+        # hold 4.5% exact zeros, so the two differ there).  The target is judged on the mask.
+        pruned = measured["overall"]
+        if report.masks and cell.method != DENSE:
+            kept = sum(int(m.sum()) for m in report.masks.values())
+            total = sum(m.numel() for m in report.masks.values())
+            pruned = 1.0 - kept / max(total, 1)
+            record["sparsity"]["pruned_by_mask"] = pruned
         record["sparsity"]["checked"] = {"finite": True, "pattern": cell.sparsity.pattern_name,
                                          "scope": scope, "tolerance": SPARSITY_TOLERANCE,
                                          "unchanged_parameters": found["unchanged_parameters"],
@@ -274,9 +283,9 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         if found["weight_update"] is not None:  # how far a reconstruction moved the kept weights
             record["weight_update"] = found["weight_update"]
         record["cost"] = mask_cost(named, cell.sparsity if cell.method != DENSE else None, model)
-        off = abs(measured["overall"] - cell.sparsity.target) * 100
+        off = abs(pruned - cell.sparsity.target) * 100
         if off > OFF_TARGET_PP and cell.method != DENSE:
-            record["warnings"].append(f"achieved sparsity {measured['overall']:.4f} is {off:.2f} points off the "
+            record["warnings"].append(f"pruned fraction {pruned:.4f} is {off:.2f} points off the "
                                       f"target {cell.sparsity.target:.4f}")
         if save_masks and cell.method != DENSE:
             from .artifacts import save_cell_masks

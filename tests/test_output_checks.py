@@ -235,6 +235,10 @@ def test_the_runner_records_what_it_checked(plugin, tmp_path):
     update = sgpt["weight_update"]
     assert set(update["per_layer"]) == set(sgpt["sparsity"]["per_layer"])  # every linear, 14
     assert 0 < update["mean"] <= update["max"] < 1 and update["per_layer"][update["max_layer"]] == update["max"]
+    # what the mask pruned is recorded beside the weights' zeros (equal here: a random model has none)
+    assert wanda["sparsity"]["pruned_by_mask"] == pytest.approx(0.5, abs=1e-3)
+    assert wanda["sparsity"]["pruned_by_mask"] == pytest.approx(wanda["sparsity"]["achieved"], abs=1e-6)
+    assert "pruned_by_mask" not in dense["sparsity"]
 
 
 # ---------------------------------------------------------------------------------------------
