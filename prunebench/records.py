@@ -193,7 +193,10 @@ RECORD_SCHEMA = _f("object", fields={
         "perplexity": _f("object", "null", each=_PERPLEXITY),
         "zeroshot": _f("object", "null", each=_ZEROSHOT),
         "lm_eval_version": _STR}),
-    "timing": _f("object", "null", fields={"prune_s": _NUM, "eval_s": _NUM}),
+    # seconds: the model loaded (or its dense weights restored), the calibration windows read,
+    # the method's prune (its calibration passes included), the output checks, the evaluation
+    "timing": _f("object", "null", fields={"load_s": _NUM, "calibration_s": _NUM, "prune_s": _NUM,
+                                           "checks_s": _NUM, "eval_s": _NUM}),
     "memory": _f("object", "null"),
     "warnings": _f("array", "null", each=_f("string")),
     "seed": _f("integer"),

@@ -254,6 +254,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         record["warnings"].extend(report.warnings)
         record["method"]["stats"] = _small({k: v for k, v in report.stats.items() if k != "allocation"})
 
+        t_checks = time.perf_counter()
         named = [(name, weight_matrix(m)) for name, m in all_prunable(model).items()]
         scope = None if cell.method == DENSE else effective_scope(cell.sparsity, report.stats.get("scope"))
         if scope:
@@ -293,6 +294,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
             record["artifacts"] = save_cell_masks(model, results_dir, record, dense_snapshot=session._snapshot)
 
         t1 = time.perf_counter()
+        record["timing"]["checks_s"] = round(t1 - t_checks, 3)  # output checks, measures, cost, saved masks
         lm_eval_tmp = _lm_eval_dir(results_dir, record).with_name(_lm_eval_dir(results_dir, record).name + f".tmp{os.getpid()}")
         record["eval"] = evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_tmp, progress)
         record["timing"]["eval_s"] = round(time.perf_counter() - t1, 3)
@@ -353,10 +355,12 @@ def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_d
     """Load the model, build the method and its context, prune: (loaded, report, seconds).
     What every process of a multi-process cell runs; `record` (rank 0) gets the model and
     calibration details."""
-    loaded = session.get()
+    t_load = time.perf_counter()
+    loaded = session.get()  # the first cell of a model loads it; later ones restore the dense weights
     model, tokenizer = loaded.model, loaded.tokenizer
     start = _sequence_start(cell, tokenizer)
     if record is not None:
+        record["timing"]["load_s"] = round(time.perf_counter() - t_load, 3)
         record["model"].update({k: loaded.info.get(k) for k in ("family", "n_params", "n_prunable", "architecture",
                                                                  "revision", "file_sha256", "source")})
     pruner = registry.create(cell.method, cell.method_config)
@@ -365,9 +369,11 @@ def _prune_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_d
     calibration = None
     if pruner.capabilities.needs_calibration:
         cs = cell.calibration
+        t_calibration = time.perf_counter()
         calibration, fingerprint = calibration_windows(
             tokenizer, WindowSpec(cs.dataset, cs.n_samples, cs.seqlen, cell.seed, cs.encoding), grid.data_dir)
         if record is not None:
+            record["timing"]["calibration_s"] = round(time.perf_counter() - t_calibration, 3)
             record["calibration"] = {**dataclasses.asdict(cs), "seed": cell.seed, "fingerprint": fingerprint,
                                      "sequence_start": start,
                                      "text": text_fingerprint(cs.dataset, "calibration", grid.data_dir, cs.encoding)}
@@ -479,7 +485,7 @@ def _record_skeleton(cell: CellSpec, grid: GridSpec) -> dict:
                      "label": cell.sparsity_label, "achieved": None, "per_layer": {}},
         "calibration": None,
         "eval": {},
-        "timing": {"prune_s": None, "eval_s": None},
+        "timing": {"load_s": None, "calibration_s": None, "prune_s": None, "checks_s": None, "eval_s": None},
         "memory": {},
         "warnings": [],
         "seed": cell.seed,
