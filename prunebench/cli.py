@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a cell claim not refreshed for this long is taken over (default 600)")
     ex = run.add_argument_group("executor")
     ex.add_argument("--executor", choices=["local", "slurm"], default="local",
-                    help="local: this process (default); slurm: one submitit job array per grid")
+                    help="local: this process (default); slurm: one sbatch job array per grid")
     ex.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
                     help="train each learned cell as N processes (torch.distributed; one per GPU, or gloo on CPU): "
                          "local: through torchrun; slurm: N tasks per job")
@@ -97,8 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--array-parallelism", type=int, help="at most this many array tasks at once")
     ex.add_argument("--cpus-per-cell", type=int, help="CPUs per array task")
     ex.add_argument("--mem-gb", type=int, help="memory per array task (GB)")
-    ex.add_argument("--submitit-cluster", default="slurm", choices=["slurm", "local", "debug"],
-                    help="submitit backend for --executor slurm (local: subprocesses on this machine, for testing)")
     ex.add_argument("--no-wait", action="store_true", help="submit the job array and return without waiting")
 
     chk = sub.add_parser("check", help="run the conformance suite on methods (a plugin's, with --plugin)")
@@ -300,7 +298,7 @@ def executor_from_args(args):
         if given:
             raise UserError(f"{', '.join(given)} only apply to --executor slurm")
         return make_executor("local", nproc_per_node=nproc, timeout_s=None if args.timeout is None else args.timeout * 60)
-    return make_executor("slurm", cluster=args.submitit_cluster, partition=args.slurm_partition,
+    return make_executor("slurm", partition=args.slurm_partition,
                          gpus_per_cell=args.gpus_per_cell or 0,
                          timeout_min=240 if args.timeout is None else math.ceil(args.timeout),  # SLURM: whole minutes
                          array_parallelism=args.array_parallelism, cpus_per_cell=args.cpus_per_cell,

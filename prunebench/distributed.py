@@ -1,8 +1,8 @@
 """Data parallelism for the mask-learning engine, on torch.distributed.
 
 A learned cell may run as several processes (one per GPU, or several CPU processes with the gloo
-backend): `torchrun --nproc-per-node N`, or a SLURM job whose tasks submitit turns into a
-torch.distributed world.  Every process holds the frozen model and all logits; each runs its
+backend): `torchrun --nproc-per-node N`, or a SLURM job of N tasks that prunebench.cell_worker turns into
+a torch.distributed world.  Every process holds the frozen model and all logits; each runs its
 share of an optimizer step's micro-batches, and DistributedDataParallel averages the logit
 gradients before clipping and the update, so every process takes the same step.  With
 `shard_optimizer_state` the AdamW moments are split across the processes by torch's
@@ -35,7 +35,7 @@ from torch import nn
 
 from .errors import UserError
 
-# The launchers' variables (torchrun's; submitit's TorchDistributedEnvironment exports the same).
+# The launchers' variables (torchrun's; cell_worker exports the same from SLURM's for a job's tasks).
 WORLD_ENV, RANK_ENV, LOCAL_RANK_ENV = "WORLD_SIZE", "RANK", "LOCAL_RANK"
 # A collective that waits longer than this has lost a peer (the default is 30 minutes for gloo):
 # a cell's first step includes every process's one-shot prior, minutes at 8B.

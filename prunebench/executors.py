@@ -361,12 +361,9 @@ class SlurmExecutor:
 
     name = "slurm"
 
-    def __init__(self, cluster: str = "slurm", partition: str | None = None, gpus_per_cell: int = 0,
+    def __init__(self, partition: str | None = None, gpus_per_cell: int = 0,
                  timeout_min: int = 240, array_parallelism: int | None = None, cpus_per_cell: int | None = None,
                  mem_gb: int | None = None, wait: bool = True, nproc_per_node: int = 1, poll_s: float | None = None):
-        if cluster != "slurm":  # submitit's local and debug backends unpickled their results
-            raise UserError(f"--submitit-cluster {cluster} is no longer available: the slurm executor submits "
-                            "through sbatch", hint="use --executor local (with --timeout, a worker process per cell)")
         if gpus_per_cell is not None and gpus_per_cell < 0:
             raise UserError(f"--gpus-per-cell must be 0 or more, got {gpus_per_cell}")
         if timeout_min is not None and timeout_min <= 0:

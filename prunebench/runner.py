@@ -89,16 +89,6 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
     return summary
 
 
-# Claims this process holds, so a submitit checkpoint (preemption) can drop them before requeueing.
-_HELD_CLAIMS: set = set()
-
-
-def release_claims_held_here() -> None:
-    for claim in list(_HELD_CLAIMS):
-        claim.release()
-        _HELD_CLAIMS.discard(claim)
-
-
 def _claim_cell(cell: CellSpec, results_dir: Path, force: bool, lock_stale_s):
     """("run", claim) | ("busy", None) | ("skipped", None): claim the cell unless someone else has it
     or it was finished (by another runner) since the records were read."""
@@ -110,13 +100,11 @@ def _claim_cell(cell: CellSpec, results_dir: Path, force: bool, lock_stale_s):
     if not force and _has_ok_record(results_dir, cell):
         claim.release()
         return "skipped", None
-    _HELD_CLAIMS.add(claim)
     return "run", claim
 
 
 def _release(claim) -> None:
     claim.release()
-    _HELD_CLAIMS.discard(claim)
 
 
 def _has_ok_record(results_dir: Path, cell: CellSpec) -> bool:

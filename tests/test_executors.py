@@ -214,8 +214,8 @@ def test_executor_rejects_bad_options():
 
     with pytest.raises(UserError):
         SlurmExecutor(gpus_per_cell=-1)
-    with pytest.raises(UserError, match="no longer available"):  # submitit's local backend unpickled results
-        SlurmExecutor(cluster="local")
+    with pytest.raises(UserError, match="--timeout must be a positive"):
+        SlurmExecutor(timeout_min=0)
 
 
 TORCHRUN_GRID_YAML = """
