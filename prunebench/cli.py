@@ -20,6 +20,21 @@ def _csv(text):
     return [s.strip() for s in str(text).split(",") if s.strip()] if text is not None else None
 
 
+def _number(text: str):
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def _limit_arg(text: str):
+    """--limit 200 (every task) or --limit mmlu=5,piqa=200 (each named task its own)."""
+    try:
+        if "=" not in text:
+            return _number(text.strip())
+        pairs = [item.split("=", 1) for item in _csv(text)]
+        return {task.strip(): _number(value.strip()) for task, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of documents or task=number list: {text!r}") from None
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line with a hint (not the usage block), exit 2."""
 
@@ -55,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--encoding", help="encoding of text files named by path (default utf-8)")
     run.add_argument("--max-ppl-windows", type=int, help="score at most this many perplexity windows per dataset")
     run.add_argument("--tasks", help="zero-shot tasks: paper, wanda, embedded, none, or lm-eval names")
-    run.add_argument("--limit", type=int, help="documents per zero-shot task (quick runs)")
+    run.add_argument("--limit", type=_limit_arg, help="documents per zero-shot task (MMLU: per subject), or per task: "
+                                                      "mmlu=5,piqa=200")
     run.add_argument("--batch-size", type=int, help="evaluation batch size")
     run.add_argument("--data-dir", help="local copies of the standard data files (layout of shared/data)")
     run.add_argument("--device", help="cpu, cuda, cuda:1 ...")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import yaml
 
@@ -75,7 +75,9 @@ class EvalSpec:
     perplexity: list = field(default_factory=lambda: ["wikitext2"])  # dataset names or text paths
     seqlen: int = 2048
     tasks: list = field(default_factory=list)  # lm-eval task names or presets; [] = none
-    limit: Optional[int] = None  # documents per zero-shot task (quick runs)
+    # documents per zero-shot task (per subject for MMLU), or a fraction of each; a mapping gives
+    # each task its own ({mmlu: 5, piqa: 200}: a task it leaves out is scored whole)
+    limit: Optional[Union[int, float, Dict[str, Union[int, float]]]] = None
     batch_size: int = 1  # perplexity windows per forward
     zeroshot_batch_size: int = 16  # lm-eval requests per forward (set on HFLM)
     max_ppl_windows: Optional[int] = None

@@ -25,6 +25,16 @@ def _positive(value, what: str, allow_none: bool = False) -> None:
         raise UserError(f"{what} must be a positive integer, got {value!r}", hint="use 1 or more")
 
 
+def _task_names(tasks) -> list:
+    """The task names a grid's `tasks` list holds, presets ("paper", "embedded") spelt out."""
+    from .evaluate.zeroshot import PRESETS
+
+    names = []
+    for t in tasks or []:
+        names.extend(PRESETS.get(t, (t,)))
+    return names
+
+
 def check_device(device: str, *, require_available: bool = True) -> None:
     """A device name torch knows; with require_available (not in a dry run, which computes
     nothing) also one this machine has."""
@@ -92,11 +102,20 @@ def check_grid(grid, *, dry_run: bool = False) -> list:
     _positive(ev.batch_size, "evaluation batch_size (--batch-size)")
     _positive(ev.zeroshot_batch_size, "eval zeroshot_batch_size")
     _positive(ev.max_ppl_windows, "eval max_ppl_windows", allow_none=True)
-    if ev.limit is not None:
-        if isinstance(ev.limit, bool) or not isinstance(ev.limit, (int, float)) or ev.limit <= 0 \
-                or (isinstance(ev.limit, float) and ev.limit > 1):
-            raise UserError(f"limit must be a positive number of documents (or a fraction in (0, 1]), got {ev.limit!r}",
-                            hint="e.g. --limit 200")
+    limits = ev.limit if isinstance(ev.limit, dict) else {None: ev.limit}
+    for task, limit in limits.items():
+        if limit is None:
+            continue
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0 \
+                or (isinstance(limit, float) and limit > 1):
+            what = "limit" if task is None else f"limit of {task}"
+            raise UserError(f"{what} must be a positive number of documents (or a fraction in (0, 1]), got {limit!r}",
+                            hint="e.g. --limit 200, or in a grid file limit: {mmlu: 5, piqa: 200}")
+    if isinstance(ev.limit, dict):
+        unknown = sorted(set(ev.limit) - set(_task_names(ev.tasks)))
+        if unknown:
+            raise UserError(f"limit names task(s) the grid does not evaluate: {', '.join(map(str, unknown))}",
+                            hint=f"the grid's tasks: {', '.join(_task_names(ev.tasks)) or 'none'}")
 
     check_dataset_name(cal.dataset, "the calibration dataset")
     for ds in ev.perplexity:

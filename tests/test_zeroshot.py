@@ -293,3 +293,41 @@ def test_memory_bounded_batches_score_like_one_batch(monkeypatch):
     assert any(len(t) > 1 for t in seen), seen  # really split into several row counts
     a, b = whole[zs.EMBEDDED_TASK], split[zs.EMBEDDED_TASK]
     assert a["per_item"] == b["per_item"] and a["value"] == b["value"]
+
+
+def test_limit_groups_one_run_per_distinct_limit():
+    names = ["mmlu", "piqa", "arc_easy", "winogrande"]
+    assert zs.limit_groups(names, 200) == {200: names}
+    assert zs.limit_groups(names, None) == {None: names}
+    assert zs.limit_groups(names, {"mmlu": 5, "piqa": 200, "arc_easy": 200}) == {
+        5: ["mmlu"], 200: ["piqa", "arc_easy"], None: ["winogrande"]}
+
+
+@needs_data
+def test_each_task_gets_its_own_limit_and_says_so():
+    model, tokenizer = _tiny_model()
+    out = zs.evaluate_zeroshot(model, tokenizer, ["arc_easy", "embedded"], data_dir=DATA_DIR,
+                               limit={"arc_easy": 3, zs.EMBEDDED_TASK: 5}, batch_size=4)
+    assert out["arc_easy"]["n"] == 3 and out["arc_easy"]["limit"] == 3
+    assert out[zs.EMBEDDED_TASK]["n"] == 5 and out[zs.EMBEDDED_TASK]["limit"] == 5
+    assert len(out["arc_easy"]["per_item"]) == 3
+
+
+@pytest.mark.parametrize("limit, message", [
+    ("piqa=0", "limit of piqa must be a positive number"),
+    ("piqa=5", "limit names task(s) the grid does not evaluate: piqa"),
+    ("five", "not a number of documents or task=number list"),
+])
+def test_bad_per_task_limits_are_one_line_errors(tmp_path, capsys, limit, message):
+    from prunebench.cli import main
+
+    argv = ["run", "--models", "tiny:llama", "--methods", "magnitude", "--tasks", "embedded", "--limit", limit,
+            "--results", str(tmp_path), "-q", "--dry-run"]
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusal (a value its type cannot read)
+        code = exc.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())

@@ -615,7 +615,26 @@ def _network_error(exc: BaseException) -> bool:
     return False
 
 
-def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] | str, *, data_dir=None, limit: int | float | None = None,
+def limit_groups(names: Sequence[str], limit) -> dict:
+    """{limit: [task names]}: one lm-eval run per distinct limit (lm-eval takes one limit per run);
+    `limit` is one number for every task, or a mapping task -> number (a task it leaves out: None)."""
+    groups: dict = {}
+    for name in names:
+        groups.setdefault(limit.get(name) if isinstance(limit, dict) else limit, []).append(name)
+    return groups
+
+
+def _merge_runs(runs: list) -> dict:
+    """lm-eval's results dicts of several runs as one (tasks never repeat between them)."""
+    merged = dict(runs[0])
+    for key in ("results", "versions", "n-samples", "configs", "higher_is_better", "n-shot", "group_subtasks", "samples"):
+        parts = [r[key] for r in runs if isinstance(r.get(key), dict)]
+        if parts:
+            merged[key] = {k: v for part in parts for k, v in part.items()}
+    return merged
+
+
+def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] | str, *, data_dir=None, limit=None,
                       batch_size: int = 8, device: str | None = "cpu", output_dir=None, seed: int = 0,
                       max_length: int | None = None) -> dict:
     """Zero-shot accuracy of an in-memory causal LM with lm-eval.
@@ -623,7 +642,8 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] | str, *, data_dir=
     Returns {task: {"metric": "acc", "value", "stderr", "n", "version", "source", "per_item"
     [, "per_item_tasks"]}, ..., "lm_eval_version": str} (see `summarize`). `tasks` may hold presets ("paper", "wanda", "embedded"). With
     `data_dir`, documents come from local files (see module docstring). `limit` caps documents
-    per (sub)task, for smoke tests only. `max_length` caps the context in tokens (default: the
+    per (sub)task (MMLU: per subject), one number or a mapping task -> number (`limit_groups`);
+    each task's summary says its limit. `max_length` caps the context in tokens (default: the
     model's). If `output_dir` is given lm-eval's own results JSON is written there atomically.
     """
     import lm_eval
@@ -641,10 +661,12 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] | str, *, data_dir=
     try:
         lm = _make_lm(model, tokenizer, batch_size, max_length)  # HFLM puts the model in eval mode
         try:
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=list(names), limit=limit, task_manager=tm, log_samples=True,  # per-item acc
+            runs = [lm_eval.simple_evaluate(
+                model=lm, tasks=group, limit=group_limit, task_manager=tm, log_samples=True,  # per-item acc
                 bootstrap_iters=BOOTSTRAP_ITERS, random_seed=seed, numpy_random_seed=seed,
                 torch_random_seed=seed, fewshot_random_seed=seed)
+                for group_limit, group in limit_groups(names, limit).items()]
+            results = _merge_runs(runs)
         except Exception as exc:
             if data_dir is None and _network_error(exc):
                 raise UserError(f"could not load the zero-shot task data for {', '.join(names)} from the hub: {exc}",
@@ -656,4 +678,9 @@ def evaluate_zeroshot(model, tokenizer, tasks: Sequence[str] | str, *, data_dir=
             model.train()
     if output_dir is not None:
         _write_results_json(output_dir, results)
-    return summarize(results, names, sources=sources)
+    out = summarize(results, names, sources=sources)
+    for group_limit, group in limit_groups(names, limit).items():
+        for name in group:
+            if group_limit is not None:
+                out[name]["limit"] = group_limit
+    return out
