@@ -164,7 +164,7 @@ _PERPLEXITY = _f("object", fields={
     "window_nll": _NUMBERS, "windows_fingerprint": _STR, "stream_tokens": _INT, "scored": _STR,
     "text": _f("object", "null"), "sequence_start": _f("array", "null", each=_f("integer"))})
 _ZEROSHOT = _f("object", fields={
-    "metric": _STR, "value": _NUM, "stderr": _NUM, "n": _INT, "per_item": _STR, "source": _STR, "limit": _NUM,
+    "metric": _STR, "value": _NUM, "stderr": _NUM, "n": _INT, "per_item": _STR, "source": _STR, "limit": _NUM, "chance": _NUM,
     "per_item_tasks": _f("array", "null", each=_f("array"))})
 
 RECORD_SCHEMA = _f("object", fields={

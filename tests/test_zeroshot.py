@@ -311,6 +311,17 @@ def test_each_task_gets_its_own_limit_and_says_so():
     assert out["arc_easy"]["n"] == 3 and out["arc_easy"]["limit"] == 3
     assert out[zs.EMBEDDED_TASK]["n"] == 5 and out[zs.EMBEDDED_TASK]["limit"] == 5
     assert len(out["arc_easy"]["per_item"]) == 3
+    # guessing among each item's choices: ARC has 3-5 (these 3 items: 4 each)
+    assert out["arc_easy"]["chance"] == pytest.approx(0.25)
+
+
+def test_chance_is_the_mean_odds_of_each_items_choices():
+    results = {"configs": {"a": {"output_type": "multiple_choice"}, "g": {"output_type": "generate_until"}},
+               "samples": {"a": [{"doc_id": 0, "arguments": [1, 2]}, {"doc_id": 1, "arguments": [1, 2, 3, 4]}],
+                           "g": [{"doc_id": 0, "arguments": [1]}]}}
+    assert zs.chance_accuracy(results, ["a"]) == pytest.approx((1 / 2 + 1 / 4) / 2)
+    assert zs.chance_accuracy(results, ["g"]) is None  # not multiple choice: no chance level
+    assert zs.chance_accuracy(results, ["a", "g"]) is None
 
 
 @pytest.mark.parametrize("limit, message", [

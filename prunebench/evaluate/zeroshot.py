@@ -537,6 +537,22 @@ def _leaf_items(samples: list[dict], metric: str) -> str | None:
     return "".join(bits)
 
 
+def chance_accuracy(results: dict, leaves: list[str]) -> float | None:
+    """The accuracy of guessing uniformly among each document's choices, averaged over the scored
+    documents (ARC items have 3 to 5 choices); None unless every leaf is multiple choice."""
+    samples = results.get("samples") or {}
+    odds = []
+    for leaf in leaves:
+        docs = {}
+        for s in samples.get(leaf) or []:
+            if "doc_id" in s and s.get("arguments"):
+                docs.setdefault(int(s["doc_id"]), 1.0 / len(s["arguments"]))
+        if not docs or results.get("configs", {}).get(leaf, {}).get("output_type") != "multiple_choice":
+            return None
+        odds.extend(docs.values())
+    return sum(odds) / len(odds)
+
+
 def _per_item(results: dict, leaves: list[str], metric: str) -> tuple[str, list[list]] | None:
     """Per-document correctness of a task (leaves concatenated in sorted name order) and
     [[leaf, n], ...]; None when lm-eval logged no usable samples for one of the leaves."""
@@ -567,6 +583,9 @@ def summarize(results: dict, tasks: Sequence[str], *, sources: dict | None = Non
         n = sum(int(nsamp[leaf]["effective"]) for leaf in leaves if leaf in nsamp)
         out[t] = {"metric": metric, "value": float(r[f"{metric},none"]), "stderr": _float_or_none(r.get(f"{metric}_stderr,none")),
                   "n": n, "version": results.get("versions", {}).get(t)}
+        chance = chance_accuracy(results, leaves)
+        if chance is not None:  # what guessing scores: the report marks tasks the dense model is near
+            out[t]["chance"] = round(chance, 6)
         items = _per_item(results, leaves, metric) if results.get("samples") else None
         if items is not None and len(items[0]) == n:  # a count mismatch would pair the wrong documents
             out[t]["per_item"] = items[0]
