@@ -78,3 +78,60 @@ def test_local_directory_loads_through_from_pretrained(tmp_path):
 def test_bad_model_specs(spec):
     with pytest.raises(UserError):
         check_model_spec(spec)
+
+
+def _exact_kl_and_top1(dense_logits, logits, first):
+    p = dense_logits[:, first - 1:-1].double().log_softmax(-1)
+    q = logits[:, first - 1:-1].double().log_softmax(-1)
+    return (p.exp() * (p - q)).sum(-1), p.argmax(-1) == q.argmax(-1)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("through_head", [True, False])
+def test_dense_relative_metrics_against_the_full_vocabulary(family, through_head, monkeypatch):
+    """The dense model against its own summary: KL 0, top-1 1.  A perturbed model: per-window KL
+    sums equal the exact full-vocabulary KL when k is the vocabulary, and a smaller k gives a lower
+    bound; top-1 agreement is exact at any k.  Small vocabulary blocks and row chunks throughout."""
+    from prunebench import dense_relative
+    from prunebench.evaluate import perplexity as ppl
+    from prunebench.output_head import OutputHead
+
+    loaded = load_tiny(family)
+    model, vocab = loaded.model, loaded.model.get_output_embeddings().out_features
+    monkeypatch.setattr(ppl, "SCORE_CHUNK_BYTES", 4 * vocab * 7)  # 7 rows per scan
+    monkeypatch.setattr(dense_relative, "BLOCK_BYTES", 4 * 7 * 37)  # 37 ids per block
+    if not through_head:
+        monkeypatch.setattr(OutputHead, "find", classmethod(lambda cls, model: None))
+    ids = torch.randint(3, 250, (3 * 32 + 5,), generator=torch.Generator().manual_seed(0))
+    prefix = [1] if family == "gemma3" else []
+    kw = dict(batch_size=2, progress=False, prefix=prefix)
+    windows, first = ppl.eval_windows(ids, 32, prefix=prefix), ppl.first_scored(prefix)
+    plain = perplexity(model, ids, 32, **kw)
+    dense_result, full = ppl.perplexity_and_summary(model, ids, 32, k=vocab, **kw)
+    assert dense_result["window_nll"] == plain["window_nll"]  # the summary pass scores the same
+    _, small = ppl.perplexity_and_summary(model, ids, 32, k=5, **kw)
+    itself = perplexity(model, ids, 32, dense=small, **kw)["dense_relative"]
+    assert itself["kl_mean"] < 1e-9 and itself["top1"] == 1.0 and itself["k"] == 5
+    with torch.no_grad():
+        dense_logits = model(input_ids=windows).logits
+        layer = next(iter(all_prunable(model).values()))
+        weight_matrix(layer).add_(torch.randn_like(weight_matrix(layer)) * 0.5)
+        logits = model(input_ids=windows).logits
+    kl, agree = _exact_kl_and_top1(dense_logits, logits, first)
+    exact = perplexity(model, ids, 32, dense=full, **kw)["dense_relative"]
+    assert exact["window_kl"] == pytest.approx(kl.sum(1).tolist(), rel=1e-4)
+    assert exact["window_top1"] == agree.sum(1).tolist() and exact["dense_tail_mass"] == 0.0
+    assert exact["kl_mean"] == pytest.approx(float(kl.mean()), rel=1e-4) and exact["kl_mean"] > 1e-4
+    bound = perplexity(model, ids, 32, dense=small, **kw)["dense_relative"]
+    assert all(b <= e * (1 + 1e-5) for b, e in zip(bound["window_kl"], exact["window_kl"]))
+    assert bound["window_top1"] == exact["window_top1"] and bound["dense_tail_mass"] > 0
+
+
+def test_a_summary_of_other_windows_is_refused():
+    from prunebench.evaluate import perplexity as ppl
+
+    model = load_tiny("llama").model
+    ids = torch.randint(3, 250, (4 * 32,), generator=torch.Generator().manual_seed(0))
+    _, summary = ppl.perplexity_and_summary(model, ids, 32, k=4, progress=False, max_windows=3)
+    with pytest.raises(ValueError, match="dense summary covers"):
+        perplexity(model, ids, 32, progress=False, dense=summary)
