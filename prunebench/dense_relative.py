@@ -23,6 +23,8 @@ paired bootstrap over windows can resample both the mean and the 99th percentile
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -270,3 +272,67 @@ def by_definition(n_windows: int, window_tokens: int, k: int, dense_tail_mass: f
                   window_tokens, dense_tail_mass, by_definition=True)
     out["kl_p99"] = 0.0
     return out
+
+
+# --- the dense summary on disk: safetensors (tensors and strings only: nothing is unpickled) ---
+
+SUMMARY_FORMAT = "prunebench dense summary 1"
+
+
+def summary_name(identity: dict) -> str:
+    """The file's name: a hash of everything that makes the summary (model content, dtype, device
+    kind, windows, sequence start, k, evaluation code)."""
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return f"dense-{hashlib.sha256(text.encode()).hexdigest()[:24]}.safetensors"
+
+
+def _tensors(summary: DenseSummary) -> dict:
+    return {"topk_ids": summary.topk_ids.to("cpu", torch.int32).contiguous(),
+            "topk_logp": summary.topk_logp.to("cpu", torch.float32).contiguous(),
+            "tail_logp": summary.tail_logp.to("cpu", torch.float32).contiguous()}
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_summary(path, summary: DenseSummary, identity: dict) -> None:
+    """Atomic: two runners writing the same summary at once leave one whole file."""
+    from safetensors.torch import save_file
+
+    from .atomic import atomic_path
+
+    tensors = _tensors(summary)
+    meta = {"format": SUMMARY_FORMAT, "identity": json.dumps(identity, sort_keys=True), "sha256": _digest(tensors)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_summary(path, identity: dict) -> DenseSummary:
+    """The summary at `path`, checked against `identity` and its own digest; a damaged or foreign
+    file is refused in one line (the file is the user's to delete: it is never silently replaced)."""
+    from safetensors import safe_open
+
+    from .errors import UserError
+
+    hint = "delete it and rerun: the first cell that needs it recomputes it"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a truncated or garbled file
+        raise UserError(f"dense summary {path} is unreadable ({type(exc).__name__})", hint=hint) from None
+    if meta.get("format") != SUMMARY_FORMAT:
+        raise UserError(f"dense summary {path} is not a {SUMMARY_FORMAT} file", hint=hint)
+    if meta.get("identity") != json.dumps(identity, sort_keys=True):
+        raise UserError(f"dense summary {path} was made for other windows, model or code than its name says", hint=hint)
+    if set(tensors) != {"topk_ids", "topk_logp", "tail_logp"} or meta.get("sha256") != _digest(tensors):
+        raise UserError(f"dense summary {path} is damaged (its content does not match its digest)", hint=hint)
+    ids, logp, tail = tensors["topk_ids"], tensors["topk_logp"], tensors["tail_logp"]
+    if ids.shape != logp.shape or ids.shape[:-1] != tail.shape or ids.shape[-1] != min(identity["k"], identity["vocab"]):
+        raise UserError(f"dense summary {path} has inconsistent shapes {tuple(ids.shape)} / {tuple(tail.shape)}", hint=hint)
+    return DenseSummary(ids.long(), logp, tail)

@@ -135,3 +135,60 @@ def test_a_summary_of_other_windows_is_refused():
     _, summary = ppl.perplexity_and_summary(model, ids, 32, k=4, progress=False, max_windows=3)
     with pytest.raises(ValueError, match="dense summary covers"):
         perplexity(model, ids, 32, progress=False, dense=summary)
+
+
+def test_runner_records_dense_relative_and_reuses_the_dense_summary(tmp_path, monkeypatch):
+    """The first pruned cell computes the dense summary once and writes it; the next cell of the
+    session reuses it, a later run reads the file instead of recomputing it, and a damaged or
+    foreign file fails the cell in one line."""
+    from prunebench import runner
+    from prunebench.cli import main
+    from prunebench.records import load_records
+
+    calls = []
+    real = runner.perplexity_and_summary
+    monkeypatch.setattr(runner, "perplexity_and_summary", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results = tmp_path / "results"
+    args = ["run", "--models", "tiny:llama", "--methods", "magnitude", "--sparsities", "0.5,0.7", "--ppl", "lee",
+            "--seqlen", "32", "--max-ppl-windows", "3", "--tasks", "none", "--seeds", "0", "-q", "--results", str(results)]
+    assert main(args) == 0
+    recs = {r["sparsity"]["label"]: r for r in load_records(results)[0]}
+    assert len(calls) == 1  # one dense pass for the whole run
+    dense = recs["dense"]["eval"]["perplexity"]["lee"]["dense_relative"]
+    assert dense["by_definition"] and dense["kl_mean"] == 0.0 and dense["top1"] == 1.0 and dense["kl_p99"] == 0.0
+    a, b = (recs[s]["eval"]["perplexity"]["lee"]["dense_relative"] for s in ("0.5", "0.7"))
+    assert 0 < a["kl_mean"] < b["kl_mean"] and b["top1"] < 1.0 and a["k"] == 64 and len(a["window_kl"]) == 3
+    assert a["summary"]["computed_in_this_cell"] and not b["summary"]["computed_in_this_cell"]
+    files = list((results / "work" / "dense").glob("*.safetensors"))
+    assert [f"work/dense/{files[0].name}"] == [a["summary"]["file"]]
+
+    assert main([*args, "--force"]) == 0  # a fresh session: the file is read, not recomputed
+    assert len(calls) == 1
+    again = {r["sparsity"]["label"]: r for r in load_records(results)[0]}
+    assert again["0.5"]["eval"]["perplexity"]["lee"]["dense_relative"]["window_kl"] == a["window_kl"]
+
+    data = bytearray(files[0].read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit in the tensors: the digest refuses it
+    files[0].write_bytes(bytes(data))
+    assert main([*args, "--force"]) == 1
+    failed = {r["sparsity"]["label"]: r for r in load_records(results)[0]}  # ok records stay; attempts hold why
+    from prunebench.records import attempt_records
+
+    errors = [r["error"] for r in attempt_records(results) if r["status"] == "failed"]
+    assert errors and all("dense summary" in e and "damaged" in e and "\n" not in e for e in errors)
+    assert failed["0.5"]["status"] == "ok"
+
+
+def test_a_foreign_summary_file_is_refused(tmp_path):
+    from prunebench.dense_relative import load_summary, save_summary, summarize_dense
+
+    summary = summarize_dense(torch.randn(2, 5, 30), k=4)
+    identity = {"windows_fingerprint": "a", "k": 4, "vocab": 30}
+    save_summary(tmp_path / "s.safetensors", summary, identity)
+    back = load_summary(tmp_path / "s.safetensors", identity)
+    assert torch.equal(back.topk_ids, summary.topk_ids) and torch.equal(back.tail_logp, summary.tail_logp)
+    with pytest.raises(UserError, match="made for other windows"):
+        load_summary(tmp_path / "s.safetensors", {**identity, "windows_fingerprint": "b"})
+    (tmp_path / "t.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}garbage")
+    with pytest.raises(UserError, match="unreadable|not a prunebench"):
+        load_summary(tmp_path / "t.safetensors", identity)
