@@ -1612,7 +1612,7 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
         write_text_atomic(out / PERPLEXITY_CSV, _csv_text(perplexity_long_frame(frame)))
         write_text_atomic(out / CELLS_CSV, cells_csv_text(frame))
         write_text_atomic(out / COMPARISONS_CSV, _csv_text(comparisons_frame(frame)))
-        if relative is not None:
+        if relative is not None and not relative.empty:  # only records that carry the metrics
             write_text_atomic(out / dense_relative_report.DENSE_RELATIVE_CSV, _csv_text(relative))
             write_text_atomic(out / dense_relative_report.DENSE_RELATIVE_MD,
                               dense_relative_report.render_markdown(relative))
