@@ -441,7 +441,8 @@ def dense_summaries(cell, session, grid, results_dir, progress) -> dict:
     """{dataset: (DenseSummary, how it was obtained)}: from this session's memory, else the file
     under results/work/dense/, else one dense forward over the windows (the model, restored to its
     dense weights, before the cell prunes it) written atomically for every later cell."""
-    loaded = session.get()  # the dense weights
+    if session._loaded is None:
+        session.get()
     out = {}
     for dataset in cell.eval.perplexity:
         identity = _summary_identity(cell, session, dataset)
@@ -454,6 +455,7 @@ def dense_summaries(cell, session, grid, results_dir, progress) -> dict:
             summary = load_summary(path, identity)
         else:
             ev, t0 = cell.eval, time.perf_counter()
+            loaded = session.get()  # restores the dense weights (the last cell left its pruned ones)
             _, summary = perplexity_and_summary(loaded.model, session.eval_ids(dataset), ev.seqlen, k=DENSE_K,
                                                 batch_size=ev.batch_size, device=grid.device, progress=progress,
                                                 max_windows=ev.max_ppl_windows, prefix=sequence_start_ids(loaded.tokenizer))
