@@ -48,7 +48,7 @@ def test_chunking_changes_nothing():
     dense, pruned = _logits(5, (2, 33, 40)), _logits(6, (2, 33, 40))
     whole = token_kl_and_top1(summarize_dense(dense, 10, chunk_tokens=10_000), pruned, chunk_tokens=10_000)
     pieces = token_kl_and_top1(summarize_dense(dense, 10, chunk_tokens=7, width=3), pruned, chunk_tokens=5, width=6)
-    torch.testing.assert_close(whole[0], pieces[0])
+    torch.testing.assert_close(whole[0], pieces[0], rtol=1e-5, atol=1e-6)  # float32 block sums
     assert torch.equal(whole[1], pieces[1])
 
 

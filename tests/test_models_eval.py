@@ -46,7 +46,7 @@ def test_perplexity_in_chunks_scores_every_token_as_the_full_logits_do(family, t
 
     loaded = load_tiny(family)
     vocab = loaded.model.get_output_embeddings().out_features
-    monkeypatch.setattr(ppl, "SCORE_CHUNK_BYTES", 4 * vocab * 7)  # 7 tokens per chunk
+    monkeypatch.setattr(ppl, "SCAN_ROWS", 7)  # 7 positions per scan
     if not through_head:
         monkeypatch.setattr(OutputHead, "find", classmethod(lambda cls, model: None))
     torch.manual_seed(0)
@@ -98,7 +98,7 @@ def test_dense_relative_metrics_against_the_full_vocabulary(family, through_head
 
     loaded = load_tiny(family)
     model, vocab = loaded.model, loaded.model.get_output_embeddings().out_features
-    monkeypatch.setattr(ppl, "SCORE_CHUNK_BYTES", 4 * vocab * 7)  # 7 rows per scan
+    monkeypatch.setattr(ppl, "SCAN_ROWS", 7)  # 7 rows per scan
     monkeypatch.setattr(dense_relative, "BLOCK_BYTES", 4 * 7 * 37)  # 37 ids per block
     if not through_head:
         monkeypatch.setattr(OutputHead, "find", classmethod(lambda cls, model: None))

@@ -95,15 +95,16 @@ def _finish(window_nll: list[float], windows: torch.Tensor, prefix, **extra) -> 
             "windows_fingerprint": windows_fingerprint(windows), "sequence_start": list(prefix), **extra}
 
 
-# Rows (predicted positions) scanned together: as many as this many bytes of float32 logits
-# would hold (SmolLM2's 49k vocabulary: 5461; Gemma-3's 262k: 1024), though they never exist
-# whole: the head's output is made and consumed one cache-sized vocabulary block at a time
-# (dense_relative.scan_vocabulary). More rows per scan read the head's weights fewer times.
-SCORE_CHUNK_BYTES = 2 ** 30
+# Predicted positions scanned together: each scan reads the head's weights once (a vocabulary
+# block at a time), so a whole usual batch goes in one scan. Memory does not grow with it: only
+# one block of dense_relative.BLOCK_BYTES of logits (and its exps) exists at a time.
+SCAN_ROWS = 4096
 
 
 def score_chunk_tokens(vocab: int) -> int:
-    return max(1, SCORE_CHUNK_BYTES // (4 * vocab))
+    """How many tokens' worth of float32 logits exist at once while scoring (one vocabulary block
+    of the scan), for memory estimates (prunebench.plan)."""
+    return max(1, dense_relative.BLOCK_BYTES // (4 * vocab))
 
 
 class _Scores:
@@ -154,7 +155,7 @@ def score_batch(model, batch: torch.Tensor, first: int, head: OutputHead | None 
         logits_of = lambda rows, lo, hi: rows[:, lo:hi]  # noqa: E731
     rows = states[:, first - 1:-1].reshape(-1, states.shape[-1])
     targets = batch[:, first:].reshape(-1)
-    chunk = score_chunk_tokens(vocab)
+    chunk = SCAN_ROWS
     scores = _Scores()
     for c in range(0, rows.shape[0], chunk):
         part = None if dense_rows is None else tuple(x[c:c + chunk] for x in dense_rows)
