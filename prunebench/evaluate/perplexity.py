@@ -3,6 +3,9 @@
 The evaluation text's documents are joined with "\\n\\n", tokenised once, cut into
 non-overlapping windows of `seqlen` tokens (a trailing partial window is dropped), and the
 perplexity is exp of the mean next-token negative log-likelihood over every predicted token.
+A token's NLL is the log-sum-exp of its logits minus its target's logit, from one scan of the
+vocabulary in blocks (prunebench.dense_relative.scan_vocabulary); given the dense model's top-k
+summary of the same windows, the same scan gives KL(dense || model) and top-1 agreement.
 
 A model whose tokenizer starts every sequence with a prefix (Gemma's <bos>; see
 prunebench.sequence_start) gets it in every window: a window is the prefix followed by
@@ -153,13 +156,18 @@ def score_batch(model, batch: torch.Tensor, first: int, head: OutputHead | None 
         states = model(input_ids=batch, use_cache=False).logits
         vocab = states.shape[-1]
         logits_of = lambda rows, lo, hi: rows[:, lo:hi]  # noqa: E731
-    rows = states[:, first - 1:-1].reshape(-1, states.shape[-1])
-    targets = batch[:, first:].reshape(-1)
-    chunk = SCAN_ROWS
-    scores = _Scores()
-    for c in range(0, rows.shape[0], chunk):
-        part = None if dense_rows is None else tuple(x[c:c + chunk] for x in dense_rows)
-        _score_rows(rows[c:c + chunk], targets[c:c + chunk], vocab, logits_of, scores, part, summarize_k)
+    # hidden states: the whole batch in one scan; the model's own logits: window by window, as views
+    # (flattening a slice of several windows' logits would copy them all)
+    groups = [slice(None)] if head is not None else [slice(b, b + 1) for b in range(batch.shape[0])]
+    scores, done = _Scores(), 0
+    for g in groups:
+        rows = states[g, first - 1:-1].reshape(-1, states.shape[-1])
+        targets = batch[g, first:].reshape(-1)
+        for c in range(0, rows.shape[0], SCAN_ROWS):
+            stop = min(c + SCAN_ROWS, rows.shape[0])
+            part = None if dense_rows is None else tuple(x[done + c:done + stop] for x in dense_rows)
+            _score_rows(rows[c:stop], targets[c:stop], vocab, logits_of, scores, part, summarize_k)
+        done += rows.shape[0]
     return scores
 
 
