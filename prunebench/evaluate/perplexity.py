@@ -171,13 +171,6 @@ def score_batch(model, batch: torch.Tensor, first: int, head: OutputHead | None 
     return scores
 
 
-def token_nll(model, batch: torch.Tensor, first: int, head: OutputHead | None = None) -> torch.Tensor:
-    """[B, T - first] float64 next-token NLL of positions first..T-1 of `batch` [B, T]: the
-    log-sum-exp of each row's logits minus its target's logit (a token's NLL depends only on its
-    own logits row, so chunking changes no value)."""
-    return score_batch(model, batch, first, head).cat("nll", (batch.shape[0], -1))
-
-
 def _dense_rows(dense: DenseSummary, start: int, stop: int):
     """The dense summary's rows for windows start..stop-1, flattened as score_batch orders them."""
     k = dense.k
