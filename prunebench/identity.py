@@ -19,7 +19,8 @@ from . import __version__
 
 # The framework code that decides what an evaluation computes: a change here is a new key for
 # every cell (and the committed records must be regenerated).
-EVALUATION_MODULES = ("prunebench.evaluate.perplexity", "prunebench.evaluate.zeroshot", "prunebench.data")
+EVALUATION_MODULES = ("prunebench.evaluate.perplexity", "prunebench.dense_relative", "prunebench.evaluate.zeroshot",
+                      "prunebench.data")
 # Shared by every method: mask selection and the sparsity arithmetic.
 METHOD_FRAMEWORK_MODULES = ("prunebench.sparsity",)
 

@@ -47,6 +47,14 @@ class OutputHead:
             out = torch.tanh(out / self.softcap) * self.softcap
         return out
 
+    def block_logits(self, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        """The logits of vocabulary ids lo..hi-1 only (a row slice of the head's weight)."""
+        bias = None if self.linear.bias is None else self.linear.bias[lo:hi]
+        out = nn.functional.linear(hidden, self.linear.weight[lo:hi], bias)
+        if self.softcap:
+            out = torch.tanh(out / self.softcap) * self.softcap
+        return out
+
     @classmethod
     def find(cls, model) -> Optional["OutputHead"]:
         """The split, or None for a model whose head is more than a linear layer and a soft-cap."""

@@ -159,7 +159,14 @@ def _f(*types, **kw) -> Field:
 _NUM, _INT, _STR, _BOOL = _f("number", "null"), _f("integer", "null"), _f("string", "null"), _f("boolean", "null")
 _NUMBERS = _f("array", "null", each=_NUM)
 
+_DENSE_RELATIVE = _f("object", "null", fields={
+    "kl_mean": _NUM, "kl_p99": _NUM, "top1": _NUM, "k": _INT, "kl": _STR, "p99": _STR, "dense_tail_mass": _NUM,
+    "window_tokens": _INT, "window_kl": _NUMBERS, "window_top1": _f("array", "null", each=_f("integer")),
+    "window_kl_hist": _f("array", "null", each=_f("array", each=_f("array", each=_f("integer")))),
+    "by_definition": _BOOL, "summary": _f("object", "null", fields={
+        "file": _STR, "computed_in_this_cell": _BOOL, "seconds": _NUM})})
 _PERPLEXITY = _f("object", fields={
+    "dense_relative": _DENSE_RELATIVE,
     "value": _NUM, "diverged": _BOOL, "seqlen": _INT, "n_windows": _INT, "n_tokens": _INT, "window_tokens": _INT,
     "window_nll": _NUMBERS, "windows_fingerprint": _STR, "stream_tokens": _INT, "scored": _STR,
     "text": _f("object", "null"), "sequence_start": _f("array", "null", each=_f("integer"))})
@@ -399,7 +406,9 @@ def records_frame(records: list[dict]):
     Per perplexity dataset: `ppl_<ds>` (NaN when diverged: never inf), `ppl_<ds>_seqlen`,
     `diverged_<ds>` (bool; also True for a pre-flag record holding inf / NaN), and what a paired
     comparison needs: `window_nll_<ds>` (list, None in records without it), `window_tokens_<ds>`,
-    `n_windows_<ds>`, `windows_fp_<ds>`. Per zero-shot task: `acc_<task>`, `stderr_<task>`,
+    `n_windows_<ds>`, `windows_fp_<ds>`; the dense-relative metrics `kl_<ds>`, `kl_p99_<ds>`,
+    `top1_<ds>` (NaN where not measured), `dense_k_<ds>` and their per-window values
+    `window_kl_<ds>`, `window_top1_<ds>`, `window_kl_hist_<ds>`. Per zero-shot task: `acc_<task>`, `stderr_<task>`,
     `n_<task>`, `per_item_<task>` ('0'/'1' string or None), `per_item_tasks_<task>`.
     """
     import pandas as pd
@@ -434,6 +443,14 @@ def records_frame(records: list[dict]):
             row[f"window_tokens_{ds}"] = v.get("window_tokens")
             row[f"n_windows_{ds}"] = v.get("n_windows")
             row[f"windows_fp_{ds}"] = v.get("windows_fingerprint")
+            rel = v.get("dense_relative") or {}
+            row[f"kl_{ds}"] = _finite(rel.get("kl_mean"))
+            row[f"kl_p99_{ds}"] = _finite(rel.get("kl_p99"))
+            row[f"top1_{ds}"] = _finite(rel.get("top1"))
+            row[f"dense_k_{ds}"] = rel.get("k")
+            row[f"window_kl_{ds}"] = rel.get("window_kl")
+            row[f"window_top1_{ds}"] = rel.get("window_top1")
+            row[f"window_kl_hist_{ds}"] = rel.get("window_kl_hist")
         for task, v in (ev.get("zeroshot") or {}).items():
             if isinstance(v, dict):
                 row[f"acc_{task}"] = v.get("value")

@@ -28,7 +28,8 @@ from .config import DENSE, CellSpec, GridSpec
 from .data import WindowSpec, calibration_windows, eval_tokens, text_fingerprint
 from .environment_lock import lock_fingerprint
 from .errors import UserError
-from .evaluate.perplexity import perplexity, scored_text
+from .dense_relative import DEFAULT_K as DENSE_K, by_definition, load_summary, save_summary, summary_name
+from .evaluate.perplexity import eval_windows, perplexity, perplexity_and_summary, scored_text, windows_fingerprint
 from .models import all_prunable, load_model, restore_prunable, snapshot_prunable, weight_matrix
 from .progress import progress_bar
 from .sequence_start import sequence_start_ids
@@ -198,6 +199,7 @@ class ModelSession:
         self._snapshot = None
         self.reference = None  # what the output checks compare each cell's pruned model with
         self._eval_tokens = {}
+        self.dense = {}  # dense summaries by file name: read or computed once per session
         self.error = None
 
     def get(self):
@@ -224,6 +226,7 @@ class ModelSession:
     def close(self):
         self._loaded = self._snapshot = self.reference = None
         self._eval_tokens.clear()
+        self.dense.clear()
 
 
 def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir: Path, *, progress=True,
@@ -236,6 +239,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         torch.cuda.reset_peak_memory_stats()
     lm_eval_tmp = None
     try:
+        dense = None if cell.method == DENSE else dense_summaries(cell, session, grid, results_dir, progress)
         loaded, report, prune_s = _prune_cell(cell, session, grid, results_dir, progress, record)
         model, tokenizer = loaded.model, loaded.tokenizer
         record["timing"]["prune_s"] = prune_s
@@ -284,7 +288,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         t1 = time.perf_counter()
         record["timing"]["checks_s"] = round(t1 - t_checks, 3)  # output checks, measures, cost, saved masks
         lm_eval_tmp = _lm_eval_dir(results_dir, record).with_name(_lm_eval_dir(results_dir, record).name + f".tmp{os.getpid()}")
-        record["eval"] = evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_tmp, progress)
+        record["eval"] = evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_tmp, progress, dense, results_dir)
         record["timing"]["eval_s"] = round(time.perf_counter() - t1, 3)
         record["status"] = "ok"
     except KeyboardInterrupt:
@@ -425,14 +429,61 @@ def write_cell_record(results_dir, record: dict, lm_eval_tmp: Path | None = None
     return path
 
 
-def evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_dir, progress) -> dict:
+def _summary_identity(cell, session, dataset: str) -> dict:
+    """What a dense summary of one evaluation text depends on: its file is named by its hash."""
+    ev, spec = cell.eval, cell.identity()
+    windows = eval_windows(session.eval_ids(dataset), ev.seqlen, ev.max_ppl_windows, sequence_start_ids(session._loaded.tokenizer))
+    vocab = session._loaded.model.get_output_embeddings().out_features
+    return {"model_fingerprint": spec["model_fingerprint"], "dtype": spec["dtype"], "device": spec["device"],
+            "windows_fingerprint": windows_fingerprint(windows), "shape": list(windows.shape),
+            "sequence_start": spec["eval"]["sequence_start"], "k": DENSE_K, "vocab": vocab,
+            "eval_code_sha256": spec["eval"]["code_sha256"]}
+
+
+def dense_summaries(cell, session, grid, results_dir, progress) -> dict:
+    """{dataset: (DenseSummary, how it was obtained)}: from this session's memory, else the file
+    under results/work/dense/, else one dense forward over the windows (the model, restored to its
+    dense weights, before the cell prunes it) written atomically for every later cell."""
+    if session._loaded is None:
+        session.get()
+    out = {}
+    for dataset in cell.eval.perplexity:
+        identity = _summary_identity(cell, session, dataset)
+        path = Path(results_dir) / "work" / "dense" / summary_name(identity)
+        info = {"file": str(path.relative_to(results_dir)), "computed_in_this_cell": False, "seconds": None}
+        if path.name in session.dense:
+            out[dataset] = (session.dense[path.name], info)
+            continue
+        if path.exists():
+            summary = load_summary(path, identity)
+        else:
+            ev, t0 = cell.eval, time.perf_counter()
+            loaded = session.get()  # restores the dense weights (the last cell left its pruned ones)
+            _, summary = perplexity_and_summary(loaded.model, session.eval_ids(dataset), ev.seqlen, k=DENSE_K,
+                                                batch_size=ev.batch_size, device=grid.device, progress=progress,
+                                                max_windows=ev.max_ppl_windows, prefix=sequence_start_ids(loaded.tokenizer))
+            save_summary(path, summary, identity)
+            info.update(computed_in_this_cell=True, seconds=round(time.perf_counter() - t0, 3))
+        session.dense[path.name] = summary
+        out[dataset] = (summary, info)
+    return out
+
+
+def evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_dir, progress, dense=None, results_dir=None) -> dict:
+    """Perplexity and, against the dense summary (`dense`: {dataset: (summary, info)}), the
+    dense-relative metrics; the dense cell's own are 0 and 1 by definition."""
     out = {"perplexity": {}, "zeroshot": {}}
     ev = cell.eval
     start = sequence_start_ids(tokenizer)
     for dataset in ev.perplexity:
         ids = session.eval_ids(dataset)
+        summary, info = (dense or {}).get(dataset, (None, None))
         result = perplexity(model, ids, ev.seqlen, batch_size=ev.batch_size, device=grid.device, progress=progress,
-                            max_windows=ev.max_ppl_windows, prefix=start)
+                            max_windows=ev.max_ppl_windows, prefix=start, dense=summary)
+        if summary is not None:
+            result["dense_relative"]["summary"] = info
+        elif cell.method == DENSE:
+            result["dense_relative"] = by_definition(result["n_windows"], result["window_tokens"], DENSE_K, None)
         # Which text, and which part of it, was scored.
         result["text"] = text_fingerprint(dataset, "eval", grid.data_dir, ev.encoding)
         result["stream_tokens"] = int(ids.numel())

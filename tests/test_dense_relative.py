@@ -1,8 +1,13 @@
 """KL(dense || pruned) and top-1 agreement from a top-k summary of the dense model."""
 import torch
 
-from prunebench.dense_relative import (histogram_quantile, log10_histogram, summarize_dense,
-                                                token_kl_and_top1, window_summaries)
+import math
+
+import torch.nn.functional as F
+
+from prunebench.dense_relative import (aggregate, dense_histogram, histogram_quantile, log10_histogram,
+                                       scan_vocabulary, sparse_histogram, summarize_dense, token_kl_and_top1,
+                                       window_summaries)
 
 
 def _logits(seed, shape=(3, 7, 50), scale=3.0):
@@ -42,8 +47,8 @@ def test_identical_models_have_zero_kl_and_full_agreement():
 def test_chunking_changes_nothing():
     dense, pruned = _logits(5, (2, 33, 40)), _logits(6, (2, 33, 40))
     whole = token_kl_and_top1(summarize_dense(dense, 10, chunk_tokens=10_000), pruned, chunk_tokens=10_000)
-    pieces = token_kl_and_top1(summarize_dense(dense, 10, chunk_tokens=7), pruned, chunk_tokens=5)
-    torch.testing.assert_close(whole[0], pieces[0])
+    pieces = token_kl_and_top1(summarize_dense(dense, 10, chunk_tokens=7, width=3), pruned, chunk_tokens=5, width=6)
+    torch.testing.assert_close(whole[0], pieces[0], rtol=1e-5, atol=1e-6)  # float32 block sums
     assert torch.equal(whole[1], pieces[1])
 
 
@@ -60,3 +65,41 @@ def test_window_summaries_and_the_histogram_quantile():
     true = float(exact.flatten().quantile(0.99))
     assert true <= p99 <= true * 10 ** 0.05 + 1e-12  # the upper edge of the true value's bin
     assert log10_histogram(torch.tensor([0.0, 1e-12]))[0] == 2
+
+
+def test_blocked_scan_is_the_full_row_computation():
+    """Vocabulary blocks of any width: log-sum-exp, NLL, argmax (first maximum on ties), top-k and
+    the exactly summed mass outside given ids all equal the whole-row computation."""
+    logits = _logits(9, (1, 40, 50)).view(40, 50)
+    logits[3, 7] = logits[3, 30] = logits[3].max() + 1.0  # a tie: the first one is the argmax
+    targets = torch.randint(0, 50, (40,), generator=torch.Generator().manual_seed(1))
+    ids = logits.topk(5, dim=-1).indices
+    full = logits.double()
+    for width in (1, 7, 50):
+        scan = scan_vocabulary(lambda lo, hi: logits[:, lo:hi], 40, 50, targets=targets, ids=ids, topk=5, width=width)
+        torch.testing.assert_close(scan.lse, full.logsumexp(-1))
+        torch.testing.assert_close(scan.lse - scan.target, F.cross_entropy(full, targets, reduction="none"))
+        assert torch.equal(scan.argmax, logits.argmax(-1)) and int(scan.argmax[3]) == 7
+        assert torch.equal(scan.top_ids[:, 0], scan.argmax)  # on a tie too
+        torch.testing.assert_close(scan.top_values, logits.topk(5, dim=-1).values)
+        assert torch.equal(scan.top_ids.sort(1).values, ids.sort(1).values)
+        outside = full.scatter(1, ids, float("-inf")).logsumexp(-1)
+        torch.testing.assert_close(scan.tail, outside)
+
+
+def test_a_tiny_tail_is_summed_not_subtracted():
+    """A dense row with 1e-12 of its mass outside the top 2: 1 - top-k mass would round to 0 in
+    float64 arithmetic on float32 exps; the scan keeps it."""
+    logits = torch.tensor([[0.0, 0.0, -28.0, -28.0]])
+    s = summarize_dense(logits.view(1, 1, 4), k=2)
+    exact = math.log(2 * math.exp(-28.0) / (2 + 2 * math.exp(-28.0)))
+    assert abs(float(s.tail_logp) - exact) < 1e-5
+
+
+def test_aggregate_and_sparse_histograms():
+    values = torch.tensor([0.0, 1e-3, 1e-3, 2.0])
+    counts = log10_histogram(values)
+    assert dense_histogram(sparse_histogram(counts)) == counts and len(sparse_histogram(counts)) == 3
+    out = aggregate([1.0, 3.0], [5, 7], [sparse_histogram(counts)], window_tokens=10)
+    assert out["kl_mean"] == 0.2 and out["top1"] == 0.6
+    assert 2.0 <= out["kl_p99"] <= 2.0 * 10 ** 0.05

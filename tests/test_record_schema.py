@@ -166,3 +166,25 @@ def test_runner_recomputes_a_bad_record_and_keeps_it_aside(name, tiny_results, t
     fresh = read_record(path)
     assert fresh["status"] == "ok" and fresh["key"] == good["key"]
     assert good["key"] in ok_keys(results)
+
+
+def test_dense_relative_fields_are_typed():
+    """The dense-relative entry of a perplexity result: optional (older records lack it), but
+    typed where present, down to the per-window histogram pairs."""
+    _, rec = _committed("smollm2-135m__wanda__0.5__*.json")
+    good = copy.deepcopy(rec)
+    good["eval"]["perplexity"]["lee"]["dense_relative"] = {
+        "kl_mean": 0.12, "kl_p99": 1.5, "top1": 0.8, "k": 64, "window_kl": [10.0, 12.5], "window_top1": [40, 41],
+        "window_kl_hist": [[[3, 20], [150, 30]], [[4, 51]]], "summary": {"file": "work/dense/x", "seconds": 1.0}}
+    parse_record_text(json.dumps(good))
+    for path, bad, where in (
+            (("window_top1", 1), 40.5, r"window_top1\[1\] is number"),
+            (("window_kl_hist", 0), [[3, "20"]], r"window_kl_hist\[0\]\[0\]\[1\] is string"),
+            (("top1",), "0.8", "top1 is string")):
+        broken = copy.deepcopy(good)
+        target = broken["eval"]["perplexity"]["lee"]["dense_relative"]
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = bad
+        with pytest.raises(InvalidRecord, match=where):
+            parse_record_text(json.dumps(broken))

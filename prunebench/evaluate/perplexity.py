@@ -3,6 +3,9 @@
 The evaluation text's documents are joined with "\\n\\n", tokenised once, cut into
 non-overlapping windows of `seqlen` tokens (a trailing partial window is dropped), and the
 perplexity is exp of the mean next-token negative log-likelihood over every predicted token.
+A token's NLL is the log-sum-exp of its logits minus its target's logit, from one scan of the
+vocabulary in blocks (prunebench.dense_relative.scan_vocabulary); given the dense model's top-k
+summary of the same windows, the same scan gives KL(dense || model) and top-1 agreement.
 
 A model whose tokenizer starts every sequence with a prefix (Gemma's <bos>; see
 prunebench.sequence_start) gets it in every window: a window is the prefix followed by
@@ -21,8 +24,9 @@ import hashlib
 import math
 
 import torch
-import torch.nn.functional as F
 
+from .. import dense_relative
+from ..dense_relative import DenseSummary
 from ..output_head import OutputHead
 from ..progress import progress_bar
 
@@ -94,50 +98,103 @@ def _finish(window_nll: list[float], windows: torch.Tensor, prefix, **extra) -> 
             "windows_fingerprint": windows_fingerprint(windows), "sequence_start": list(prefix), **extra}
 
 
-# The float32 logits scored at once: a few hundred MB, whatever the vocabulary (SmolLM2's 49k: 1365
-# tokens; Gemma-3's 262k: 256), so the [tokens x vocabulary] logits of a batch never exist whole.
-SCORE_CHUNK_BYTES = 256 * 2 ** 20
+# Predicted positions scanned together: each scan reads the head's weights once (a vocabulary
+# block at a time), so a whole usual batch goes in one scan. Memory does not grow with it: only
+# one block of dense_relative.BLOCK_BYTES of logits (and its exps) exists at a time.
+SCAN_ROWS = 4096
 
 
 def score_chunk_tokens(vocab: int) -> int:
-    return max(1, SCORE_CHUNK_BYTES // (4 * vocab))
+    """How many tokens' worth of float32 logits exist at once while scoring (one vocabulary block
+    of the scan), for memory estimates (prunebench.plan)."""
+    return max(1, dense_relative.BLOCK_BYTES // (4 * vocab))
 
 
-def token_nll(model, batch: torch.Tensor, first: int, head: OutputHead | None = None) -> torch.Tensor:
-    """[B, T - first] float64 next-token NLL of positions first..T-1 of `batch` [B, T].
+class _Scores:
+    """Per-row results of one batch, gathered chunk by chunk."""
 
-    With `head` (the model split at its last hidden state) the vocabulary head runs a chunk of
-    tokens at a time, so no batch's [tokens x vocabulary] logits exist whole; without, the model's
-    own logits are scored a chunk of positions at a time (no float32 copy of them all).  A token's
-    NLL is the log-softmax of its own logits row either way, so chunking changes no value."""
+    def __init__(self):
+        self.nll, self.kl, self.agree, self.ids, self.logp, self.tail = [], [], [], [], [], []
+
+    def cat(self, name, shape):
+        parts = getattr(self, name)
+        return torch.cat(parts).view(*shape, *parts[0].shape[1:]) if parts else None
+
+
+def _score_rows(rows, targets, vocab, logits_of, scores: _Scores, dense_rows=None, summarize_k: int = 0):
+    """Score c rows: NLL always; with `dense_rows` (ids, log-probs, tail of the dense summary) the
+    KL and top-1 agreement; with `summarize_k` this model's own top-k summary."""
+    c = rows.shape[0]
+    block = lambda lo, hi: logits_of(rows, lo, hi)  # noqa: E731
+    if summarize_k:
+        ids, logp, tail, scan = dense_relative.summarize_rows(block, c, vocab, summarize_k, targets=targets,
+                                                              device=rows.device)
+        scores.ids.append(ids)
+        scores.logp.append(logp)
+        scores.tail.append(tail)
+    else:
+        ids = dense_rows[0] if dense_rows is not None else None
+        scan = dense_relative.scan_vocabulary(block, c, vocab, targets=targets, ids=ids, device=rows.device)
+        if dense_rows is not None:
+            kl, agree = dense_relative.kl_and_top1_rows(scan, *dense_rows)
+            scores.kl.append(kl)
+            scores.agree.append(agree)
+    scores.nll.append(scan.lse - scan.target)
+
+
+def score_batch(model, batch: torch.Tensor, first: int, head: OutputHead | None = None, *, dense_rows=None,
+                summarize_k: int = 0) -> _Scores:
+    """Scores of positions first..T-1 of `batch` [B, T] (position p - 1 predicts token p), in
+    row-major order.  With `head` the vocabulary head runs one block of the vocabulary at a time
+    on the last hidden states, so no [tokens x vocabulary] logits exist at all; without, the
+    model's own logits are scanned in place (no float32 copy of them)."""
     if head is not None:
         states = head.decoder(input_ids=batch, use_cache=False).last_hidden_state
         vocab = head.linear.out_features
+        logits_of = head.block_logits
     else:
         states = model(input_ids=batch, use_cache=False).logits
         vocab = states.shape[-1]
-    chunk = score_chunk_tokens(vocab)
-    n, t = batch.shape
-    nll = torch.empty(n, t - first, dtype=torch.float64, device=batch.device)
-    for b in range(n):
-        for c in range(first, t, chunk):
-            stop = min(c + chunk, t)
-            rows = states[b, c - 1:stop - 1]  # position p - 1 predicts token p
-            logits = (head.logits(rows) if head is not None else rows).float()
-            nll[b, c - first:stop - first] = F.cross_entropy(logits, batch[b, c:stop], reduction="none")
-    return nll
+        logits_of = lambda rows, lo, hi: rows[:, lo:hi]  # noqa: E731
+    # hidden states: the whole batch in one scan; the model's own logits: window by window, as views
+    # (flattening a slice of several windows' logits would copy them all)
+    groups = [slice(None)] if head is not None else [slice(b, b + 1) for b in range(batch.shape[0])]
+    scores, done = _Scores(), 0
+    for g in groups:
+        rows = states[g, first - 1:-1].reshape(-1, states.shape[-1])
+        targets = batch[g, first:].reshape(-1)
+        for c in range(0, rows.shape[0], SCAN_ROWS):
+            stop = min(c + SCAN_ROWS, rows.shape[0])
+            part = None if dense_rows is None else tuple(x[done + c:done + stop] for x in dense_rows)
+            _score_rows(rows[c:stop], targets[c:stop], vocab, logits_of, scores, part, summarize_k)
+        done += rows.shape[0]
+    return scores
 
 
-def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int = 1, device="cpu",
-               progress: bool = True, max_windows: int | None = None, prefix=()) -> dict:
-    """Returns {"value", "diverged", "seqlen", "n_windows", "n_tokens", "window_tokens", "window_nll",
-    "windows_fingerprint", "sequence_start"}; n_tokens counts scored tokens, window_nll[i] is window
-    i's summed NLL. `prefix`: the tokenizer's sequence start, put before every window's text."""
+def _dense_rows(dense: DenseSummary, start: int, stop: int):
+    """The dense summary's rows for windows start..stop-1, flattened as score_batch orders them."""
+    k = dense.k
+    return (dense.topk_ids[start:stop].reshape(-1, k), dense.topk_logp[start:stop].reshape(-1, k),
+            dense.tail_logp[start:stop].reshape(-1))
+
+
+def _check_dense(dense: DenseSummary, windows: torch.Tensor, first: int) -> None:
+    expected = (windows.shape[0], windows.shape[1] - first)
+    if tuple(dense.tail_logp.shape) != expected:
+        raise ValueError(f"the dense summary covers {tuple(dense.tail_logp.shape)} positions, these windows "
+                         f"score {expected}")
+
+
+def _evaluate(model, token_ids, seqlen, *, batch_size, device, progress, max_windows, prefix, dense=None,
+              summarize_k: int = 0):
     prefix = [int(t) for t in prefix]
     windows = eval_windows(token_ids, seqlen, max_windows, prefix)
     s = first_scored(prefix)
+    if dense is not None:
+        _check_dense(dense, windows, s)
     n_windows = windows.shape[0]
     window_nll: list[float] = []
+    kl, agree, parts = [], [], []
     head = OutputHead.find(model)
     was_training = model.training
     model.eval()
@@ -145,11 +202,47 @@ def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int =
     with torch.no_grad():
         for start in range(0, n_windows, batch_size):
             batch = windows[start:start + batch_size].to(device)
-            window_nll += token_nll(model, batch, s, head).sum(dim=1).tolist()
+            shape = (batch.shape[0], -1)
+            rows = None if dense is None else tuple(x.to(device) for x in _dense_rows(dense, start, start + batch.shape[0]))
+            scores = score_batch(model, batch, s, head, dense_rows=rows, summarize_k=summarize_k)
+            window_nll += scores.cat("nll", shape).sum(dim=1).tolist()
+            if dense is not None:
+                kl.append(scores.cat("kl", shape).cpu())
+                agree.append(scores.cat("agree", shape).cpu())
+            if summarize_k:
+                parts.append(tuple(scores.cat(n, shape).cpu() for n in ("ids", "logp", "tail")))
             bar.update(batch.shape[0])
     bar.close()
     model.train(was_training)
-    return _finish(window_nll, windows, prefix)
+    result = _finish(window_nll, windows, prefix)
+    if dense is not None:
+        result["dense_relative"] = dense_relative.result(torch.cat(kl), torch.cat(agree), dense)
+    summary = None
+    if summarize_k:
+        ids, logp, tail = (torch.cat(p) for p in zip(*parts))
+        summary = DenseSummary(ids, logp, tail)
+    return result, summary
+
+
+def perplexity(model, token_ids: torch.Tensor, seqlen: int, *, batch_size: int = 1, device="cpu",
+               progress: bool = True, max_windows: int | None = None, prefix=(),
+               dense: DenseSummary | None = None) -> dict:
+    """Returns {"value", "diverged", "seqlen", "n_windows", "n_tokens", "window_tokens", "window_nll",
+    "windows_fingerprint", "sequence_start"}; n_tokens counts scored tokens, window_nll[i] is window
+    i's summed NLL. `prefix`: the tokenizer's sequence start, put before every window's text.
+    With `dense` (the dense model's summary of the same windows) also "dense_relative": KL(dense ||
+    this model) and top-1 agreement, from the same scan of the logits as the NLL."""
+    return _evaluate(model, token_ids, seqlen, batch_size=batch_size, device=device, progress=progress,
+                     max_windows=max_windows, prefix=prefix, dense=dense)[0]
+
+
+def perplexity_and_summary(model, token_ids: torch.Tensor, seqlen: int, *, k: int, batch_size: int = 1, device="cpu",
+                           progress: bool = True, max_windows: int | None = None, prefix=()):
+    """(the perplexity result, the model's top-k DenseSummary of the same windows): what the dense
+    model's evaluation gives every later cell to compare with (two scans: the tail is summed
+    after the top k are known)."""
+    return _evaluate(model, token_ids, seqlen, batch_size=batch_size, device=device, progress=progress,
+                     max_windows=max_windows, prefix=prefix, summarize_k=k)
 
 
 class _Replay(torch.nn.Module):
@@ -170,10 +263,11 @@ class _Replay(torch.nn.Module):
 
 
 def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="cpu", max_windows: int | None = None,
-                        chunk_windows: int = 32, progress: bool = True, prefix=()) -> dict:
+                        chunk_windows: int = 32, progress: bool = True, prefix=(),
+                        dense: DenseSummary | None = None) -> dict:
     """Perplexity with only one decoder block on `device` at a time (the weights stay where they are).
 
-    Same protocol and result as `perplexity`.  Windows go through in chunks of `chunk_windows`,
+    Same protocol and result as `perplexity` (`dense` as there).  Windows go through in chunks of `chunk_windows`,
     so activation memory is chunk_windows x seqlen x hidden on CPU, whatever the depth.
     """
     from ..layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
@@ -182,6 +276,9 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
     prefix = [int(t) for t in prefix]
     windows = eval_windows(token_ids, seqlen, max_windows, prefix)
     s = first_scored(prefix)
+    if dense is not None:
+        _check_dense(dense, windows, s)
+    kl, agree = [], []
     n_windows = windows.shape[0]
     _, blocks = find_blocks(model)
     was_training = model.training
@@ -213,11 +310,17 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
             try:
                 for m in outer:
                     m.to(device)
-                for w in chunk:
+                for i, w in enumerate(chunk):
                     batch = w.unsqueeze(0).to(device)
-                    logits = model(input_ids=batch, use_cache=False).logits.float()
-                    nll = F.cross_entropy(logits[0, s - 1:-1], batch[0, s:], reduction="none")
-                    window_nll.append(nll.double().sum().item())
+                    rows = None
+                    if dense is not None:
+                        rows = tuple(x.to(device) for x in _dense_rows(dense, start + i, start + i + 1))
+                    # the model's forward (replayed blocks) gives its logits; scanned in place
+                    scores = score_batch(model, batch, s, None, dense_rows=rows)
+                    window_nll.append(scores.cat("nll", (1, -1)).sum().item())
+                    if dense is not None:
+                        kl.append(scores.cat("kl", (1, -1)).cpu())
+                        agree.append(scores.cat("agree", (1, -1)).cpu())
                     bar.update(1)
             finally:
                 for i, b in enumerate(originals):
@@ -226,4 +329,7 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
                     m.to(dev)
     bar.close()
     model.train(was_training)
-    return _finish(window_nll, windows, prefix, streamed=True)
+    result = _finish(window_nll, windows, prefix, streamed=True)
+    if dense is not None:
+        result["dense_relative"] = dense_relative.result(torch.cat(kl), torch.cat(agree), dense)
+    return result

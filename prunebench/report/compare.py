@@ -16,7 +16,7 @@ from ..errors import UserError
 from .tables import (DENSE_LABEL, EVAL_ONLY, accuracy_tasks, collapse_duplicate_cells, format_number,
                      format_sparsity_label, ok_rows, pair_rows, ppl_datasets, resolve_tasks)
 
-BETTER_LOWER = "ppl"  # unit whose smaller value is better; accuracies (points) are better higher
+BETTER_LOWER = ("ppl", "nats")  # units whose smaller value is better (perplexity, KL); points are better higher
 
 
 def _resolve(method: str) -> str:
@@ -77,7 +77,7 @@ def verdict(row) -> str:
     if not row["significant"]:
         text = "not significant"
     else:
-        lower_better = row["unit"] == BETTER_LOWER
+        lower_better = row["unit"] in BETTER_LOWER
         a_better = (row["diff"] < 0) if lower_better else (row["diff"] > 0)
         text = f"{row['method'] if a_better else row['baseline']} better"
     if row["noise"] == EVAL_ONLY:
@@ -85,18 +85,22 @@ def verdict(row) -> str:
     return text
 
 
-def _num(value) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format_number(value)
+def _num(value, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.4g}" if unit == "nats" else format_number(value)
 
 
 def render(rows: pd.DataFrame) -> str:
     """The comparison as a github table, one line per (setting, metric)."""
     table = []
     for _, r in rows.iterrows():
-        unit = "pts" if r["unit"] == "points" else ""
+        unit = {"points": "pts", "nats": "nats"}.get(r["unit"], "")
+        f = ".3g" if r["unit"] == "nats" else ".2f"  # a KL gap of 0.004 nats is no rounding error
         table.append([r["model"], format_sparsity_label(str(r["sparsity"])), r["metric"],
-                      _num(r["value"]), _num(r["baseline_value"]), f"{r['diff']:+.2f}{unit and ' ' + unit}",
-                      "-" if pd.isna(r["lo"]) else f"[{r['lo']:+.2f}, {r['hi']:+.2f}]",
+                      _num(r["value"], r["unit"]), _num(r["baseline_value"], r["unit"]),
+                      f"{r['diff']:+{f}}{unit and ' ' + unit}",
+                      "-" if pd.isna(r["lo"]) else f"[{r['lo']:+{f}}, {r['hi']:+{f}}]",
                       f"{int(r['n_seeds'])} vs {int(r['baseline_n_seeds'])}", "-" if pd.isna(r["n"]) else int(r["n"]),
                       verdict(r)])
     a, b = rows["method"].iat[0], rows["baseline"].iat[0]

@@ -202,6 +202,25 @@ def _perplexity_section(df: pd.DataFrame) -> str:
     return "".join(parts)
 
 
+def _dense_relative_section(df: pd.DataFrame) -> str:
+    from . import dense_relative as rel
+
+    frame = rel.dense_relative_frame(df)
+    if frame.empty:
+        return ""
+    headers = [("Model", "text"), ("Dataset", "text"), ("Method", "text"), ("Sparsity", "text"), ("Seeds", "num"),
+               ("KL mean (nats)", "num"), ("KL p99 (nats)", "num"), ("Top-1 (%)", "num"), ("k", "num")]
+    rows = [f"<tr><td>{_e(model_display_name(r['model']))}</td><td>{_e(dataset_display_name(r['dataset']))}</td>"
+            f"<td>{_e(method_display_name(r['method']))}</td><td>{_e(format_sparsity_label(r['sparsity']))}</td>"
+            + _td(_e(str(r["n_seeds"])), sort=r["n_seeds"], css="r")
+            + "".join(_td(_e(rel._fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"], 0 if m == "top1" else 3)), sort=r[m], css="r")
+                      for m in rel.METRICS)
+            + _td(_e(str(r["k"])), sort=r["k"], css="r") + "</tr>"
+            for _, r in frame.iterrows()]
+    return ('<h2 id="dense-relative">Distance from the dense model</h2>'
+            f"<p>{_e(rel.CAPTION)}</p>" + _table(headers, rows, css="paper-table", sortable=True))
+
+
 # ----------------------------------------------------------------------------- comparisons (95% CIs)
 
 def default_comparisons(df: pd.DataFrame) -> pd.DataFrame | None:
@@ -780,12 +799,12 @@ def render_html(df: pd.DataFrame, records: Sequence[dict], *, plots: Sequence[st
     span = (f" · run {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")) if dates else ""
     sections = [
         '<h2 id="main">Main table (the LEAP paper\'s layout)</h2>', _main_table_section(df),
-        _gains_section(df), _perplexity_section(df), _comparisons_section(comparisons),
+        _gains_section(df), _perplexity_section(df), _dense_relative_section(df), _comparisons_section(comparisons),
         _reproduction_section(reproduction, reproduction_problem), _plots_section(plots),
         _cells_section(records), _heatmap_section(records),
     ]
     nav = "".join(f'<a href="#{anchor}">{_e(text)}</a>' for anchor, text in (
-        ("main", "Main table"), ("gains", "Gains"), ("perplexity", "Perplexity"),
+        ("main", "Main table"), ("gains", "Gains"), ("perplexity", "Perplexity"), ("dense-relative", "KL / top-1"),
         ("intervals", "95% intervals"), ("reproduction", "Reproduction"), ("plots", "Plots"),
         ("cells", "All cells"), ("per-layer", "Per-layer sparsity")))
     return (

@@ -28,6 +28,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from prunebench.atomic import write_text_atomic
+from prunebench.report import dense_relative as dense_relative_report
 from prunebench.report import uncertainty
 from prunebench.report.paper import (
     PAPER_BASELINE,
@@ -308,7 +309,8 @@ def figure_columns(frame: pd.DataFrame) -> list[str]:
 
 
 def _score_columns(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c.startswith(("window_nll_", "per_item_")) and not c.startswith("per_item_tasks_")
+    return [c for c in frame.columns if c.startswith(("window_nll_", "per_item_", "window_kl_", "window_top1_"))
+            and not c.startswith("per_item_tasks_")
             and not c.endswith(PER_SEED)]
 
 
@@ -1440,6 +1442,11 @@ def pair_rows(row: pd.Series, base: pd.Series, datasets: Sequence[str], tasks: S
         a, b = _value(row, f"acc_{task}"), _value(base, f"acc_{task}")
         add(f"acc_{task}", "points", None if a is None else a * PERCENT, None if b is None else b * PERCENT,
             acc_difference(row, base, task))
+    from .dense_relative import METRICS, differences
+
+    for dataset in datasets:
+        for metric, (a, b, d) in differences(row, base, dataset).items():
+            add(f"{METRICS[metric][0]}{dataset}", METRICS[metric][1], a, b, d)
     common = [t for t in avg_tasks if _value(row, f"acc_{t}") is not None and _value(base, f"acc_{t}") is not None]
     if common:
         add("avg_acc", "points", sum(_value(row, f"acc_{t}") for t in common) / len(common) * PERCENT,
@@ -1570,8 +1577,9 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
     With `df` None, the tables are rebuilt from the paper's published numbers alone (what
     `prunebench report --paper` shows); with records, they table the records with the paper's
     numbers beside every matching cell. With `out_dir`, also writes report.md, main_table.md /
-    .tex / .csv, gains.csv / .tex, perplexity.csv, cells.csv and comparisons.csv (every
-    difference with its 95% interval, see `comparisons_frame`) there, each atomically.
+    .tex / .csv, gains.csv / .tex, perplexity.csv, cells.csv, comparisons.csv (every
+    difference with its 95% interval, see `comparisons_frame`) and dense_relative.csv / .md
+    (report/dense_relative.py) there, each atomically.
     """
     paper_only = df is None
     reference = paper_reference_frame()
@@ -1593,6 +1601,9 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
                 render_gains_markdown(gains, baseline, headline, learned_methods)]
     if ppl:
         sections += ["## Perplexity", "", render_perplexity_markdown(ppl, frame)]
+    relative = None if paper_only else dense_relative_report.dense_relative_frame(frame)
+    if relative is not None and not relative.empty:
+        sections += ["## Distance from the dense model", "", dense_relative_report.render_markdown(relative)]
     if paper_only:
         sections += [patch_paper_markdown()]
     text = "\n".join(sections).rstrip() + "\n"
@@ -1608,6 +1619,10 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
         write_text_atomic(out / PERPLEXITY_CSV, _csv_text(perplexity_long_frame(frame)))
         write_text_atomic(out / CELLS_CSV, cells_csv_text(frame))
         write_text_atomic(out / COMPARISONS_CSV, _csv_text(comparisons_frame(frame)))
+        if relative is not None and not relative.empty:  # only records that carry the metrics
+            write_text_atomic(out / dense_relative_report.DENSE_RELATIVE_CSV, _csv_text(relative))
+            write_text_atomic(out / dense_relative_report.DENSE_RELATIVE_MD,
+                              dense_relative_report.render_markdown(relative))
         seeds = seeds_frame(frame)
         write_text_atomic(out / SEEDS_CSV, _csv_text(seeds))
         write_text_atomic(out / SEEDS_MD, render_seeds_markdown(seeds))

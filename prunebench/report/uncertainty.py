@@ -312,3 +312,80 @@ def seed_spread(values) -> tuple[float, float | None]:
     """(mean, sample SD) of one figure over seeds; SD None below two seeds."""
     arr = np.asarray([float(v) for v in values], dtype=np.float64)
     return float(arr.mean()), (float(arr.std(ddof=1)) if len(arr) > 1 else None)
+
+
+# ----------------------------------------------------------------------------- dense-relative
+
+DENSE_RELATIVE_METRICS = ("kl_mean", "kl_p99", "top1")
+
+
+def _hist_matrix(per_window, bins: int) -> np.ndarray | None:
+    """[n, bins] counts from one seed's per-window sparse histograms ([[bin, count], ...])."""
+    if per_window is None:
+        return None
+    out = np.zeros((len(per_window), bins))
+    for w, pairs in enumerate(per_window):
+        for b, c in pairs or []:
+            out[w, int(b)] += c
+    return out
+
+
+def _quantile_of_counts(counts: np.ndarray, q: float) -> np.ndarray:
+    """Per row of [..., bins] counts: the upper edge of the bin holding the q-quantile (as
+    prunebench.dense_relative.histogram_quantile)."""
+    from ..dense_relative import HIST_LOG10_MAX, HIST_LOG10_MIN
+
+    bins = counts.shape[-1]
+    cum = counts.cumsum(axis=-1)
+    b = (cum >= q * cum[..., -1:]).argmax(axis=-1)
+    return 10.0 ** (HIST_LOG10_MIN + (b + 1) * (HIST_LOG10_MAX - HIST_LOG10_MIN) / bins)
+
+
+def dense_relative_intervals(a: dict, b: dict | None, window_tokens: int, *, n_resamples: int = N_RESAMPLES,
+                             seed: int = SEED, confidence: float = CONFIDENCE) -> dict | None:
+    """{metric: Interval} for the mean KL, its 99th percentile and top-1 agreement: of side `a`
+    alone (b None: the interval of its own value) or of a - b, each side the mean over its seeds.
+    a / b: {"kl": per seed the window KL sums, "top1": per seed the window agreement counts,
+    "hist": per seed the window histograms}, all over the same windows. Two-level bootstrap as
+    for perplexity: the seeds of each side, then the windows, the same indices on both sides.
+    None on any mismatch or missing per-window data."""
+    from ..dense_relative import HIST_BINS
+
+    sides = []
+    for side in (a, b) if b is not None else (a,):
+        kl, top1 = _score_matrix(side.get("kl")), _score_matrix(side.get("top1"))
+        hists = [_hist_matrix(h, HIST_BINS) for h in side.get("hist") or []]
+        if kl is None or top1 is None or not hists or any(h is None for h in hists) or kl.shape != top1.shape \
+                or len(hists) != kl.shape[0] or any(h.shape[0] != kl.shape[1] for h in hists):
+            return None
+        sides.append((kl, top1, np.stack(hists)))
+    n = sides[0][0].shape[1]
+    if any(s[0].shape[1] != n for s in sides) or window_tokens <= 0:
+        return None
+    tokens = n * window_tokens
+
+    def stats(kl, top1, hist, weights):
+        """[m, seeds] per metric for window weights [m, n] (how often each window was drawn)."""
+        return {"kl_mean": weights @ kl.T / tokens, "top1": weights @ top1.T / tokens,
+                "kl_p99": _quantile_of_counts(np.einsum("mn,snb->msb", weights, hist), 0.99)}
+
+    rng = np.random.default_rng(seed)
+    ones = np.ones((1, n))
+    points = [{k: v[0].mean() for k, v in stats(*s, ones).items()} for s in sides]
+    samples = [{k: np.empty(n_resamples) for k in DENSE_RELATIVE_METRICS} for _ in sides]
+    for start in range(0, n_resamples, CHUNK):
+        m = min(CHUNK, n_resamples - start)
+        picks = [rng.integers(0, s[0].shape[0], size=(m, s[0].shape[0])) for s in sides]
+        idx = rng.integers(0, n, size=(m, n))
+        weights = np.zeros((m, n))
+        np.add.at(weights, (np.arange(m)[:, None], idx), 1.0)
+        for side, pick, out in zip(sides, picks, samples):
+            for k, v in stats(*side, weights).items():
+                out[k][start:start + m] = np.take_along_axis(v, pick, axis=1).mean(axis=1)
+    result = {}
+    for k in DENSE_RELATIVE_METRICS:
+        diff = samples[0][k] - (samples[1][k] if b is not None else 0.0)
+        lo, hi = _percentiles(diff, confidence)
+        point = points[0][k] - (points[1][k] if b is not None else 0.0)
+        result[k] = Interval(float(point), lo, hi, n, n_resamples, confidence)
+    return result
