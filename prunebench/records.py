@@ -408,7 +408,7 @@ def records_frame(records: list[dict]):
     comparison needs: `window_nll_<ds>` (list, None in records without it), `window_tokens_<ds>`,
     `n_windows_<ds>`, `windows_fp_<ds>`; the dense-relative metrics `kl_<ds>`, `kl_p99_<ds>`,
     `top1_<ds>` (NaN where not measured), `dense_k_<ds>` and their per-window values
-    `window_kl_<ds>`, `window_top1_<ds>`, `window_kl_hist_<ds>`. Per zero-shot task: `acc_<task>`, `stderr_<task>`,
+    `window_kl_<ds>`, `window_top1_<ds>`, `window_kl_hist_<ds>`. Per zero-shot task: `acc_<task>`, `stderr_<task>`, `chance_<task>`,
     `n_<task>`, `per_item_<task>` ('0'/'1' string or None), `per_item_tasks_<task>`.
     """
     import pandas as pd
@@ -456,6 +456,7 @@ def records_frame(records: list[dict]):
                 row[f"acc_{task}"] = v.get("value")
                 row[f"stderr_{task}"] = v.get("stderr")
                 row[f"n_{task}"] = v.get("n")
+                row[f"chance_{task}"] = v.get("chance")
                 row[f"per_item_{task}"] = v.get("per_item")
                 row[f"per_item_tasks_{task}"] = v.get("per_item_tasks")
         rows.append(row)

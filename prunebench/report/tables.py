@@ -28,6 +28,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from prunebench.atomic import write_text_atomic
+from prunebench.report import chance
 from prunebench.report import dense_relative as dense_relative_report
 from prunebench.report import uncertainty
 from prunebench.report.paper import (
@@ -1599,6 +1600,9 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
     sections = [title, "", *([f"> {notice}", ""] if notice else []), "## Main table", "", main_markdown,
                 f"## Average-accuracy gain over {_baseline_name(baseline)} (points)", "",
                 render_gains_markdown(gains, baseline, headline, learned_methods)]
+    near = None if paper_only else chance.near_chance_frame(frame)
+    if near is not None and not near.empty:
+        sections += ["## Tasks near chance", "", chance.render_markdown(near)]
     if ppl:
         sections += ["## Perplexity", "", render_perplexity_markdown(ppl, frame)]
     relative = None if paper_only else dense_relative_report.dense_relative_frame(frame)
