@@ -42,10 +42,12 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
-from prunebench.layerwise import stack_rows
+from prunebench.engines.layerwise import stack_rows
 from prunebench.registry import (Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, STATS_INPUT_NORM,
                                  STATS_NONE, register)
-from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, mask_from_scores, n_to_prune, nm_mask
+from prunebench.sparsity.patterns import (
+    SparsitySpec, _keep_all_but_lowest, mask_from_scores, n_to_prune, nm_mask
+)
 
 from .sparsegpt import CholeskyError
 

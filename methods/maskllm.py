@@ -29,10 +29,11 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
-from prunebench.masklearn import (LearnedMaskPruner, MaskTrainingConfig, fading, gumbel_noise, linear_schedule,
-                                  lr_factor)
+from prunebench.engines.masklearn import (
+    LearnedMaskPruner, MaskTrainingConfig, fading, gumbel_noise, linear_schedule, lr_factor
+)
 from prunebench.registry import Capabilities, register
-from prunebench.sparsity import SparsitySpec
+from prunebench.sparsity.patterns import SparsitySpec
 
 # C(M, N) above this is refused: logits and their Adam state grow as C(M, N) / M floats per weight.
 MAX_PATTERNS = 35
@@ -158,7 +159,7 @@ def check_nm_learnable(spec: SparsitySpec, who: str) -> None:
 
 
 def check_widths(modules: dict, m: int, who: str) -> None:
-    from prunebench.models import weight_matrix
+    from prunebench.modeling.models import weight_matrix
 
     bad = [name for name, mod in modules.items() if weight_matrix(mod).shape[1] % m]
     if bad:
@@ -212,7 +213,7 @@ class MaskLLM(LearnedMaskPruner):
                 for name in modules}
 
     def begin(self, modules, spec) -> None:
-        from prunebench.models import weight_matrix
+        from prunebench.modeling.models import weight_matrix
 
         device = next(iter(modules.values())).weight.device
         self._patterns = nm_patterns(spec.n, spec.m).to(device)

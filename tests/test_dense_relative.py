@@ -1,8 +1,9 @@
 """KL(dense || pruned) and top-1 agreement from a top-k summary of the dense model."""
 import torch
 
-from prunebench.dense_relative import (histogram_quantile, log10_histogram, summarize_dense,
-                                                token_kl_and_top1, window_summaries)
+from prunebench.evaluate.dense_relative import (
+    histogram_quantile, log10_histogram, summarize_dense, token_kl_and_top1, window_summaries
+)
 
 
 def _logits(seed, shape=(3, 7, 50), scale=3.0):

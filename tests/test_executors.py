@@ -9,9 +9,9 @@ import pytest
 pytest.importorskip("submitit")
 
 from prunebench.cli import main  # noqa: E402
-from prunebench.config import grid_from_dict  # noqa: E402
-from prunebench.executors import CellTask, SubmititExecutor, locks_dir  # noqa: E402
-from prunebench.records import load_records  # noqa: E402
+from prunebench.run.grid import grid_from_dict
+from prunebench.run.executors import CellTask, SubmititExecutor, locks_dir
+from prunebench.store.records import load_records
 
 from conftest import SIX_CELL_GRID_YAML as GRID_YAML  # noqa: E402
 
@@ -25,7 +25,7 @@ def test_job_array_through_submitit_local(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID_YAML)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "prunebench.cli", "run", "--grid", str(grid), "--results", str(results), "-q",
+    cmd = [sys.executable, "-m", "prunebench.cli.main", "run", "--grid", str(grid), "--results", str(results), "-q",
            "--executor", "slurm", "--submitit-cluster", "local", "--timeout", "10", "--array-parallelism", "6"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_a_learned_cell_runs_as_two_processes_through_torchrun(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(TORCHRUN_GRID_YAML)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "prunebench.cli", "run", "--grid", str(grid), "--results", str(results), "-q",
+    cmd = [sys.executable, "-m", "prunebench.cli.main", "run", "--grid", str(grid), "--results", str(results), "-q",
            "--nproc-per-node", "2", "--no-dense"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from prunebench.errors import UserError
 from prunebench.evaluate.perplexity import perplexity
-from prunebench.models import all_prunable, check_model_spec, describe_model, load_model, load_tiny, weight_matrix
+from prunebench.modeling.models import (
+    all_prunable, check_model_spec, describe_model, load_model, load_tiny, weight_matrix
+)
 
 from conftest import TINY_FAMILIES
 
@@ -42,7 +44,7 @@ def test_perplexity_in_chunks_scores_every_token_as_the_full_logits_do(family, t
     logits a few positions at a time when its head cannot be split off): each window's NLL sum is
     the full computation's, with a sequence start and without, whatever the chunk size."""
     from prunebench.evaluate import perplexity as ppl
-    from prunebench.output_head import OutputHead
+    from prunebench.modeling.output_head import OutputHead
 
     loaded = load_tiny(family)
     vocab = loaded.model.get_output_embeddings().out_features

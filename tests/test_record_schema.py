@@ -1,4 +1,4 @@
-"""Records are validated on read (prunebench.records.RECORD_SCHEMA): a record cut down, with a
+"""Records are validated on read (prunebench.store.records.RECORD_SCHEMA): a record cut down, with a
 wrong type, from a newer schema version or holding NaN is named with its reason, counts as not
 done (the runner recomputes its cell and moves the bad file to rejected/), and the report still
 builds from the other records."""
@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 
 from prunebench.cli import main
-from prunebench.records import (REJECTED_DIR, SCHEMA_VERSION, InvalidRecord, load_records, ok_keys, parse_record_text,
-                                read_record, record_files)
+from prunebench.store.records import (
+    REJECTED_DIR, SCHEMA_VERSION, InvalidRecord, load_records, ok_keys, parse_record_text, read_record,
+    record_files
+)
 
 from conftest import REPO
 

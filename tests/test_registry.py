@@ -32,7 +32,7 @@ def test_plugin_file_registers_a_method(tmp_path):
     plugin.write_text(textwrap.dedent('''
         from dataclasses import dataclass
         from prunebench.registry import LayerwisePruner, LinearResult, register
-        from prunebench.sparsity import mask_from_scores
+        from prunebench.sparsity.patterns import mask_from_scores
 
         @register
         class Negative(LayerwisePruner):

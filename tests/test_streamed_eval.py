@@ -1,9 +1,9 @@
 """Perplexity with one block at a time equals the plain whole-model perplexity, for every family."""
 import pytest
 
-from prunebench.data import eval_tokens
+from prunebench.data.windows import eval_tokens
 from prunebench.evaluate.perplexity import perplexity, perplexity_streamed
-from prunebench.models import load_tiny
+from prunebench.modeling.models import load_tiny
 
 from conftest import TINY_FAMILIES
 

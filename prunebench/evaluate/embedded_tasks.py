@@ -25,7 +25,7 @@ def sentences(doc: str) -> list[str]:
 
 
 def _eval_documents() -> list[str]:
-    from ..data import embedded_documents
+    from prunebench.data.windows import embedded_documents
 
     return embedded_documents("eval")  # disjoint from the calibration documents
 

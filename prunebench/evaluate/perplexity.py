@@ -5,7 +5,7 @@ non-overlapping windows of `seqlen` tokens (a trailing partial window is dropped
 perplexity is exp of the mean next-token negative log-likelihood over every predicted token.
 
 A model whose tokenizer starts every sequence with a prefix (Gemma's <bos>; see
-prunebench.sequence_start) gets it in every window: a window is the prefix followed by
+prunebench.modeling.sequence_start) gets it in every window: a window is the prefix followed by
 seqlen - len(prefix) text tokens, consecutive windows step that many text tokens, and only the
 text tokens are scored (each once), the prefix being context. With no prefix a window's first
 token has no context and is not scored, as in the papers' protocol.
@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..output_head import OutputHead
+from prunebench.modeling.output_head import OutputHead
 from ..progress import progress_bar
 
 
@@ -176,8 +176,8 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
     Same protocol and result as `perplexity`.  Windows go through in chunks of `chunk_windows`,
     so activation memory is chunk_windows x seqlen x hidden on CPU, whatever the depth.
     """
-    from ..layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
-    from ..models import find_blocks
+    from prunebench.engines.layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
+    from prunebench.modeling.models import find_blocks
 
     prefix = [int(t) for t in prefix]
     windows = eval_windows(token_ids, seqlen, max_windows, prefix)

@@ -290,7 +290,7 @@ def _lm_eval_version() -> str:
 
 def _cache_dir() -> Path:
     try:
-        from ..models import cache_root
+        from prunebench.modeling.models import cache_root
     except ImportError:  # models.py is optional for this module
         return Path(os.environ.get("PRUNEBENCH_CACHE", Path.home() / ".cache" / "prunebench"))
     return cache_root()
@@ -454,9 +454,9 @@ def _make_lm(model, tokenizer, batch_size: int, max_length: int | None):
             return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
                     "model_dtype": str(getattr(self._model, "dtype", ""))}
 
-    from ..sequence_start import sequence_start_ids
+    from prunebench.modeling.sequence_start import sequence_start_ids
 
-    # The sequence-start rule (prunebench.sequence_start) for lm-eval: a tokenizer that starts
+    # The sequence-start rule (prunebench.modeling.sequence_start) for lm-eval: a tokenizer that starts
     # sequences with <bos> (Gemma) gets add_bos_token=True, so every context and every
     # context-plus-continuation is encoded with its special tokens (<bos> first); one that starts
     # with nothing (SmolLM2) keeps lm-eval's default (None: the tokenizer's own encoding, which adds

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from prunebench.atomic import write_text_atomic
+from prunebench.store.atomic import write_text_atomic
 from prunebench.report import tables
 from prunebench.report.paper import (PAPER_BASELINE, PERCENT, dataset_display_name, method_display_name,
                                      model_display_name, task_display_name)

@@ -196,7 +196,7 @@ def method_display_name(method: str) -> str:
     base, _, allocation = str(method).partition("+")
     name = registry.display_name(base)
     if allocation:
-        from .. import allocation as allocations
+        from prunebench.engines import allocation as allocations
 
         try:
             name += " + " + allocations.display_name(allocation)
@@ -212,7 +212,7 @@ def task_display_name(task: str) -> str:
 def dataset_display_name(dataset: str) -> str:
     """A perplexity text by name ("lee", "wikitext2") as it is; one given by path by its file or
     folder name (the record keeps the path and the text's hash)."""
-    from ..data import is_text_path
+    from prunebench.data.windows import is_text_path
 
     return Path(str(dataset).rstrip("/\\")).name or str(dataset) if is_text_path(dataset) else str(dataset)
 
@@ -220,7 +220,7 @@ def dataset_display_name(dataset: str) -> str:
 def dataset_file_label(dataset: str) -> str:
     """A perplexity text's part of a file name: never a path, and two texts with the same file
     name in different folders stay apart (a short hash of the path)."""
-    from ..data import is_text_path
+    from prunebench.data.windows import is_text_path
 
     name = re.sub(r"[^A-Za-z0-9._]+", "-", dataset_display_name(dataset)).strip("-.") or "text"
     if is_text_path(dataset):

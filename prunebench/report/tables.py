@@ -1,7 +1,7 @@
 """Tables from run records: the paper's main-table layout, gains over baselines, perplexity
 tables and a per-cell CSV export.
 
-Input: a DataFrame of run records, one row per cell (see prunebench.records), or the paper's
+Input: a DataFrame of run records, one row per cell (see prunebench.store.records), or the paper's
 reference data (prunebench.report.paper.paper_reference_frame), which uses the same columns.
 Accuracies are fractions in every DataFrame this module reads or returns, except the frames that
 mirror a rendered table (`layout_frame`, `gain_table`, `summarize_gains`), which hold percent
@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from prunebench.atomic import write_text_atomic
+from prunebench.store.atomic import write_text_atomic
 from prunebench.report import uncertainty
 from prunebench.report.paper import (
     PAPER_BASELINE,
