@@ -50,6 +50,7 @@ from prunebench.sparsity.patterns import (
 )
 
 from .sparsegpt import CholeskyError
+from prunebench import registry
 
 NORM_EPS = 1e-8  # reference code: norm = sqrt(diag(X^T X)) + 1e-8; keeps dead inputs finite
 
@@ -283,8 +284,6 @@ class ADMM(LayerwisePruner):
             raise UserError(f"admm: need rho > 0 and percdamp >= 0, got rho={cfg.rho}, percdamp={cfg.percdamp}")
         self._source = None
         if cfg.mask_from:
-            from prunebench import registry
-
             source = registry.create(cfg.mask_from, cfg.mask_from_config)
             if not isinstance(source, LayerwisePruner):
                 raise UserError(f"admm: mask_from={cfg.mask_from!r} is not a layer-wise method",

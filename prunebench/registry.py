@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .errors import UserError
+from .typecheck import check_fields
 from prunebench.sparsity.patterns import SparsitySpec
 
 ENTRY_POINT_GROUP = "prunebench.methods"
@@ -223,8 +224,6 @@ class LayerwisePruner(Pruner):
 
 def make_config(config_cls, config=None, overrides=None):
     """Build a config dataclass from a dict or instance; unknown keys and wrong types are errors."""
-    from .typecheck import check_fields
-
     overrides = dict(overrides or {})
     if config is None:
         base = {}
@@ -332,7 +331,8 @@ def _load_builtins() -> None:
     if _loaded["builtins"]:
         return
     _loaded["builtins"] = True
-    import prunebench.methods as pkg
+    # Found by name, like entry points: the registry sits below the methods it lists.
+    pkg = importlib.import_module("prunebench.methods")
 
     saved, _importing["origin"] = _importing["origin"], None
     try:

@@ -24,8 +24,9 @@ import torch
 
 from prunebench.data.windows import DOC_SEPARATOR, _check_data_dir, encode
 from prunebench.errors import UserError
-from prunebench.provenance.identity import file_sha256, sha256_json, sha256_text
+from prunebench.hashing import file_sha256, sha256_json, sha256_text
 from prunebench.modeling.sequence_start import check_prefix_fits, sequence_start_ids
+from prunebench import registry
 
 # The streamed corpora.  `local` is where their shards sit under a --data-dir laid out like
 # shared/data (see its MANIFEST.md).  No SlimPajama sample exists locally: the RedPajama-1T sample
@@ -483,8 +484,6 @@ def check_supply(config, data_dir=None, what: str = "a learned method") -> None:
 
 def check_grid_supply(cells, data_dir=None) -> None:
     """check_supply for every streamed learned cell of a grid, each configuration once."""
-    from prunebench import registry
-
     seen = set()
     for cell in cells:
         config = registry.create(cell.method, cell.method_config).config

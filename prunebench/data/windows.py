@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from prunebench.errors import UserError
-from prunebench.modeling.models import cache_root
+from prunebench.cache import cache_root
 from prunebench.modeling.sequence_start import check_prefix_fits, sequence_start_ids
 
 DATASETS = ("lee", "wikitext2", "c4", "redpajama")

@@ -25,6 +25,9 @@ import os
 import platform
 
 import torch
+from prunebench.errors import UserError
+from prunebench.engines.kernel_build import load_inline_locked
+from prunebench.engines.kernel_build import extension_folder
 
 log = logging.getLogger(__name__)
 
@@ -208,8 +211,6 @@ def _extension():
     it), not a silent switch to the torch path, whose values differ by a few ulps."""
     if os.environ.get("PRUNEBENCH_NO_CPP_KERNELS"):
         return None
-    from prunebench.errors import UserError
-    from prunebench.engines.kernel_build import load_inline_locked
 
     try:
         return load_inline_locked(_module_name(), _SOURCE, _FUNCTIONS, _cflags(), _LDFLAGS)
@@ -222,8 +223,6 @@ def _extension():
 
 def build_folder():
     """Where `_extension` builds (prunebench.engines.kernel_build's folder for this source and flags)."""
-    from prunebench.engines.kernel_build import extension_folder
-
     return extension_folder(_module_name(), _SOURCE, _cflags(), _LDFLAGS)
 
 

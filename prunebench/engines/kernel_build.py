@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 
 from prunebench.errors import UserError
+from prunebench.cache import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ DEFAULT_TIMEOUT_S = 900.0  # a cold build of the concrete-gate pass takes about 
 
 
 def kernels_root() -> Path:
-    from prunebench.modeling.models import cache_root
-
     return cache_root() / "kernels"
 
 

@@ -57,6 +57,11 @@ from prunebench.modeling.models import (
 from prunebench.progress import progress_bar
 from prunebench.registry import Pruner, PruneReport
 from prunebench.sparsity.patterns import SparsitySpec
+from prunebench.data.windows import stream_windows
+from prunebench.modeling.sequence_start import sequence_start_ids
+from prunebench.data.windows import eval_text, tokenizer_fingerprint
+from prunebench.data.stream import WindowStream, open_documents
+from prunebench.hashing import sha256_json
 
 CHECKPOINT_VERSION = 1
 STATE_FORMAT = f"{STATE_FILE_FORMAT}/{FORMAT_VERSION}"  # in the multi-process pointer file
@@ -386,9 +391,6 @@ class LearnedMaskPruner(Pruner):
         WindowStream whose first windows are the held-out ones.  Every window starts with the
         tokenizer's sequence start (prunebench.modeling.sequence_start); the loss predicts every position
         after the first, so a start of more than one token would be predicted: refused."""
-        from prunebench.data.windows import stream_windows
-        from prunebench.modeling.sequence_start import sequence_start_ids
-
         c = self.config
         dataset = c.dataset or ctx.calibration_dataset
         if ctx.tokenizer is None:
@@ -410,10 +412,6 @@ class LearnedMaskPruner(Pruner):
     def _streamed_windows(self, ctx, dataset):
         """The papers' stream: unique windows read on the fly, none overlapping the cell's
         evaluation text; the first `heldout_windows` are held out, training reads on from there."""
-        from prunebench.data.windows import eval_text, tokenizer_fingerprint
-        from prunebench.provenance.identity import sha256_json
-        from prunebench.data.stream import WindowStream, open_documents
-
         c = self.config
         exclude = "\n\n".join(eval_text(d, ctx.data_dir) for d in ctx.eval_datasets) or None
         stream = WindowStream(open_documents(dataset, ctx.data_dir), ctx.tokenizer, c.seqlen, exclude_text=exclude,

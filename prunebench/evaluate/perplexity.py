@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from prunebench.modeling.output_head import OutputHead
 from ..progress import progress_bar
+from prunebench.engines.layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
+from prunebench.modeling.models import find_blocks
 
 
 def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None, prefix=()) -> torch.Tensor:
@@ -176,9 +178,6 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
     Same protocol and result as `perplexity`.  Windows go through in chunks of `chunk_windows`,
     so activation memory is chunk_windows x seqlen x hidden on CPU, whatever the depth.
     """
-    from prunebench.engines.layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
-    from prunebench.modeling.models import find_blocks
-
     prefix = [int(t) for t in prefix]
     windows = eval_windows(token_ids, seqlen, max_windows, prefix)
     s = first_scored(prefix)

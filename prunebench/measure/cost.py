@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from prunebench.sparsity.patterns import hybrid_tiles, tile_sums
+from prunebench.modeling.models import all_prunable
 
 VALUE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_VALUE_DTYPE = "bfloat16"  # what a deployed checkpoint stores
@@ -178,7 +180,6 @@ def linears_for_spec(masks: dict, spec=None, value_bytes: int = VALUE_BYTES[DEFA
 def linears_from_masks(masks: dict, pattern: str = "unstructured", *, nm: tuple | None = None,
                        tile: int | None = None, value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
     """LinearCost per mask (name -> bool [out, in]) of saved masks or a live model's zeros."""
-    from prunebench.sparsity.patterns import hybrid_tiles, tile_sums
     import torch
 
     out = []
@@ -199,8 +200,6 @@ def linears_from_masks(masks: dict, pattern: str = "unstructured", *, nm: tuple 
 
 def model_shape(model) -> ModelShape:
     """ModelShape of a transformers causal LM (prunable linears from prunebench.modeling.models)."""
-    from prunebench.modeling.models import all_prunable
-
     cfg = model.config
     text = getattr(cfg, "text_config", None) or cfg
     hidden = int(getattr(text, "hidden_size", None) or getattr(text, "n_embd"))

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from prunebench.modeling.models import all_prunable, weight_matrix
+from prunebench.sparsity.patterns import nm_mask
 
 KERNELS = ("dense", "torch-csr", "torch-bsr", "scipy-csr")
 BSR_BLOCK = 16  # torch BSR block side (only blocks holding a kept weight are stored)
@@ -147,8 +148,6 @@ def random_mask(rows: int, cols: int, kept: int, pattern: str, gen: torch.Genera
                 nm_elems: int = 0) -> torch.Tensor:
     """A bool [rows, cols] mask with `kept` kept weights in `pattern` ('dense', 'unstructured',
     'N:M', 'hybrid' with `nm_elems` weights in N:M tiles of side `tile`), at random positions."""
-    from prunebench.sparsity.patterns import nm_mask
-
     n = rows * cols
     if pattern == "dense" or kept >= n:
         return torch.ones(rows, cols, dtype=torch.bool)

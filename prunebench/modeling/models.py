@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from prunebench.cache import cache_root  # noqa: F401  (callers' name for it)
 from prunebench.errors import UserError
+from prunebench.hashing import file_sha256, tree_sha256
 
 log = logging.getLogger("prunebench")
 
@@ -60,13 +62,12 @@ EMBEDDED_MODELS = {m.name: m for m in (
 EMBEDDED_MODEL = "smollm2-135m"  # the default
 EMBEDDED_PACKAGE = EMBEDDED_MODELS[EMBEDDED_MODEL].module
 EMBEDDED_GGUF = EMBEDDED_MODELS[EMBEDDED_MODEL].gguf
+# A tiny random model's weights come from this seed, never from a cell's: its seeds vary the
+# calibration draw and the method, on one model (the model's fingerprint assumes a fixed seed).
+TINY_MODEL_SEED = 0
 TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "opt", "gpt2")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PRUNEBENCH_CACHE", Path.home() / ".cache" / "prunebench"))
 
 
 @dataclass
@@ -263,12 +264,6 @@ def _load_embedded(entry: EmbeddedModel, dtype) -> LoadedModel:
     return LoadedModel(model, tokenizer, {"source": "embedded", "file_sha256": digest, "name": entry.title})
 
 
-def file_sha256(path: Path) -> str:
-    from prunebench.provenance.identity import file_sha256 as cached_sha256
-
-    return cached_sha256(path)
-
-
 @functools.lru_cache(maxsize=32)
 def model_fingerprint(spec: str, revision: str | None = None) -> dict:
     """What the weights are, without loading them: a content hash of the file(s), or for a hub
@@ -287,8 +282,6 @@ def model_fingerprint(spec: str, revision: str | None = None) -> dict:
     if spec.endswith(".gguf"):
         return {"kind": "gguf", "sha256": file_sha256(Path(spec))}
     if Path(spec).is_dir():
-        from prunebench.provenance.identity import tree_sha256
-
         return {"kind": "directory", "sha256": tree_sha256(spec)}
     return {"kind": "hub", "id": spec, "revision": _cached_hub_commit(spec, revision or "main") or f"unresolved:{revision or 'main'}"}
 

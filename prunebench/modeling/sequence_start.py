@@ -23,6 +23,8 @@ contexts with the tokenizer's special tokens, so it prepends the same prefix
 from __future__ import annotations
 
 import functools
+from prunebench.errors import UserError
+from prunebench.modeling.models import EMBEDDED_MODELS, check_gguf, embedded_gguf_path, tiny_tokenizer
 
 # Text the probe encodes: what the tokenizer adds around it is what it adds to any sequence.
 _PROBE = "a"
@@ -58,8 +60,6 @@ def _prepended(tokenizer) -> list[int]:
 
 def check_prefix_fits(prefix, seqlen: int, what: str, who: str = "the tokenizer") -> None:
     """Refuse, in one line, a window with no room for text after the prefix."""
-    from prunebench.errors import UserError
-
     if len(prefix) >= seqlen:
         raise UserError(f"{who} starts every sequence with {len(prefix)} token(s) {list(prefix)}, which fills the "
                         f"{what} window of {seqlen} tokens: no text token would fit",
@@ -75,7 +75,6 @@ def model_sequence_start(spec: str, trust_remote_code: bool = False) -> list[int
     loads agrees (`sequence_start_ids`)."""
     from pathlib import Path
 
-    from prunebench.modeling.models import EMBEDDED_MODELS, check_gguf, embedded_gguf_path, tiny_tokenizer
 
     if spec.startswith("tiny:"):
         return sequence_start_ids(tiny_tokenizer())

@@ -8,14 +8,12 @@ are also cached on disk keyed by (path, size, mtime).
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib
-import json
-import os
 from pathlib import Path
 
-from prunebench import __version__
+from prunebench import registry
+from prunebench.hashing import file_sha256, sha256_json, sha256_text, tree_sha256  # noqa: F401  (callers' names)
+from prunebench.version import __version__
 
 # The framework code that decides what an evaluation computes: a change here is a new key for
 # every cell (and the committed records must be regenerated).
@@ -24,15 +22,6 @@ EVALUATION_MODULES = ("prunebench.evaluate.perplexity", "prunebench.evaluate.zer
 METHOD_FRAMEWORK_MODULES = ("prunebench.sparsity.patterns",)
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def sha256_json(obj) -> str:
-    return sha256_text(json.dumps(obj, sort_keys=True, default=str))
-
-
-@functools.lru_cache(maxsize=None)
 def module_source_sha256(module_name: str) -> str:
     """sha256 of a module's source file (its package's __init__ for a package)."""
     module = importlib.import_module(module_name)
@@ -54,56 +43,9 @@ def evaluation_code_sha256() -> str:
     return sha256_json(files)
 
 
-def _disk_cache() -> Path:
-    from prunebench.modeling.models import cache_root
-
-    return cache_root() / "file_sha256"
-
-
-@functools.lru_cache(maxsize=256)
-def _file_sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    entry = _disk_cache() / (sha256_text(f"{path}|{size}|{mtime_ns}")[:32] + ".txt")
-    if size >= 1 << 24:  # files of 16 MiB and more: remember the hash on disk (model weights)
-        try:
-            cached = entry.read_text().strip()
-            if len(cached) == 64:
-                return cached
-        except OSError:
-            pass
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if size >= 1 << 24:
-        try:
-            entry.parent.mkdir(parents=True, exist_ok=True)
-            tmp = entry.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(digest)
-            os.replace(tmp, entry)
-        except OSError:  # a read-only cache only costs time
-            pass
-    return digest
-
-
-def file_sha256(path) -> str:
-    p = Path(path).resolve()
-    st = p.stat()
-    return _file_sha256_cached(str(p), st.st_size, st.st_mtime_ns)
-
-
-def tree_sha256(directory) -> str:
-    """Every file under a directory (names and contents), hidden files excluded."""
-    root = Path(directory)
-    files = sorted(q for q in root.rglob("*") if q.is_file() and not any(part.startswith(".") for part in q.relative_to(root).parts))
-    return sha256_json({str(q.relative_to(root)): file_sha256(q) for q in files})
-
-
 def method_identity(pruner) -> dict:
     """Built-in: prunebench's version and a hash of the method's source, the engine it runs on,
     the shared sparsity code and the methods it calls.  Plugin: a hash of its file."""
-    from prunebench import registry
-
     cls = type(pruner)
     origin = registry.origin(cls.name)
     allocation = getattr(pruner, "allocation", None)

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..errors import UserError
 from prunebench.store.records import load_records, records_frame, warn_skipped
 from prunebench.store.regeneration import pending_regeneration
+from .cost import write_cost_report
 from .html import write_html
 from .plots import plot_block_allocation, plot_heldout_curves, write_plots
 from .tables import build_paper_report, cells_csv_text, paper_layout, paper_reference_frame, render_latex
@@ -64,8 +65,6 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
 def _cost_report(records, out) -> list:
     """cost.csv / cost.md and the quality-vs-cost plots; a model whose shapes cannot be had here
     (a hub id offline, for a record without a stored cost) skips the cost report with a warning."""
-    from .cost import write_cost_report
-
     try:
         _, written = write_cost_report(records, out)
     except Exception as exc:  # the tables and plots above stand without it

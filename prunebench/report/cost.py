@@ -18,6 +18,10 @@ from prunebench.store.atomic import write_text_atomic
 from prunebench.report.paper import dataset_display_name, dataset_file_label, method_display_name, model_display_name
 from prunebench.report.plots import DEFAULT_FORMATS, LINE_FIGURE_SIZE, _new_figure, _save, _slug
 from prunebench.report.tables import format_sparsity_label, method_order, ok_rows, sparsity_label_order
+from prunebench.modeling.models import all_prunable, load_model, weight_matrix
+from prunebench.measure import speed
+from prunebench.progress import progress_bar
+from prunebench.run.runner import environment
 
 COST_CSV = "cost.csv"
 COST_MARKDOWN = "cost.md"
@@ -27,8 +31,6 @@ MB = 1e6
 
 def model_shapes(model_id: str) -> tuple:
     """({linear: (rows, cols)}, ModelShape) of a model spec, loading it once."""
-    from prunebench.modeling.models import all_prunable, load_model, weight_matrix
-
     loaded = load_model(model_id)
     shapes = {name: tuple(weight_matrix(m).shape) for name, m in all_prunable(loaded.model).items()}
     return shapes, costs.model_shape(loaded.model)
@@ -190,10 +192,6 @@ def speed_frame(records: list, *, measure=None, load=None, progress: bool = True
     records with the same per-linear kept counts and pattern share one measurement."""
     import torch
 
-    from prunebench.measure import speed
-    from prunebench.modeling.models import all_prunable, load_model, weight_matrix
-    from prunebench.progress import progress_bar
-    from prunebench.run.runner import environment
 
     measure = measure or speed.measure
     load = load or (lambda model_id: load_model(model_id).model)

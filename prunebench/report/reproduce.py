@@ -27,6 +27,8 @@ from pathlib import Path
 
 from prunebench.errors import UserError
 from prunebench.store.records import atomic_write_json, atomic_write_text, load_records
+from prunebench.store.records import records_frame
+from prunebench.report.tables import EVAL_ONLY, comparisons_frame
 
 REPORT_DIR = "report"
 JSON_NAME = "reproduction.json"
@@ -271,9 +273,6 @@ def _verdicts(fresh_recs: list[dict], ref_recs: list[dict]) -> list[dict]:
     comparisons, dense included), with both verdicts and whether the fresh one keeps the
     reference's: its order where the reference is significant, and its significance where the
     fresh run has the seeds to judge it."""
-    from prunebench.store.records import records_frame
-    from prunebench.report.tables import EVAL_ONLY, comparisons_frame
-
     if not fresh_recs or not ref_recs:
         return []
     key = ["model", "sparsity", "method", "baseline", "baseline_sparsity", "metric"]

@@ -46,6 +46,7 @@ from prunebench.report.paper import (
     patch_paper_markdown,
     task_display_name,
 )
+from prunebench import registry
 
 # Rows go by the kind each method's class declares in the registry (dense, then layer-wise, then
 # learned), then by display name; the report itself lists no method.
@@ -57,8 +58,6 @@ BEST_LAYERWISE = "best-layerwise"
 
 def methods_of_kind(kind: str) -> tuple:
     """The registered methods (no allocations) whose class declares `kind`."""
-    from prunebench import registry
-
     return tuple(m["name"] for m in registry.describe() if m["kind"] == kind)
 
 
@@ -169,8 +168,6 @@ def sparsity_label_order(label: str) -> tuple:
 
 def method_order(method: str) -> tuple:
     """Kind (from the registry), then display name; a method with an allocation follows it."""
-    from prunebench import registry
-
     base, _, allocation = str(method).partition("+")
     kind = registry.method_kind(base)
     return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), method_display_name(base).lower(),

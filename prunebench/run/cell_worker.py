@@ -17,6 +17,10 @@ import os
 import signal
 import sys
 from pathlib import Path
+from prunebench import registry
+from prunebench.run.grid import grid_from_dict
+from prunebench.errors import UserError
+from prunebench.store.records import atomic_write_json
 
 # The pid of the process that started this one, set by it in the environment: the parent whose
 # death must end this process.
@@ -78,10 +82,6 @@ def main(argv=None) -> int:
         print("usage: python -m prunebench.run.cell_worker SPEC.json", file=sys.stderr)
         return 2
 
-    from prunebench import registry
-    from prunebench.run.grid import grid_from_dict
-    from prunebench.errors import UserError
-    from prunebench.store.records import atomic_write_json
     from prunebench.run.runner import run_cell_by_key
 
     spec = json.loads(Path(argv[0]).read_text())

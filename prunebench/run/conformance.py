@@ -18,14 +18,15 @@ from prunebench.sparsity.checks import DenseReference, OutputCheckError, check_o
 from prunebench.modeling.models import TINY_FAMILIES, all_prunable, load_tiny, weight_matrix
 from prunebench.registry import PruneContext, declares_weight_updates
 from prunebench.sparsity.patterns import SparsitySpec
+from prunebench import registry
+from prunebench.data.windows import WindowSpec, calibration_windows
+from prunebench.modeling.models import tiny_tokenizer
 
 SPECS = ("0.5", "0.6@layer", "2:4", "hybrid:0.35/16")
 
 
 def suite_config(method: str) -> dict:
     """The settings a method declares for this suite (Pruner.test_config: seconds on a tiny model)."""
-    from prunebench import registry
-
     return dict(registry.get(method).test_config)
 
 
@@ -43,9 +44,6 @@ class Outcome:
 
 def calibration_for_tests(n: int = 8, seqlen: int = 64) -> torch.Tensor:
     """Real English (Lee calibration documents) in the tiny models' byte tokens."""
-    from prunebench.data.windows import WindowSpec, calibration_windows
-    from prunebench.modeling.models import tiny_tokenizer
-
     ids, _ = calibration_windows(tiny_tokenizer(), WindowSpec("lee", n, seqlen, 0))
     return ids
 
@@ -59,8 +57,6 @@ def prune_tiny(method: str, family: str, spec: SparsitySpec, calibration, *, con
 def _prune_tiny(method, family, spec, calibration, *, config=None, seed=0, check: bool = False):
     """prune_tiny, and with `check` the runner's checks of the output (the dense model's
     reference is taken before pruning): (weights, report, what check_output found)."""
-    from prunebench import registry
-
     loaded = load_tiny(family, seed=0)
     pruner = registry.create(method, suite_config(method) if config is None else config)
     reference = DenseReference.take(loaded.model) if check else None
@@ -78,8 +74,6 @@ def _prune_tiny(method, family, spec, calibration, *, config=None, seed=0, check
 
 
 def check_method(method: str, families=TINY_FAMILIES, specs=SPECS, calibration=None, config=None) -> list[Outcome]:
-    from prunebench import registry
-
     cls = registry.get(method)
     allocation = getattr(registry.create(method, suite_config(method) if config is None else config), "allocation", None)
     calibration = calibration_for_tests() if calibration is None else calibration

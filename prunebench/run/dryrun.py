@@ -19,6 +19,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunebench.errors import UserError
+from prunebench.modeling.models import EMBEDDED_MODELS
+from prunebench.evaluate.zeroshot import LOCAL_TASKS, _stock_root
+from prunebench.store.records import load_records
+from prunebench.data.stream import check_grid_supply
+from prunebench.run.validate import check_grid, check_results_dir
+from prunebench.modeling.models import _cached_hub_commit
+from prunebench.data.windows import text_fingerprint
+from prunebench.run.validate import check_device
+from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, resolve_tasks
+from prunebench.data.stream import STREAM_SOURCES, open_documents
+from prunebench import registry
 
 # Hub models that are gated (a token and an accepted licence) as of 2025: a planning hint only,
 # since whether a repo is gated cannot be asked offline.
@@ -180,8 +191,6 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
 
 
 def is_hub_model(spec: str) -> bool:
-    from prunebench.modeling.models import EMBEDDED_MODELS
-
     return not (spec in EMBEDDED_MODELS or spec.startswith("tiny:") or spec.endswith(".gguf") or Path(spec).is_dir())
 
 
@@ -232,8 +241,6 @@ def _download_hint(spec: str) -> str:
 def _stock_dataset_path(task: str) -> str | None:
     """The Hub dataset an lm-eval task reads, from its installed YAML (following `include`; a
     group's subtasks share the folder's _default_template_yaml); None when not found."""
-    from prunebench.evaluate.zeroshot import LOCAL_TASKS, _stock_root
-
     if task not in LOCAL_TASKS:
         return None
     path = _stock_root() / LOCAL_TASKS[task].stock_yaml
@@ -285,8 +292,6 @@ class Probe:
         return self._once(("model", spec), lambda: self._model(spec))
 
     def _model(self, spec: str) -> list:
-        from prunebench.modeling.models import _cached_hub_commit
-
         if not is_hub_model(spec):
             return []  # a file, a folder, tiny or embedded: the key hashes what is here
         commit = _cached_hub_commit(spec, "main")
@@ -303,8 +308,6 @@ class Probe:
         return [Missing(m.what, m.detail, blocks_key) for m in found]
 
     def _text(self, dataset: str, role: str, encoding: str) -> list:
-        from prunebench.data.windows import text_fingerprint
-
         try:
             text_fingerprint(dataset, role, self.grid.data_dir, encoding)
             return []
@@ -324,8 +327,6 @@ class Probe:
         return self._once(("device",), self._device)
 
     def _device(self) -> list:
-        from prunebench.run.validate import check_device
-
         try:
             check_device(self.grid.device)
         except UserError as exc:
@@ -337,8 +338,6 @@ class Probe:
         return self._once(("tasks",), self._tasks)
 
     def _tasks(self) -> list:
-        from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, resolve_tasks
-
         ev = self.grid.eval
         if not ev.tasks or self.grid.data_dir is not None:
             return []  # embedded tasks need nothing; local task files were checked with the grid
@@ -367,8 +366,6 @@ class Probe:
         return self._once(("stream", dataset), lambda: self._stream(dataset))
 
     def _stream(self, dataset: str) -> list:
-        from prunebench.data.stream import STREAM_SOURCES, open_documents
-
         if dataset in STREAM_SOURCES and self.grid.data_dir is None:
             return [Missing(f"{dataset} training stream", f"streamed from the Hub ({STREAM_SOURCES[dataset]['hub_id']}) "
                                                           "while the cell runs (hint: run it with network access, or pass "
@@ -381,8 +378,6 @@ class Probe:
 
     def cell(self, cell) -> list:
         """What this cell lacks here, key inputs first; each thing named once."""
-        from prunebench import registry
-
         found = list(self.model(cell.model))
         if registry.create(cell.method, cell.method_config).capabilities.needs_calibration:
             cs = cell.calibration
@@ -402,10 +397,6 @@ def dry_run(grid, results_dir, plan: dict | None = None) -> DryRun:
     `plan` (plan.plan_grid's options: gpu_name, utilisation, nproc) also the grid's plan.
     Raises UserError for a mistake in the grid itself, as a real run would (a streamed learned
     cell whose source cannot supply its tokens included); writes nothing."""
-    from prunebench.store.records import load_records
-    from prunebench.data.stream import check_grid_supply
-    from prunebench.run.validate import check_grid, check_results_dir
-
     with offline():
         cells = check_grid(grid, dry_run=True)
         check_grid_supply(cells, grid.data_dir)

@@ -36,6 +36,9 @@ from pathlib import Path
 
 from prunebench.errors import UserError
 from prunebench.store.records import RECORDS_DIR
+from prunebench import registry
+from prunebench.store.records import atomic_write_json
+from prunebench.run.grid import grid_from_dict
 
 log = logging.getLogger("prunebench")
 
@@ -226,8 +229,6 @@ class TorchrunExecutor:
         self.timeout_s = check_timeout(timeout_s)
 
     def run(self, grid, cells, results_dir, summary, **options) -> None:
-        from prunebench import registry
-
         learned = [c for c in cells if getattr(registry.get(c.method), "kind", None) == "learned"]
         others = [c for c in cells if c not in learned]
         if others:
@@ -260,9 +261,7 @@ def run_cell_in_worker(grid, cell, results_dir, *, timeout_s=None, nproc: int = 
     import dataclasses
     import sys
 
-    from prunebench import registry
     from prunebench.run.cell_worker import PARENT_PID_ENV
-    from prunebench.store.records import atomic_write_json
 
     results_dir = Path(results_dir).resolve()
     work = results_dir / "work" / cell.key[:16]
@@ -358,8 +357,6 @@ class CellTask(_Checkpointable):
         self.replace = tuple(replace)  # --replace names, so the task's plugins load as the submitter's did
 
     def __call__(self) -> dict:
-        from prunebench import registry
-        from prunebench.run.grid import grid_from_dict
         from prunebench.run.runner import run_cell_by_key
 
         registry.allow_replacing(getattr(self, "replace", ()))
@@ -427,7 +424,6 @@ class SubmititExecutor:
         executor = self.make_executor(results_dir)
         grid_data = dataclasses.asdict(grid)
         options = {**options, "plugins": tuple(str(Path(p).resolve()) for p in plugins), "progress": False}
-        from prunebench import registry
 
         tasks = [CellTask(grid_data, str(results_dir), c.key, options, tasks=self.nproc_per_node,
                           replace=registry.replaceable()) for c in cells]

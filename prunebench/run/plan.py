@@ -27,6 +27,14 @@ import math
 from dataclasses import dataclass, field
 
 from prunebench.errors import UserError
+from prunebench.modeling.models import tiny_config
+from prunebench import registry
+from prunebench.sparsity.patterns import SparsitySpec
+from prunebench.evaluate.perplexity import score_chunk_tokens
+from prunebench.registry import STATS_HESSIAN
+from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, resolve_tasks
+from prunebench.data.stream import STREAM_SOURCES
+from prunebench.modeling.models import _cached_hub_commit
 
 GB = 1e9
 
@@ -149,7 +157,6 @@ def arch_for(spec: str) -> Arch | None:
     """A model's shape without its weights and without the network; None when unknown here."""
     from pathlib import Path
 
-    from prunebench.modeling.models import tiny_config
 
     if spec in PAPER_ARCHS:
         return PAPER_ARCHS[spec]
@@ -188,9 +195,6 @@ EVAL_BYTES_PER_LOGIT = 4 + 4 + 4
 def logits_per_weight(method: str, sparsity=None, config: dict | None = None) -> float:
     """Mask parameters per masked weight of a learned method at `sparsity` (default: its first
     pattern: unstructured 50%, or 2:4), as the method itself counts them."""
-    from prunebench import registry
-    from prunebench.sparsity.patterns import SparsitySpec
-
     pruner = registry.create(method, config or {})
     if sparsity is None:
         sparsity = SparsitySpec.parse("0.5" if "unstructured" in pruner.capabilities.patterns else "2:4")
@@ -230,8 +234,6 @@ def eval_memory(arch: Arch, *, batch: int, seqlen: int, weight_dtype="bf16") -> 
     """Bytes while perplexity is scored: the weights, one chunk's logits over the vocabulary in
     float32 three times over (EVAL_BYTES_PER_LOGIT; perplexity.score_chunk_tokens), the batch's
     last hidden states, one block's activations."""
-    from prunebench.evaluate.perplexity import score_chunk_tokens
-
     tokens = batch * seqlen
     chunk = min(tokens, score_chunk_tokens(arch.vocab))
     return (arch.params * DTYPE_BYTES[weight_dtype] + chunk * arch.vocab * EVAL_BYTES_PER_LOGIT
@@ -243,8 +245,6 @@ def prune_memory(arch: Arch, pruner, *, calib_tokens: int, weight_dtype="bf16") 
     """Bytes while a one-shot method prunes: the weights, a block's calibration inputs and outputs
     (float32), and for a method on Hessian statistics (SparseGPT, ADMM, ...) the float32 Hessians
     of a block (q/k/v and gate/up share one, down_proj its own) with their inverse factors."""
-    from prunebench.registry import STATS_HESSIAN
-
     total = arch.params * DTYPE_BYTES[weight_dtype] + 2 * calib_tokens * arch.hidden * 4
     if pruner.capabilities.statistics == STATS_HESSIAN:
         total += 2 * 4 * (2 * arch.hidden ** 2 + arch.intermediate ** 2)
@@ -258,8 +258,6 @@ def prune_memory(arch: Arch, pruner, *, calib_tokens: int, weight_dtype="bf16") 
 
 def measured_cost_ratio(pruner) -> tuple[float, str | None]:
     """(ratio, note): the method's own measured ratio, or the largest measured one of its kind."""
-    from prunebench import registry
-
     own = type(pruner).cost_ratio
     if own is not None:
         return own, None
@@ -323,8 +321,6 @@ def _eval_tokens(ev) -> tuple[int, int, list]:
             ppl += n
     zs = 0
     if ev.tasks:
-        from prunebench.evaluate.zeroshot import resolve_tasks
-
         for task in resolve_tasks(ev.tasks, data_dir=None):
             if task not in ZEROSHOT_REQUESTS:
                 unknown.append(task)
@@ -339,13 +335,11 @@ def _eval_tokens(ev) -> tuple[int, int, list]:
 def _access(grid, cell, learned_config) -> list:
     """What the cell must reach or be granted: the model (gated: a token), hub texts, the stream."""
     from prunebench.run.dryrun import GATED_PREFIXES, is_hub_model
-    from prunebench.data.stream import STREAM_SOURCES
 
     out = []
     if is_hub_model(cell.model):
         out.append(f"token+licence {cell.model}" if cell.model.startswith(GATED_PREFIXES) else f"hub {cell.model}")
     local = grid.data_dir is not None
-    from prunebench import registry
 
     if registry.create(cell.method, cell.method_config).capabilities.needs_calibration and \
             cell.calibration.dataset in ("c4", "wikitext2", "redpajama") and not local:
@@ -356,8 +350,6 @@ def _access(grid, cell, learned_config) -> list:
         if ds in STREAM_SOURCES and not local:
             out.append(f"hub stream {STREAM_SOURCES[ds]['hub_id']}")
     if cell.eval.tasks and not local:
-        from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, resolve_tasks
-
         hub_tasks = [t for t in resolve_tasks(cell.eval.tasks, data_dir=None) if t not in EMBEDDED_TASKS]
         if hub_tasks:
             out.append(f"hub lm-eval tasks ({len(hub_tasks)})")
@@ -365,8 +357,6 @@ def _access(grid, cell, learned_config) -> list:
 
 
 def plan_cell(grid, cell, card: GPU, utilisation: float, nproc: int = 1) -> CellPlan:
-    from prunebench import registry
-
     pruner = registry.create(cell.method, cell.method_config)
     kind = getattr(pruner, "kind", "other")
     learned = kind == "learned" and hasattr(pruner.config, "steps")
@@ -532,7 +522,6 @@ def check_model_access(grid) -> None:
     """A gated hub model not already complete in the local cache cannot be read without a token:
     refuse before anything runs (a dry run lists it as missing instead)."""
     from prunebench.run.dryrun import GATED_PREFIXES, _snapshot_complete, is_hub_model
-    from prunebench.modeling.models import _cached_hub_commit
 
     for spec in grid.models:
         if not (is_hub_model(spec) and spec.startswith(GATED_PREFIXES)):

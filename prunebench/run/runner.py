@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from prunebench import __version__, registry
+from prunebench import registry
+from prunebench.version import __version__
 from prunebench.engines import distributed
 from prunebench.run.grid import DENSE, CellSpec, GridSpec
 from prunebench.data.windows import WindowSpec, calibration_windows, eval_tokens, text_fingerprint
@@ -31,7 +32,7 @@ from prunebench.provenance.environment_lock import lock_fingerprint
 from prunebench.errors import UserError
 from prunebench.evaluate.perplexity import perplexity, scored_text
 from prunebench.modeling.models import (
-    all_prunable, load_model, restore_prunable, snapshot_prunable, weight_matrix
+    TINY_MODEL_SEED, all_prunable, load_model, restore_prunable, snapshot_prunable, weight_matrix
 )
 from prunebench.progress import progress_bar
 from prunebench.modeling.sequence_start import sequence_start_ids
@@ -44,12 +45,14 @@ from prunebench.store.records import (
 )
 from prunebench.registry import PruneContext
 from prunebench.sparsity.patterns import measure_sparsity, pack_mask
+from prunebench.run.validate import check_grid, check_results_dir
+from prunebench.store.artifacts import save_cell_masks
+from prunebench.store.artifacts import MASKS_SUFFIX, WEIGHTS_SUFFIX, artifact_path
+from prunebench.evaluate.zeroshot import evaluate_zeroshot, resolve_tasks
+from prunebench.measure import cost
 
 log = logging.getLogger("prunebench")
 
-# A tiny random model's weights come from this seed, never from a cell's: its seeds vary the
-# calibration draw and the method, on one model (the model's fingerprint assumes a fixed seed).
-TINY_MODEL_SEED = 0
 OFF_TARGET_PP = 0.5  # a cell whose achieved sparsity is further than this (in points) is flagged
 
 
@@ -75,7 +78,6 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
     """Run every cell without an ok record, through `executor` (default: in this process)."""
     from prunebench.run.executors import LocalExecutor
 
-    from prunebench.run.validate import check_grid, check_results_dir
 
     results_dir = Path(results_dir)
     cells = check_grid(grid)  # everything checkable before a model loads; nothing written yet
@@ -286,8 +288,6 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
             record["warnings"].append(f"achieved sparsity {measured['overall']:.4f} is {off:.2f} points off the "
                                       f"target {cell.sparsity.target:.4f}")
         if save_masks and cell.method != DENSE:
-            from prunebench.store.artifacts import save_cell_masks
-
             record["artifacts"] = save_cell_masks(model, results_dir, record, dense_snapshot=session._snapshot)
 
         t1 = time.perf_counter()
@@ -328,8 +328,6 @@ def unwritable(exc: OSError, results_dir, record: dict, lm_eval_tmp: Path | None
     """The one-line error for a cell whose output cannot be written; this attempt's masks and
     weights files go too (a masks file without its record is an orphan), unless the record
     already on disk names them."""
-    from prunebench.store.artifacts import MASKS_SUFFIX, WEIGHTS_SUFFIX, artifact_path
-
     try:
         kept = set((read_record(record_path(results_dir, record)).get("artifacts") or {}).values())
     except (OSError, ValueError, AttributeError):
@@ -443,8 +441,6 @@ def evaluate_cell(model, tokenizer, cell, session, grid, lm_eval_dir, progress) 
         result["scored"] = scored_text(result["n_windows"], ev.seqlen, start, int(ids.numel()))
         out["perplexity"][dataset] = result
     if ev.tasks:
-        from prunebench.evaluate.zeroshot import evaluate_zeroshot, resolve_tasks
-
         tasks = resolve_tasks(ev.tasks, data_dir=grid.data_dir)
         results = evaluate_zeroshot(model, tokenizer, tasks, data_dir=grid.data_dir, limit=ev.limit,
                                     batch_size=ev.zeroshot_batch_size, device=grid.device, output_dir=lm_eval_dir,
@@ -542,8 +538,6 @@ def environment(device: str) -> dict:
 def mask_cost(named, spec, model) -> dict:
     """Storage (smallest valid format per linear, bf16 values) and FLOPs per token of the pruned
     weights, from their zeros (prunebench.measure.cost): arithmetic, not a speed measurement."""
-    from prunebench.measure import cost
-
     masks = {name: w.detach() != 0 for name, w in named}
     return cost.model_cost(cost.linears_for_spec(masks, spec), cost.model_shape(model))
 

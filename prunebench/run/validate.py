@@ -13,6 +13,13 @@ from pathlib import Path
 import torch
 
 from prunebench.errors import UserError
+from prunebench.modeling.models import resolve_dtype
+from prunebench.run.grid import check_seeds
+from prunebench.data.windows import _check_data_dir, check_dataset_name
+from prunebench.modeling.models import check_model_spec, max_positions
+from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, prepare_local_task, resolve_tasks
+from prunebench import registry
+from prunebench.modeling.sequence_start import check_prefix_fits, model_sequence_start
 
 log = logging.getLogger("prunebench")
 _WARNED_REMOTE_CODE: set = set()  # the models already warned about in this process
@@ -52,8 +59,6 @@ def check_device(device: str, *, require_available: bool = True) -> None:
 
 
 def check_dtype(dtype) -> None:
-    from prunebench.modeling.models import resolve_dtype
-
     resolve_dtype(dtype)
 
 
@@ -63,10 +68,6 @@ def check_grid(grid, *, dry_run: bool = False) -> list:
     dry_run: for listing the cells on any machine, offline: the device must be a valid name but
     need not be here, a hub model's config is read only from the local cache, and the keys are
     left to the caller (prunebench.run.dryrun computes those it can without the network)."""
-    from prunebench.run.grid import check_seeds
-    from prunebench.data.windows import _check_data_dir, check_dataset_name
-    from prunebench.modeling.models import check_model_spec, max_positions
-
     cal, ev = grid.calibration, grid.eval
     if grid.data_dir is not None:
         _check_data_dir(grid.data_dir)
@@ -110,7 +111,6 @@ def check_grid(grid, *, dry_run: bool = False) -> list:
         for t in ev.tasks:
             if not isinstance(t, str):
                 raise UserError(f"zero-shot task names must be strings, got {t!r}")
-        from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, prepare_local_task, resolve_tasks
 
         names = resolve_tasks(ev.tasks, data_dir=grid.data_dir)  # lm-eval's index when a name is not ours
         if grid.data_dir is not None:
@@ -135,9 +135,6 @@ def check_grid(grid, *, dry_run: bool = False) -> list:
 def _check_sequence_start(grid, cells) -> None:
     """Every window a cell makes starts with its tokenizer's sequence start (prunebench.
     sequence_start): refuse, before any model loads, a window it would fill."""
-    from prunebench import registry
-    from prunebench.modeling.sequence_start import check_prefix_fits, model_sequence_start
-
     for model in grid.models:
         start = model_sequence_start(model, grid.trust_remote_code) or []
         if not start:

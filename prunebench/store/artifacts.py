@@ -19,9 +19,13 @@ from pathlib import Path
 import torch
 
 from prunebench.errors import UserError
-from prunebench.modeling.models import all_prunable
+from prunebench.modeling.models import TINY_MODEL_SEED, all_prunable
 from prunebench.store.records import load_records, record_path
 from prunebench.sparsity.patterns import measure_sparsity, pack_mask, unpack_mask
+from prunebench.modeling.models import model_fingerprint
+from prunebench.store.records import read_record
+from prunebench.modeling.models import load_model
+from prunebench.store.records import atomic_write_json
 
 MASKS_FORMAT = "prunebench-masks"
 MASKS_VERSION = "1"
@@ -32,8 +36,6 @@ log = logging.getLogger("prunebench")
 
 def current_fingerprint(spec: str) -> dict:
     """The model's fingerprint now, not a cached one (a hub id resolves once it is downloaded)."""
-    from prunebench.modeling.models import model_fingerprint
-
     return model_fingerprint.__wrapped__(spec)
 
 
@@ -54,8 +56,6 @@ def artifact_path(results_dir, record: dict, suffix: str) -> Path:
 def record_beside(masks_file) -> dict | None:
     """The record a masks file was saved with (<record stem>.json beside it, same key), or None
     when it is missing, unreadable or of another cell."""
-    from prunebench.store.records import read_record
-
     path = Path(masks_file)
     if not path.name.endswith(MASKS_SUFFIX):
         return None
@@ -72,8 +72,6 @@ def save_cell_masks(model, results_dir, record: dict, dense_snapshot: dict | Non
     """Write the masks (and, if the kept weights changed, the weights); return the record's
     "artifacts" entry (file names relative to the records folder)."""
     from safetensors.torch import save_file
-
-    from prunebench.run.runner import TINY_MODEL_SEED
 
     prunable = all_prunable(model)
     shapes = {name: list(m.weight.shape) for name, m in prunable.items()}  # storage layout (Conv1D: [in, out])
@@ -194,8 +192,6 @@ def check_masks_fit(masks_file, meta: dict, model_spec: str | None = None, *, lo
 
 def load_masked_model(masks_file, model_spec: str | None = None, *, dtype: str | None = None, seed: int | None = None):
     """Load the model the masks were made for (or `model_spec`, if it is that model) and apply them."""
-    from prunebench.modeling.models import load_model
-
     masks, meta, weights = load_masks(masks_file)
     check_masks_fit(masks_file, meta, model_spec)  # before loading: a wrong model is refused at once
     if seed is None:  # a tiny model's weights: the seed the runner loaded it with (old files: the cell's)
@@ -238,8 +234,6 @@ def export_checkpoint(results_dir, out_dir, **which) -> Path:
         raise UserError(f"the cell {record['key'][:12]} has no saved masks",
                         hint="rerun it with `prunebench run ... --save-masks --force`")
     if masks_file is None:
-        from prunebench.modeling.models import load_model
-
         loaded = load_model(record["model"]["id"], dtype=record["model"].get("dtype") or "float32",
                             seed=int(record.get("seed", 0)))
     else:
@@ -279,6 +273,5 @@ def _write_checkpoint(loaded, record: dict, out_dir: Path) -> None:
                            "recorded": record["sparsity"].get("achieved"), "n_weights": measured["n_weights"],
                            "n_zero": measured["n_zero"], "per_layer": measured["per_layer"]},
               "eval": record.get("eval")}
-    from prunebench.store.records import atomic_write_json
 
     atomic_write_json(out_dir / "sparsity_report.json", report)

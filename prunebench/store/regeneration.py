@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prunebench.errors import UserError
+from prunebench.bounded_yaml import load_yaml
 
 PENDING_FILE = "REGENERATING.yaml"
 _COMMIT = re.compile(r"[0-9a-f]{7,40}")
@@ -37,8 +38,6 @@ class Regeneration:
 
 def pending_regeneration(results_dir) -> Regeneration | None:
     """The folder's declared regeneration, or None.  A malformed file is an error, never ignored."""
-    from prunebench.run.grid import load_yaml
-
     path = Path(results_dir) / PENDING_FILE
     if not path.is_file():
         return None
