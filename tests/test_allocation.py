@@ -8,7 +8,7 @@ import torch
 from prunebench.engines import allocation
 from prunebench import registry
 from prunebench.sparsity.checks import OutputCheckError, check_output
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.run.grid import grid_from_dict
 from prunebench.errors import UserError
 from prunebench.methods.alphapruning import alpha_peak, alpha_sparsities, hill_alpha, spectrum

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prunebench.store.artifacts import MASKS_SUFFIX, load_masks
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.run.grid import grid_from_dict
 from prunebench.data.windows import eval_tokens
 from prunebench.evaluate.perplexity import perplexity

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.store.records import load_records
 
 TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none",
@@ -241,7 +241,7 @@ def _kill_runner_and_watch(tmp_path, plugin, method, n_workers, extra):
     method, kill the runner with SIGKILL and return the workers' pids and whether they all went."""
     pids = tmp_path / "pids"
     runner = subprocess.Popen(
-        [sys.executable, "-m", "prunebench.cli.main", "run", "--plugin", str(plugin), "--models", "tiny:llama",
+        [sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--models", "tiny:llama",
          "--methods", method, "--no-dense", "--results", str(tmp_path / "results"), *TINY, *extra],
         env={**os.environ, "PB_TEST_PIDS": str(pids), "PRUNEBENCH_NO_PROGRESS": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -305,7 +305,7 @@ def test_the_worker_spec_carries_replace_so_a_replacing_plugin_loads_in_the_work
             pass
     '''))
     results = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-m", "prunebench.cli.main", "run", "--plugin", str(plugin), "--replace", "magnitude",
+    done = subprocess.run([sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--replace", "magnitude",
                            "--models", "tiny:llama", "--methods", "magnitude", "--no-dense", "--timeout", "30",
                            "--results", str(results), *TINY], capture_output=True, text=True,
                           env={**os.environ, "PRUNEBENCH_NO_PROGRESS": "1"})

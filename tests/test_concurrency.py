@@ -1,6 +1,6 @@
 """Several runners on one results directory, and runs killed mid-grid.
 
-The end-to-end tests start real `python -m prunebench.cli.main run` processes on tiny models.
+The end-to-end tests start real `python -m prunebench.cli.command run` processes on tiny models.
 """
 import json
 import os
@@ -32,7 +32,7 @@ def _env():
 
 def _start(results: Path, *extra) -> subprocess.Popen:
     grid = grid_file(results.parent)
-    return subprocess.Popen([sys.executable, "-m", "prunebench.cli.main", "run", "--grid", str(grid), "-q",
+    return subprocess.Popen([sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "-q",
                              "--results", str(results), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 

@@ -33,7 +33,7 @@ def test_every_config_default_passes_its_own_type_check():
 
 
 def test_the_check_command_runs_the_suite_on_a_plugin(tmp_path, capsys):
-    from prunebench.cli import main
+    from prunebench.cli.command import main
 
     good = tmp_path / "keep_large.py"
     good.write_text(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prunebench.measure import cost
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.report.cost import pareto_front
 
 

@@ -7,8 +7,8 @@ import urllib.request
 import pytest
 
 from prunebench.run import dryrun
-from prunebench.cli.main import build_parser, grid_from_args
-from prunebench.cli import main
+from prunebench.cli.command import build_parser, grid_from_args
+from prunebench.cli.command import main
 
 NOT_CACHED = "prunebench-test/not-a-cached-model"
 TINY = ["--n-samples", "4", "--seqlen", "64", "--tasks", "none", "--seeds", "0", "-q"]

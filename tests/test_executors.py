@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("submitit")
 
-from prunebench.cli import main  # noqa: E402
+from prunebench.cli.command import main
 from prunebench.run.grid import grid_from_dict
 from prunebench.run.executors import CellTask, SubmititExecutor, locks_dir
 from prunebench.store.records import load_records
@@ -25,7 +25,7 @@ def test_job_array_through_submitit_local(tmp_path, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text(GRID_YAML)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "prunebench.cli.main", "run", "--grid", str(grid), "--results", str(results), "-q",
+    cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "--results", str(results), "-q",
            "--executor", "slurm", "--submitit-cluster", "local", "--timeout", "10", "--array-parallelism", "6"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -104,7 +104,7 @@ def test_a_learned_cell_runs_as_two_processes_through_torchrun(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(TORCHRUN_GRID_YAML)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "prunebench.cli.main", "run", "--grid", str(grid), "--results", str(results), "-q",
+    cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "--results", str(results), "-q",
            "--nproc-per-node", "2", "--no-dense"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

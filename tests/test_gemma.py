@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from prunebench.modeling import models
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.errors import UserError
 from prunebench.modeling.models import (
     EmbeddedModel, check_gguf, check_model_spec, embedded_gguf_path, load_model, model_fingerprint

@@ -13,7 +13,7 @@ import torch
 from prunebench.sparsity.checks import (
     DenseReference, OutputCheckError, check_against_dense, check_fixed_parameters, UPDATE_BOUND
 )
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.run.conformance import check_method
 from prunebench.modeling.models import all_prunable, load_tiny
 from prunebench.store.records import load_records

@@ -8,8 +8,7 @@ import pytest
 
 from prunebench.run import plan
 from prunebench import registry
-from prunebench.cli.main import build_parser, grid_from_args
-from prunebench.cli import main
+from prunebench.cli.command import build_parser, grid_from_args, main
 from prunebench.errors import UserError
 from prunebench.data.stream import HUB_TOKENS, WindowStream, check_supply, open_documents, stream_supply
 

@@ -10,7 +10,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.store.records import (
     REJECTED_DIR, SCHEMA_VERSION, InvalidRecord, load_records, ok_keys, parse_record_text, read_record,
     record_files

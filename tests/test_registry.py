@@ -91,7 +91,7 @@ def test_every_config_is_a_dataclass_with_defaults():
 def test_list_shows_each_presets_values(capsys):
     import json
 
-    from prunebench.cli import main
+    from prunebench.cli.command import main
 
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()

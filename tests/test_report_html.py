@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.store.records import load_records
 from prunebench.report import html as report_html
 

@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 import pytest
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.provenance.environment_lock import _version_matches, lock_fingerprint, parse_constraints
 from prunebench.store.records import atomic_write_json, cell_record_path
 from prunebench.report.reproduce import PPL_REL_TOL, Tolerance, compare_runs, render_markdown, reproduce

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.report.reproduce import compare_runs
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ class PerturbedWanda(LayerwisePruner):
 
 
 def _run(results, grid, *extra):
-    cmd = [sys.executable, "-m", "prunebench.cli.main", "run", "--grid", str(grid), "--results", str(results), "-q", *extra]
+    cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "--results", str(results), "-q", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.run.grid import check_seeds, grid_from_dict
 from prunebench.errors import UserError
 from prunebench.store.records import atomic_write_json, cell_record_path, records_frame

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.data.windows import (
     WindowSpec, calibration_windows, documents, encode, eval_tokens, stream_windows, token_fingerprint
 )

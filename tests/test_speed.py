@@ -7,7 +7,7 @@ import torch
 
 from prunebench.measure import cost, speed
 from prunebench.sparsity.checks import check_pattern
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
 from prunebench.sparsity.patterns import SparsitySpec
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.cli import main
+from prunebench.cli.command import main
 from prunebench.store.records import load_records
 
 TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none", "--max-ppl-windows", "16", "-q"]
@@ -207,7 +207,7 @@ def test_an_explicit_replace_carries_the_plugins_identity(tmp_path, capsys):
     results = tmp_path / "results"
     base = ["--models", "tiny:llama", "--methods", "wanda", "--sparsities", "0.5", "--no-dense", "--results", str(results), *TINY]
     # A fresh process: --replace changes the registry for the rest of the process.
-    code = subprocess.run([sys.executable, "-m", "prunebench.cli.main", "run", "--plugin", str(plugin), "--replace", "wanda", *base],
+    code = subprocess.run([sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--replace", "wanda", *base],
                           capture_output=True, text=True, env={**os.environ, "PRUNEBENCH_NO_PROGRESS": "1"})
     assert code.returncode == 0, code.stderr
     rec = by_method(results)[("wanda", "0.5")]
