@@ -32,7 +32,7 @@ LAYERS = [
     ("measure", ("prunebench.measure",)),
     ("run", ("prunebench.run",)),
     ("report", ("prunebench.report",)),
-    ("cli", ("prunebench.cli.command",)),
+    ("cli", ("prunebench.cli",)),
 ]
 
 # A command imports only what it runs (`prunebench list` never loads pandas, matplotlib or
