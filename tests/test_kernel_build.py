@@ -77,7 +77,7 @@ def test_a_build_after_a_killed_build_does_not_wait(tmp_path):
 
 CONCRETE_HOLDER = textwrap.dedent("""
     import time
-    from prunebench import concrete
+    from prunebench.engines import concrete
     from prunebench.engines.kernel_build import build_lock, TORCH_BATON
     with build_lock(concrete.build_folder()) as folder:  # concrete.py's own build folder
         (folder / TORCH_BATON).touch()  # as torch leaves it when killed mid-build
@@ -87,7 +87,7 @@ CONCRETE_HOLDER = textwrap.dedent("""
 
 CONCRETE_BUILD = textwrap.dedent("""
     import torch
-    from prunebench import concrete
+    from prunebench.engines import concrete
     logits, weight = torch.randn(64, 300) * 0.05, torch.randn(64, 300)
     fused = concrete.concrete_masked_weight(logits, weight, 5, 50.0, 0.5)
     print(concrete.backend("cpu"), flush=True)
