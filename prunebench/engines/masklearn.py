@@ -58,7 +58,7 @@ from prunebench.progress import progress_bar
 from prunebench.registry import Pruner, PruneReport
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.data.windows import stream_windows
-from prunebench.modeling.sequence_start import sequence_start_ids
+from prunebench.modeling import sequence_start as starts
 from prunebench.data.windows import eval_text, tokenizer_fingerprint
 from prunebench.data.stream import WindowStream, open_documents
 from prunebench.hashing import sha256_json
@@ -396,7 +396,7 @@ class LearnedMaskPruner(Pruner):
         if ctx.tokenizer is None:
             raise UserError(f"{self.display or self.name} draws its own training stream and needs the tokenizer "
                             "in the context", hint="the runner passes it; in scripts set PruneContext(tokenizer=...)")
-        start = sequence_start_ids(ctx.tokenizer)
+        start = starts.sequence_start_ids(ctx.tokenizer)
         if len(start) > 1:
             raise UserError(f"{self.display or self.name}: the tokenizer starts every sequence with {len(start)} tokens "
                             f"{start}; the training loss would predict all but the first of them",

@@ -14,7 +14,7 @@ import functools
 import random
 import re
 from collections import Counter
-from prunebench.data.windows import embedded_documents
+from prunebench.data import windows
 
 SEED = 1234  # fixed for every embedded task
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[\"'A-Z0-9])")
@@ -26,7 +26,7 @@ def sentences(doc: str) -> list[str]:
 
 
 def _eval_documents() -> list[str]:
-    return embedded_documents("eval")  # disjoint from the calibration documents
+    return windows.embedded_documents("eval")  # disjoint from the calibration documents
 
 
 def _dataset(items):

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import functools
 from prunebench.errors import UserError
-from prunebench.modeling.models import EMBEDDED_MODELS, check_gguf, embedded_gguf_path, tiny_tokenizer
+from prunebench.modeling import models
+from prunebench.modeling.models import EMBEDDED_MODELS, check_gguf, embedded_gguf_path
 
 # Text the probe encodes: what the tokenizer adds around it is what it adds to any sequence.
 _PROBE = "a"
@@ -77,7 +78,7 @@ def model_sequence_start(spec: str, trust_remote_code: bool = False) -> list[int
 
 
     if spec.startswith("tiny:"):
-        return sequence_start_ids(tiny_tokenizer())
+        return sequence_start_ids(models.tiny_tokenizer())  # looked up at call time: tests replace it
     if spec in EMBEDDED_MODELS or spec.endswith(".gguf"):
         meta = check_gguf(embedded_gguf_path(spec) if spec in EMBEDDED_MODELS else Path(spec))
         bos = meta.get("tokenizer.ggml.bos_token_id")

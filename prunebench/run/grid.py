@@ -28,7 +28,7 @@ from prunebench.provenance.identity import file_sha256, sha256_json, tree_sha256
 from prunebench.modeling.models import check_model_spec
 from prunebench.provenance.identity import evaluation_code_sha256, method_identity
 from prunebench.modeling.models import model_fingerprint
-from prunebench.modeling.sequence_start import model_sequence_start
+from prunebench.modeling import sequence_start as starts
 
 # 2: keys hold content fingerprints (model file, texts, method and evaluation code) and the device.
 SCHEMA_VERSION = 2
@@ -167,7 +167,7 @@ class CellSpec:
             pruner = registry.create(self.method, self.method_config)
             # Every window starts with the tokenizer's sequence start (prunebench.modeling.sequence_start):
             # its ids are part of what the windows are.
-            start = model_sequence_start(self.model, self.trust_remote_code)
+            start = starts.model_sequence_start(self.model, self.trust_remote_code)
             start = None if start is None else list(start)
             calibration = None
             if pruner.capabilities.needs_calibration:

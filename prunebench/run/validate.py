@@ -19,7 +19,8 @@ from prunebench.data.windows import _check_data_dir, check_dataset_name
 from prunebench.modeling.models import check_model_spec, max_positions
 from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, prepare_local_task, resolve_tasks
 from prunebench import registry
-from prunebench.modeling.sequence_start import check_prefix_fits, model_sequence_start
+from prunebench.modeling import sequence_start as starts
+from prunebench.modeling.sequence_start import check_prefix_fits
 
 log = logging.getLogger("prunebench")
 _WARNED_REMOTE_CODE: set = set()  # the models already warned about in this process
@@ -136,7 +137,7 @@ def _check_sequence_start(grid, cells) -> None:
     """Every window a cell makes starts with its tokenizer's sequence start (prunebench.
     sequence_start): refuse, before any model loads, a window it would fill."""
     for model in grid.models:
-        start = model_sequence_start(model, grid.trust_remote_code) or []
+        start = starts.model_sequence_start(model, grid.trust_remote_code) or []
         if not start:
             continue
         who = f"{model}'s tokenizer"
