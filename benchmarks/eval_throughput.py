@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from prunebench.data import eval_tokens
-from prunebench.dense_relative import DEFAULT_K
+from prunebench.data.windows import eval_tokens
+from prunebench.evaluate.dense_relative import DEFAULT_K
 from prunebench.evaluate.perplexity import eval_windows, perplexity, perplexity_and_summary
-from prunebench.models import load_model
-from prunebench.sequence_start import sequence_start_ids
+from prunebench.modeling.models import load_model
+from prunebench.modeling.sequence_start import sequence_start_ids
 
 GOAL = 0.95  # the throughput the evaluation must keep, as a fraction of the bare forward's
 

@@ -35,12 +35,13 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling CPU benchmark's dense floor
 
-from prunebench import masklearn, registry  # noqa: E402
-from prunebench.models import all_prunable, restore_prunable, snapshot_prunable, weight_matrix  # noqa: E402
-from prunebench.plan import EMBEDDED_ARCHS  # noqa: E402
+from prunebench.engines import masklearn
+from prunebench import registry
+from prunebench.modeling.models import all_prunable, restore_prunable, snapshot_prunable, weight_matrix
+from prunebench.run.plan import EMBEDDED_ARCHS
 from learned_step import dense_step_for  # noqa: E402
 from prunebench.registry import PruneContext, PruneReport  # noqa: E402
-from prunebench.sparsity import SparsitySpec  # noqa: E402
+from prunebench.sparsity.patterns import SparsitySpec
 
 ONESHOT = ("magnitude", "wanda", "sparsegpt", "admm")
 BATCHES = (1, 128)
@@ -105,7 +106,7 @@ def load(spec: str, device, dtype=torch.bfloat16):
     from transformers import AutoModelForCausalLM
 
     from prunebench.errors import UserError
-    from prunebench.models import load_model
+    from prunebench.modeling.models import load_model
 
     if spec.startswith("tiny:") or spec not in EMBEDDED_ARCHS:
         loaded = load_model(spec, dtype=str(dtype).replace("torch.", ""))
@@ -339,7 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                     help="seconds after which sections not yet started are skipped")
     args = ap.parse_args(argv)
-    from prunebench.records import atomic_write_json
+    from prunebench.store.records import atomic_write_json
 
     if not torch.cuda.is_available():
         atomic_write_json(args.out, {"check": "gpu_check", "skipped": "no CUDA", "torch": torch.__version__})

@@ -7,7 +7,7 @@ and the per-block time breakdown.  Not part of the test suite.
 The floor is what every sequential layer-wise method must do at least: capture the first
 block's inputs, then run each block twice over the calibration tokens (once to gather
 statistics, once to produce the next block's inputs), with no hooks and no arithmetic of its
-own.  `floor` runs it with the engine's batching (prunebench.layerwise.BLOCK_BATCH_WINDOWS
+own.  `floor` runs it with the engine's batching (prunebench.engines.layerwise.BLOCK_BATCH_WINDOWS
 windows per forward); `floor-1` one window per forward, as the reference implementations loop.
 `sparsegpt-reference` is SparseGPT organised as its reference implementation organises it
 (re-written here for timing: one window per forward, a Hessian per linear, a full sort per
@@ -36,7 +36,7 @@ import time
 def run_one(args) -> dict:
     """Run one entry and add the fraction of zeros it left in the decoder's prunable linears (the
     same count for every entry, so a driver that pruned the wrong thing shows)."""
-    from prunebench.models import all_prunable, weight_matrix
+    from prunebench.modeling.models import all_prunable, weight_matrix
 
     row, model = _run_entry(args)
     zeros = total = 0
@@ -52,10 +52,10 @@ def _run_entry(args):
     import torch
 
     from prunebench import registry
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.models import load_model
+    from prunebench.data.windows import WindowSpec, calibration_windows
+    from prunebench.modeling.models import load_model
     from prunebench.registry import LayerwisePruner, PruneContext
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,8 +86,10 @@ def _row(args, seconds, per_block, capture, rss_before, fingerprint, warnings=0)
 
 
 def run_floor(args, model, windows, fingerprint, rss_before) -> dict:
-    from prunebench.layerwise import BLOCK_BATCH_WINDOWS, batch_windows, capture_block_inputs, run_block
-    from prunebench.models import find_blocks
+    from prunebench.engines.layerwise import (
+        BLOCK_BATCH_WINDOWS, batch_windows, capture_block_inputs, run_block
+    )
+    from prunebench.modeling.models import find_blocks
 
     t0 = time.perf_counter()
     hidden, block_args, block_kwargs = capture_block_inputs(model, windows, "cpu")
@@ -115,8 +117,8 @@ def run_reference_sparsegpt(args, model, windows, fingerprint, rss_before) -> di
 
     import torch
 
-    from prunebench.layerwise import capture_block_inputs, run_block
-    from prunebench.models import find_blocks, prunable_linears, set_weight_matrix, weight_matrix
+    from prunebench.engines.layerwise import capture_block_inputs, run_block
+    from prunebench.modeling.models import find_blocks, prunable_linears, set_weight_matrix, weight_matrix
 
     sparsity, blocksize, percdamp = float(args.sparsity), 128, 0.01
     t0 = time.perf_counter()
@@ -189,8 +191,8 @@ def run_locuslab_sparsegpt(args, model, windows, fingerprint, rss_before) -> dic
 
     import torch
 
-    from prunebench.layerwise import capture_block_inputs, run_block
-    from prunebench.models import find_blocks, prunable_linears
+    from prunebench.engines.layerwise import capture_block_inputs, run_block
+    from prunebench.modeling.models import find_blocks, prunable_linears
 
     if not args.reference_checkout:
         raise SystemExit("sparsegpt-locuslab needs --reference-checkout: a local clone of locuslab/wanda")
@@ -291,8 +293,8 @@ def main():
 
         import torch
 
-        from prunebench.records import atomic_write_json
-        from prunebench.runner import _cpu_model, _git_sha
+        from prunebench.store.records import atomic_write_json
+        from prunebench.run.runner import _cpu_model, _git_sha
 
         atomic_write_json(args.out, {"benchmark": "layerwise_methods", "command": sys.argv[1:], "commit": _git_sha(),
                                      "cpu": _cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,

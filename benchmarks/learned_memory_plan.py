@@ -23,7 +23,7 @@ here), chunked loss.  Also the size of a resumable checkpoint (logits + optimize
 
 Arithmetic, not a measurement: no GPU was available when it was written (run it on one and
 compare with torch.cuda.max_memory_allocated for the same settings).  The arithmetic lives in
-prunebench/plan.py, which `prunebench run --dry-run` uses for a grid's plan.
+prunebench/run/plan.py, which `prunebench run --dry-run` uses for a grid's plan.
 
     python benchmarks/learned_memory_plan.py
     python benchmarks/learned_memory_plan.py --methods leap --gpus 4 --state-dtype bf16
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import argparse
 
-from prunebench.plan import DTYPE_BYTES, PAPER_ARCHS, logits_per_weight, training_memory
+from prunebench.run.plan import DTYPE_BYTES, PAPER_ARCHS, logits_per_weight, training_memory
 
 GB = 1e9
 SEQLEN = 4096  # the authors' training sequence
@@ -44,7 +44,7 @@ LOGITS_PER_WEIGHT = {m: logits_per_weight(m) for m in ("leap", "maskllm", "patch
 
 
 def plan(arch, method: str, *, logits_dtype="bf16", state_dtype="bf16", gpus=1, chunked_loss=False) -> dict:
-    """The library's arithmetic (prunebench.plan.training_memory) for one sequence per micro-batch,
+    """The library's arithmetic (prunebench.run.plan.training_memory) for one sequence per micro-batch,
     with checkpointing; over several GPUs logits, gradients and moments sharded evenly (FSDP)."""
     return training_memory(arch, LOGITS_PER_WEIGHT[method], micro_tokens=SEQLEN, logits_dtype=logits_dtype,
                            state_dtype=state_dtype, gpus=gpus, shard="logits",

@@ -36,11 +36,12 @@ def worker(args) -> None:
 
     import torch
 
-    from prunebench import distributed, registry
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.models import load_model
+    from prunebench.engines import distributed
+    from prunebench import registry
+    from prunebench.data.windows import WindowSpec, calibration_windows
+    from prunebench.modeling.models import load_model
     from prunebench.registry import PruneContext
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     distributed.init_from_environment(args.device)
     dp = distributed.DataParallel.current()

@@ -2,7 +2,7 @@
 
 Same model, same tokens, one run.  The dense reference trains the prunable weights themselves
 (so its backward computes the same weight-gradient matmuls a mask needs); a learned step samples
-the method's soft mask per layer through the shared engine (prunebench.masklearn), adds the
+the method's soft mask per layer through the shared engine (prunebench.engines.masklearn), adds the
 method's regularisers and backpropagates into the logits.  Logits start from a magnitude prior
 (the prior does not change the step's cost and takes no calibration pass).  Prints each step
 as a ratio to the dense step, with and without the AdamW update, and the logits' memory.
@@ -20,10 +20,11 @@ import time
 import torch
 import yaml
 
-from prunebench import masklearn, registry
-from prunebench.models import all_prunable, load_model
+from prunebench.engines import masklearn
+from prunebench import registry
+from prunebench.modeling.models import all_prunable, load_model
 from prunebench.registry import PruneContext, PruneReport
-from prunebench.sparsity import SparsitySpec
+from prunebench.sparsity.patterns import SparsitySpec
 
 # The target of the issue that asked for this benchmark (LEAP's step, as a ratio to dense).
 RATIO_GOAL = 1.15

@@ -22,8 +22,8 @@ import time
 def run_one(args) -> dict:
     import torch
 
-    from prunebench import masklearn
-    from prunebench.models import load_model
+    from prunebench.engines import masklearn
+    from prunebench.modeling.models import load_model
 
     loaded = load_model(args.model)
     model = loaded.model.to(args.device)

@@ -54,11 +54,11 @@ def run_one(args) -> dict:
     import transformers as T
 
     from prunebench import registry
-    from prunebench.data import WindowSpec, calibration_windows, eval_tokens
+    from prunebench.data.windows import WindowSpec, calibration_windows, eval_tokens
     from prunebench.evaluate.perplexity import perplexity_streamed
-    from prunebench.models import tiny_tokenizer
+    from prunebench.modeling.models import tiny_tokenizer
     from prunebench.registry import PruneContext
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     tok = tiny_tokenizer()
     config = T.LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 3,

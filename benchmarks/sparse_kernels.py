@@ -27,8 +27,8 @@ import time
 
 import torch
 
-from prunebench.sparsity import nm_mask
-from prunebench.speed import KERNELS, kernel, median_seconds
+from prunebench.sparsity.patterns import nm_mask
+from prunebench.measure.speed import KERNELS, kernel, median_seconds
 
 SHAPES = {"q,o": (576, 576), "k,v": (192, 576), "gate,up": (1536, 576), "down": (576, 1536)}
 MASKS = ("0.5", "0.6", "2:4")
@@ -103,10 +103,10 @@ def main() -> None:
 
 def end_to_end(args) -> None:
     """Greedy decoding at batch 1 of SmolLM2-135M with random masks at 50%, 60% and 2:4: dense
-    kernels vs each linear on its fastest kernel (prunebench.speed.measure, what
+    kernels vs each linear on its fastest kernel (prunebench.measure.speed.measure, what
     `prunebench cost --speed` records per cell)."""
-    from prunebench import speed
-    from prunebench.models import all_prunable, load_model, weight_matrix
+    from prunebench.measure import speed
+    from prunebench.modeling.models import all_prunable, load_model, weight_matrix
 
     model = load_model("smollm2-135m").model.eval()
     modules = all_prunable(model)

@@ -42,12 +42,15 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
-from prunebench.layerwise import stack_rows
+from prunebench.engines.layerwise import stack_rows
 from prunebench.registry import (Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, STATS_INPUT_NORM,
                                  STATS_NONE, register)
-from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, mask_from_scores, n_to_prune, nm_mask
+from prunebench.sparsity.patterns import (
+    SparsitySpec, _keep_all_but_lowest, mask_from_scores, n_to_prune, nm_mask
+)
 
 from .sparsegpt import CholeskyError
+from prunebench import registry
 
 NORM_EPS = 1e-8  # reference code: norm = sqrt(diag(X^T X)) + 1e-8; keeps dead inputs finite
 
@@ -281,8 +284,6 @@ class ADMM(LayerwisePruner):
             raise UserError(f"admm: need rho > 0 and percdamp >= 0, got rho={cfg.rho}, percdamp={cfg.percdamp}")
         self._source = None
         if cfg.mask_from:
-            from prunebench import registry
-
             source = registry.create(cfg.mask_from, cfg.mask_from_config)
             if not isinstance(source, LayerwisePruner):
                 raise UserError(f"admm: mask_from={cfg.mask_from!r} is not a layer-wise method",

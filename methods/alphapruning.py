@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from prunebench.allocation import Allocation, clip_targets, register_allocation
+from prunebench.engines.allocation import Allocation, clip_targets, register_allocation
 from prunebench.errors import UserError
 from prunebench.registry import STATS_NONE
 

@@ -61,9 +61,9 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.errors import UserError
-from prunebench.layerwise import stack_rows
+from prunebench.engines.layerwise import stack_rows
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
-from prunebench.sparsity import SparsitySpec
+from prunebench.sparsity.patterns import SparsitySpec
 
 from .admm import normalise_inputs, select_mask
 from .sparsegpt import CholeskyError

@@ -71,6 +71,7 @@ from prunebench.registry import (Capabilities, LayerwisePruner, LinearResult, ST
                                  STATS_INPUT_NORM, combine_stats, register)
 
 from .wanda import wanda_scores
+from prunebench import registry
 
 SKIPS = ("none", "mlp", "attention")
 SIGN_STOPS = ("nm", "always", "never")
@@ -195,7 +196,6 @@ class DSnoT(LayerwisePruner):
 
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
-        from prunebench import registry
 
         cfg = self.config
         if (isinstance(cfg.max_cycle, bool) or cfg.max_cycle < 0 or not math.isfinite(cfg.update_threshold)

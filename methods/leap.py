@@ -16,7 +16,7 @@ with tau and alpha linear in t/T, P initialised around a one-shot Wanda mask (pr
 AdamW (beta2 0.95, no weight decay), warm-up + cosine learning rate.  The hard mask is P > 0 (the
 authors' rule) or, as an option, an exact top-k on P at the target.
 
-L comes from prunebench.concrete's counter sampler, fused with the gate, M * W and the two sums
+L comes from prunebench.engines.concrete's counter sampler, fused with the gate, M * W and the two sums
 the regularisers need in one pass (sampler="generator": torch's generator and unfused ops, the
 implementation before it; the same distribution, other draws).
 
@@ -31,17 +31,18 @@ from typing import Optional
 
 import torch
 
-from prunebench.concrete import MASK_FLOOR, concrete_masked_weight
-from prunebench.concrete import backend as gate_backend
+from prunebench.engines.concrete import MASK_FLOOR, concrete_masked_weight
+from prunebench.engines.concrete import backend as gate_backend
 from prunebench.errors import UserError
-from prunebench.masklearn import (LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, logistic_noise,
-                                  lr_factor)
+from prunebench.engines.masklearn import (
+    LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, logistic_noise, lr_factor
+)
 from prunebench.registry import Capabilities, PruneReport, register
-from prunebench.sparsity import SparsitySpec, mask_from_scores, n_to_prune
+from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, n_to_prune
 
 FINAL_MASK_RULES = ("sign", "topk")
 # Where the gate noise comes from: "counter" (a hash of (seed, element), fused with the gate and
-# the masked weight in one pass: prunebench.concrete) or "generator" (torch's generator seeded per
+# the masked weight in one pass: prunebench.engines.concrete) or "generator" (torch's generator seeded per
 # layer and forward, then the chain of torch ops: the implementation before the fused pass, kept
 # so its results stay reproducible).  Same distribution, different draws.
 SAMPLERS = ("counter", "generator")
@@ -177,7 +178,7 @@ def sign_mask(logits: torch.Tensor) -> torch.Tensor:
 
 def global_topk_masks(logits: dict, target_sparsity: float) -> dict:
     """Keep the N - int(s * N) weights with the largest P over all layers together (the counting
-    convention of prunebench.sparsity.n_to_prune).
+    convention of prunebench.sparsity.patterns.n_to_prune).
 
     Ties at the threshold are filled in a fixed order (layer order, then flat position), so the
     result is deterministic.
@@ -226,7 +227,7 @@ class Leap(LearnedMaskPruner):
     summary = "learned end-to-end unstructured masks, binary-concrete logits with a Wanda prior (LEAP 2026)"
     capabilities = Capabilities(patterns=("unstructured",), needs_calibration=True, needs_gradients=True)
     logged_schedule = ("tau", "alpha")
-    engine_modules = ("prunebench.concrete",)  # the fused gate pass decides the draws too
+    engine_modules = ("prunebench.engines.concrete",)  # the fused gate pass decides the draws too
     # a training step over a dense forward+backward of the same tokens (benchmarks/learned_step.py,
     # SmolLM2-135M, 2 x 256 tokens, without the AdamW update, which runs once per 256 sequences at
     # paper scale)

@@ -6,7 +6,7 @@ default (scope "layer"); "0.5@row" compares within each output row; N:M along th
 from dataclasses import dataclass
 
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
-from prunebench.sparsity import mask_from_scores
+from prunebench.sparsity.patterns import mask_from_scores
 
 
 @register

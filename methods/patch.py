@@ -31,13 +31,14 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
-from prunebench.masklearn import (LearnedMaskPruner, MaskTrainingConfig, fading, gumbel_noise, linear_schedule,
-                                  logistic_noise, lr_factor)
+from prunebench.engines.masklearn import (
+    LearnedMaskPruner, MaskTrainingConfig, fading, gumbel_noise, linear_schedule, logistic_noise, lr_factor
+)
 from prunebench.methods.maskllm import (argmax_pattern_mask, check_widths, nm_patterns, pattern_prior_logits,
                                        prior_overlap)
-from prunebench.models import weight_matrix
+from prunebench.modeling.models import weight_matrix
 from prunebench.registry import Capabilities, register
-from prunebench.sparsity import SparsitySpec, expand_tiles, tile_sums
+from prunebench.sparsity.patterns import SparsitySpec, expand_tiles, tile_sums
 
 MODES = ("joint", "tile")
 GROUP_INITS = ("replace", "add")

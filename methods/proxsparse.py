@@ -42,10 +42,10 @@ from typing import ClassVar, Optional
 import torch
 
 from prunebench.errors import UserError
-from prunebench.masklearn import LearnedMaskPruner, MaskTrainingConfig, lr_factor
-from prunebench.models import weight_matrix
+from prunebench.engines.masklearn import LearnedMaskPruner, MaskTrainingConfig, lr_factor
+from prunebench.modeling.models import weight_matrix
 from prunebench.registry import Capabilities, register
-from prunebench.sparsity import SparsitySpec
+from prunebench.sparsity.patterns import SparsitySpec
 
 GROUP = 4  # the regulariser is the 2:4 one: groups of 4, at most 2 non-zeros
 KEEP = 2

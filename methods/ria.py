@@ -54,7 +54,7 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_INPUT_NORM, register
-from prunebench.sparsity import SparsitySpec, mask_from_scores, nm_mask
+from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, nm_mask
 
 SELECTIONS = ("exact", "reference")
 

@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.errors import UserError
-from prunebench.layerwise import stack_rows
+from prunebench.engines.layerwise import stack_rows
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
-from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
+from prunebench.sparsity.patterns import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
 
 
 SUB_BLOCK = 32  # columns per inner OBS sub-block (speed only; the result is the same for any value)

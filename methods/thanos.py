@@ -51,7 +51,7 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
-from prunebench.sparsity import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
+from prunebench.sparsity.patterns import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
 
 from .sparsegpt import block_keep_mask, factorised_group, split_results
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_INPUT_NORM, register
-from prunebench.sparsity import mask_from_scores
+from prunebench.sparsity.patterns import mask_from_scores
 
 
 def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,3 @@
 """prunebench: LLM weight-pruning methods compared on one footing."""
 
-__version__ = "0.1.0"
+from prunebench.version import __version__  # noqa: F401

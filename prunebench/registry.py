@@ -21,7 +21,8 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from .errors import UserError
-from .sparsity import SparsitySpec
+from .typecheck import check_fields
+from prunebench.sparsity.patterns import SparsitySpec
 
 ENTRY_POINT_GROUP = "prunebench.methods"
 log = logging.getLogger("prunebench")
@@ -63,7 +64,7 @@ class Capabilities:
     # do) rather than only zero some: the output checks then ask the kept weights to be finite
     # and bounded and record how far they moved; otherwise they must equal the dense ones.  None:
     # a layer-wise method updates them exactly when its prune_linear / prune_group returns new
-    # weights (the engine, prunebench.layerwise, observes it); any other method keeps them unchanged.
+    # weights (the engine, prunebench.engines.layerwise, observes it); any other method keeps them unchanged.
     updates_weights: Optional[bool] = None
 
     @property
@@ -166,7 +167,7 @@ class Pruner:
     # The settings the conformance suite (tests, `prunebench check`) runs this method at: small
     # enough to finish in seconds on a tiny model. {}: its defaults.
     test_config: ClassVar[dict] = {}
-    # Its measured cost, which the GPU plan (prunebench/plan.py) scales FLOPs by: a one-shot
+    # Its measured cost, which the GPU plan (prunebench/run/plan.py) scales FLOPs by: a one-shot
     # method's pruning time over floor-1 (every block run twice over the calibration tokens), a
     # learned method's training step over a dense forward+backward of the same tokens.  None:
     # not measured here (the plan then says which measured figure it assumed).
@@ -195,13 +196,13 @@ class Pruner:
 class LayerwisePruner(Pruner):
     """A method that prunes one linear at a time from statistics of its inputs.
 
-    The shared engine (prunebench.layerwise) owns the block loop, the hooks and the statistics;
+    The shared engine (prunebench.engines.layerwise) owns the block loop, the hooks and the statistics;
     the method supplies only `prune_linear`.
     """
 
     kind: ClassVar[str] = "layer-wise"
     default_scope: ClassVar[str] = "row"  # for unstructured specs that do not name a scope
-    engine_modules: ClassVar[tuple] = ("prunebench.layerwise",)
+    engine_modules: ClassVar[tuple] = ("prunebench.engines.layerwise",)
 
     def prune_linear(self, weight: torch.Tensor, stats: LayerStats, spec: SparsitySpec,
                      ctx: PruneContext) -> LinearResult:
@@ -218,7 +219,7 @@ class LayerwisePruner(Pruner):
         return {name: self.prune_linear(w, stats, spec, ctx) for name, w in weights.items()}
 
     def prune(self, model, ctx: PruneContext) -> PruneReport:
-        from .layerwise import prune_layerwise
+        from prunebench.engines.layerwise import prune_layerwise
 
         self.check_spec(ctx.sparsity)
         return prune_layerwise(model, self, ctx)  # it also reports whether new weights were returned
@@ -226,8 +227,6 @@ class LayerwisePruner(Pruner):
 
 def make_config(config_cls, config=None, overrides=None):
     """Build a config dataclass from a dict or instance; unknown keys and wrong types are errors."""
-    from .typecheck import check_fields
-
     overrides = dict(overrides or {})
     if config is None:
         base = {}
@@ -335,7 +334,8 @@ def _load_builtins() -> None:
     if _loaded["builtins"]:
         return
     _loaded["builtins"] = True
-    import prunebench.methods as pkg
+    # Found by name, like entry points: the registry sits below the methods it lists.
+    pkg = importlib.import_module("prunebench.methods")
 
     saved, _importing["origin"] = _importing["origin"], None
     try:
@@ -466,7 +466,7 @@ def resolve(name: str) -> str:
                         hint=f"known methods: {', '.join(available())}")
     base, allocation = split_name(name)
     if allocation is not None:
-        from . import allocation as allocations
+        from prunebench.engines import allocation as allocations
 
         key = resolve(base)
         if not issubclass(_METHODS[key], LayerwisePruner):
@@ -493,7 +493,7 @@ def create(name: str, config=None, **overrides) -> Pruner:
     base, allocation = split_name(key)
     if allocation is None:
         return _METHODS[key](config, **overrides)
-    from . import allocation as allocations
+    from prunebench.engines import allocation as allocations
 
     if config is not None and not isinstance(config, dict):
         raise UserError(f"method {key!r}: config must be a mapping", hint="write config: {option: value, allocation: {...}}")

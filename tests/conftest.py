@@ -33,7 +33,7 @@ def data_dir():
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from prunebench.models import tiny_tokenizer
+    from prunebench.modeling.models import tiny_tokenizer
 
     return tiny_tokenizer()
 
@@ -41,7 +41,7 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def calib_windows(tiny_tokenizer):
     """Eight windows of 64 byte-tokens of real English (Lee calibration documents)."""
-    from prunebench.data import WindowSpec, calibration_windows
+    from prunebench.data.windows import WindowSpec, calibration_windows
 
     ids, _ = calibration_windows(tiny_tokenizer, WindowSpec("lee", 8, 64, 0))
     return ids

@@ -5,17 +5,18 @@ import json
 import pytest
 import torch
 
-from prunebench import allocation, registry
-from prunebench.checks import OutputCheckError, check_output
-from prunebench.cli import main
-from prunebench.config import grid_from_dict
+from prunebench.engines import allocation
+from prunebench import registry
+from prunebench.sparsity.checks import OutputCheckError, check_output
+from prunebench.cli.command import main
+from prunebench.run.grid import grid_from_dict
 from prunebench.errors import UserError
 from prunebench.methods.alphapruning import alpha_peak, alpha_sparsities, hill_alpha, spectrum
 from prunebench.methods.owl import outlier_ratio, owl_nm_pruned, owl_sparsities
 from prunebench.methods.sparsegpt import damped_inverse_cholesky, prepare_hessian, sparsegpt_prune
-from prunebench.models import all_prunable, load_model, weight_matrix
+from prunebench.modeling.models import all_prunable, load_model, weight_matrix
 from prunebench.registry import LayerStats, PruneContext
-from prunebench.sparsity import SparsitySpec, mask_from_scores, n_to_prune
+from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, n_to_prune
 
 
 # --- the counting convention ------------------------------------------------------------------
@@ -109,8 +110,8 @@ def test_sparsegpt_group_of_layers_sharing_a_hessian_equals_one_at_a_time():
 
 
 def test_engine_shares_statistics_between_linears_that_read_the_same_input():
-    from prunebench.layerwise import capture_block_inputs, collect_block_stats
-    from prunebench.models import find_blocks, prunable_linears
+    from prunebench.engines.layerwise import capture_block_inputs, collect_block_stats
+    from prunebench.modeling.models import find_blocks, prunable_linears
 
     loaded = load_model("tiny:llama")
     cal = torch.randint(0, loaded.model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -264,7 +265,7 @@ def test_available_allocations_are_listed():
 
 
 def test_symmetric_gram_accumulation_equals_the_full_product():
-    from prunebench.layerwise import gram_add_
+    from prunebench.engines.layerwise import gram_add_
 
     g = torch.Generator().manual_seed(0)
     for n in (7, 384, 577, 1536):
@@ -291,8 +292,8 @@ def test_admm_group_of_layers_sharing_a_hessian_equals_one_at_a_time():
 
 
 def test_stopping_the_statistics_pass_early_changes_no_statistic():
-    from prunebench.layerwise import capture_block_inputs, collect_block_stats
-    from prunebench.models import find_blocks, prunable_linears
+    from prunebench.engines.layerwise import capture_block_inputs, collect_block_stats
+    from prunebench.modeling.models import find_blocks, prunable_linears
 
     loaded = load_model("tiny:qwen2")
     cal = torch.randint(0, loaded.model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))

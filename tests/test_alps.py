@@ -8,7 +8,7 @@ import torch
 from prunebench import registry
 from prunebench.errors import UserError
 from prunebench.registry import PruneContext
-from prunebench.sparsity import SparsitySpec, is_valid_mask, mask_from_scores
+from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, mask_from_scores
 
 from prunebench.methods.admm import normalise_inputs
 from prunebench.methods.alps import (RhoSchedule, alps_admm, alps_prune, eigen_factor, masked_pcg, ridge_inverse,
@@ -230,10 +230,10 @@ def test_registered_with_the_papers_defaults():
 
 @pytest.mark.parametrize("text", ["0.5", "2:4"])
 def test_tiny_model(text, calib_windows):
-    from prunebench.conformance import prune_tiny
+    from prunebench.run.conformance import prune_tiny
 
     spec = SparsitySpec.parse(text)
-    from prunebench.models import all_prunable, load_tiny, weight_matrix
+    from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
 
     dense = {n: weight_matrix(m).detach().clone() for n, m in all_prunable(load_tiny("llama", seed=0).model).items()}
     weights, report = prune_tiny("alps", "llama", spec, calib_windows)

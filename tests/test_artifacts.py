@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from prunebench.artifacts import MASKS_SUFFIX, load_masks
-from prunebench.cli import main
-from prunebench.config import grid_from_dict
-from prunebench.data import eval_tokens
+from prunebench.store.artifacts import MASKS_SUFFIX, load_masks
+from prunebench.cli.command import main
+from prunebench.run.grid import grid_from_dict
+from prunebench.data.windows import eval_tokens
 from prunebench.evaluate.perplexity import perplexity
-from prunebench.models import tiny_tokenizer
-from prunebench.runner import run_grid
+from prunebench.modeling.models import tiny_tokenizer
+from prunebench.run.runner import run_grid
 
 SEQLEN, WINDOWS = 64, 16
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.cli import main
-from prunebench.records import load_records
+from prunebench.cli.command import main
+from prunebench.store.records import load_records
 
 TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none",
         "--max-ppl-windows", "16", "-q"]
@@ -64,7 +64,7 @@ def files_under(folder: Path) -> dict:
 # YAML: the limits refuse bombs, not what grids use
 
 def test_merge_keys_and_shared_anchors_still_load():
-    from prunebench.config import load_yaml
+    from prunebench.run.grid import load_yaml
 
     text = textwrap.dedent("""\
         base: &base {steps: 3, lr: 0.1}
@@ -80,7 +80,7 @@ def test_merge_keys_and_shared_anchors_still_load():
 def test_every_shipped_grid_loads_as_before():
     import yaml
 
-    from prunebench.config import load_yaml
+    from prunebench.run.grid import load_yaml
 
     repo = Path(__file__).resolve().parent.parent
     files = sorted((repo / "prunebench" / "presets").glob("*.yaml")) + sorted((repo / "benchmarks" / "grids").glob("*.yaml"))
@@ -91,7 +91,7 @@ def test_every_shipped_grid_loads_as_before():
 
 def test_a_deep_bomb_is_refused_from_its_distinct_nodes():
     """Thirty anchors of ten aliases (10**30 items): refused from the 31 nodes, never expanded."""
-    from prunebench.config import load_yaml
+    from prunebench.run.grid import load_yaml
     from prunebench.errors import UserError
 
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
@@ -104,8 +104,8 @@ def test_a_deep_bomb_is_refused_from_its_distinct_nodes():
 # trust_remote_code: warned about, and in the key only when true
 
 def test_trust_remote_code_is_warned_about_and_in_the_key_only_when_true(monkeypatch, caplog):
-    from prunebench import validate
-    from prunebench.config import grid_from_dict
+    from prunebench.run import validate
+    from prunebench.run.grid import grid_from_dict
 
     base = {"models": ["tiny:llama"], "methods": ["magnitude"], "include_dense": False,
             "calibration": {"n_samples": 4, "seqlen": 64}, "eval": {"perplexity": ["lee"], "seqlen": 64}}
@@ -137,7 +137,7 @@ def test_trust_remote_code_is_written_into_the_record(tmp_path):
 
 def _full_disk_on(monkeypatch, what: str):
     """Make the record write (or the masks write) fail as a full disk does."""
-    from prunebench import records
+    from prunebench.store import records
 
     def no_space(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
@@ -184,9 +184,9 @@ def test_a_full_disk_is_one_line_and_keeps_every_record(tmp_path, monkeypatch, c
 
 def test_a_cell_past_its_timeout_is_a_failed_record_and_the_grid_goes_on(tmp_path, monkeypatch):
     from prunebench import registry
-    from prunebench.config import grid_from_dict
-    from prunebench.executors import LocalExecutor
-    from prunebench.runner import run_grid
+    from prunebench.run.grid import grid_from_dict
+    from prunebench.run.executors import LocalExecutor
+    from prunebench.run.runner import run_grid
 
     plugin = sleeper_plugin(tmp_path, "sleeper_timeout_test")
     monkeypatch.setenv("PB_TEST_PIDS", str(tmp_path / "pids"))
@@ -241,7 +241,7 @@ def _kill_runner_and_watch(tmp_path, plugin, method, n_workers, extra):
     method, kill the runner with SIGKILL and return the workers' pids and whether they all went."""
     pids = tmp_path / "pids"
     runner = subprocess.Popen(
-        [sys.executable, "-m", "prunebench.cli", "run", "--plugin", str(plugin), "--models", "tiny:llama",
+        [sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--models", "tiny:llama",
          "--methods", method, "--no-dense", "--results", str(tmp_path / "results"), *TINY, *extra],
         env={**os.environ, "PB_TEST_PIDS": str(pids), "PRUNEBENCH_NO_PROGRESS": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -282,7 +282,7 @@ def test_a_killed_runner_takes_torchrun_and_its_workers_with_it(tmp_path):
 
 def test_a_worker_whose_parent_already_died_exits_at_once():
     """The parent may die before the worker asks for the signal: the worker must notice."""
-    probe = "from prunebench.cell_worker import die_with_parent; die_with_parent(); print('running')"
+    probe = "from prunebench.run.cell_worker import die_with_parent; die_with_parent(); print('running')"
     mine = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           env={**os.environ, "PRUNEBENCH_PARENT_PID": str(os.getpid())})
     assert mine.returncode == 0 and "running" in mine.stdout
@@ -305,7 +305,7 @@ def test_the_worker_spec_carries_replace_so_a_replacing_plugin_loads_in_the_work
             pass
     '''))
     results = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-m", "prunebench.cli", "run", "--plugin", str(plugin), "--replace", "magnitude",
+    done = subprocess.run([sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--replace", "magnitude",
                            "--models", "tiny:llama", "--methods", "magnitude", "--no-dense", "--timeout", "30",
                            "--results", str(results), *TINY], capture_output=True, text=True,
                           env={**os.environ, "PRUNEBENCH_NO_PROGRESS": "1"})

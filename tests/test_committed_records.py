@@ -2,16 +2,16 @@
 has an ok record under the key the current code gives it (the key hashes the method's and the
 evaluation's source, the model file and the texts), and no record is left from another key.
 A change to a method or to the evaluation without regenerating its records fails here, unless
-the folder declares its regeneration (prunebench/regeneration.py: since which commit, and why);
+the folder declares its regeneration (prunebench/store/regeneration.py: since which commit, and why);
 then its old keys are accepted, and the declaration must go once every record is current."""
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from prunebench.config import load_grid, preset
-from prunebench.records import load_records
-from prunebench.regeneration import PENDING_FILE, pending_regeneration
+from prunebench.run.grid import load_grid, preset
+from prunebench.store.records import load_records
+from prunebench.store.regeneration import PENDING_FILE, pending_regeneration
 
 from conftest import REPO, SHARED_DATA
 

@@ -1,4 +1,4 @@
-"""The fused binary-concrete gate pass (prunebench.concrete): the same gates and gradients as the
+"""The fused binary-concrete gate pass (prunebench.engines.concrete): the same gates and gradients as the
 plain torch ops on the same counter noise, the noise's distribution, and one result for any
 thread count."""
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from prunebench import concrete
+from prunebench.engines import concrete
 
 
 def _reference(logits, weight, seed, alpha, tau):

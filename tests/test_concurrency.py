@@ -1,6 +1,6 @@
 """Several runners on one results directory, and runs killed mid-grid.
 
-The end-to-end tests start real `python -m prunebench.cli run` processes on tiny models.
+The end-to-end tests start real `python -m prunebench.cli.command run` processes on tiny models.
 """
 import json
 import os
@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from prunebench.executors import CellLock, locks_dir
-from prunebench.records import load_records, record_files
+from prunebench.run.executors import CellLock, locks_dir
+from prunebench.store.records import load_records, record_files
 
 from conftest import SIX_CELL_GRID_YAML as GRID_YAML  # noqa: E402
 N_CELLS = 6  # 2 models x (dense, magnitude 0.5, wanda 0.5)
@@ -32,7 +32,7 @@ def _env():
 
 def _start(results: Path, *extra) -> subprocess.Popen:
     grid = grid_file(results.parent)
-    return subprocess.Popen([sys.executable, "-m", "prunebench.cli", "run", "--grid", str(grid), "-q",
+    return subprocess.Popen([sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "-q",
                              "--results", str(results), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
 

@@ -1,17 +1,17 @@
 """Every registered pruner, on tiny models of every family: the runner's output checks (finite
 weights, valid pattern, achieved sparsity at the reported scope) and the same masks from the same
-seed.  The checks live in prunebench.conformance, which `prunebench check --plugin FILE` runs too."""
+seed.  The checks live in prunebench.run.conformance, which `prunebench check --plugin FILE` runs too."""
 import pytest
 
 from prunebench import registry
-from prunebench.conformance import check_method
+from prunebench.run.conformance import check_method
 
 from conftest import TINY_FAMILIES
 
 
 def _methods():
     # every registered method, and every sparsity allocation composed with a layer-wise method
-    from prunebench import allocation
+    from prunebench.engines import allocation
 
     return [m for m in registry.available() if m != "dense"] + [f"wanda+{a}" for a in allocation.available()]
 
@@ -33,13 +33,13 @@ def test_every_config_default_passes_its_own_type_check():
 
 
 def test_the_check_command_runs_the_suite_on_a_plugin(tmp_path, capsys):
-    from prunebench.cli import main
+    from prunebench.cli.command import main
 
     good = tmp_path / "keep_large.py"
     good.write_text(
         "from dataclasses import dataclass\n"
         "from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register\n"
-        "from prunebench.sparsity import mask_from_scores\n\n"
+        "from prunebench.sparsity.patterns import mask_from_scores\n\n"
         "@register\nclass KeepLarge(LayerwisePruner):\n    name = 'keep_large_test'\n"
         "    capabilities = Capabilities(patterns=('unstructured', 'nm'), needs_calibration=False, statistics=STATS_NONE)\n"
         "    default_scope = 'layer'\n\n    @dataclass\n    class Config:\n        pass\n\n"

@@ -1,11 +1,11 @@
-"""The cost of a mask (prunebench/cost.py, prunebench/report/cost.py, `prunebench cost`): storage
+"""The cost of a mask (prunebench/measure/cost.py, prunebench/report/cost.py, `prunebench cost`): storage
 formats and FLOPs by hand-computed cases, and the command on a tiny run."""
 import pandas as pd
 import pytest
 import torch
 
-from prunebench import cost
-from prunebench.cli import main
+from prunebench.measure import cost
+from prunebench.cli.command import main
 from prunebench.report.cost import pareto_front
 
 

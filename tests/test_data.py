@@ -1,7 +1,9 @@
 import torch
 
-from prunebench.data import (WindowSpec, _wikitext_rows_from_raw, calibration_windows, embedded_documents,
-                             eval_tokens, stream_windows, token_fingerprint)
+from prunebench.data.windows import (
+    WindowSpec, _wikitext_rows_from_raw, calibration_windows, embedded_documents, eval_tokens,
+    stream_windows, token_fingerprint
+)
 
 
 def test_embedded_splits_are_disjoint_and_large_enough(tiny_tokenizer):
@@ -43,8 +45,8 @@ def test_the_token_cache_is_never_unpickled(tmp_path, monkeypatch):
     opened, and a damaged entry is rebuilt to the same windows."""
     import pickle
 
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.models import tiny_tokenizer
+    from prunebench.data.windows import WindowSpec, calibration_windows
+    from prunebench.modeling.models import tiny_tokenizer
 
     monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
     marker = tmp_path / "planted-code-ran"

@@ -5,9 +5,10 @@ import math
 
 import torch.nn.functional as F
 
-from prunebench.dense_relative import (aggregate, dense_histogram, histogram_quantile, log10_histogram,
-                                       scan_vocabulary, sparse_histogram, summarize_dense, token_kl_and_top1,
-                                       window_summaries)
+from prunebench.evaluate.dense_relative import (
+    aggregate, dense_histogram, histogram_quantile, log10_histogram, scan_vocabulary, sparse_histogram,
+    summarize_dense, token_kl_and_top1, window_summaries
+)
 
 
 def _logits(seed, shape=(3, 7, 50), scale=3.0):

@@ -1,4 +1,4 @@
-"""Mask learning across processes (prunebench.distributed, the engine in prunebench.masklearn):
+"""Mask learning across processes (prunebench.engines.distributed, the engine in prunebench.engines.masklearn):
 two gloo processes on a CPU compute what one process with the same global gradient
 accumulation computes, and a preempted two-process run resumes to the mask of an uninterrupted one.
 """
@@ -10,14 +10,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from prunebench import masklearn, registry
-from prunebench.data import WindowSpec, calibration_windows
-from prunebench.distributed import DataParallel
+from prunebench.engines import masklearn
+from prunebench import registry
+from prunebench.data.windows import WindowSpec, calibration_windows
+from prunebench.engines.distributed import DataParallel
 from prunebench.errors import UserError
-from prunebench.models import all_prunable, load_tiny, weight_matrix
+from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
 from prunebench.registry import PruneContext
-from prunebench.sparsity import SparsitySpec
-from prunebench.state_files import read_state
+from prunebench.sparsity.patterns import SparsitySpec
+from prunebench.engines.state_files import read_state
 
 # LEAP on a tiny Llama: 4 steps of 4 sequences, one sequence per micro-batch (so one mask draw
 # per sequence, as the authors' code draws), the held-out curve on 2 windows.
@@ -193,7 +194,7 @@ def test_a_step_that_does_not_split_over_the_processes_is_refused():
 def test_logit_holder_keeps_the_layer_major_insertion_order():
     # The clipped gradient norm sums the parameters' norms in this order; a sorted order (what
     # nn.ParameterDict does to a plain dict) changed PATCH's learned masks by rounding.
-    from prunebench.distributed import LogitHolder
+    from prunebench.engines.distributed import LogitHolder
 
     logits = {layer: {key: torch.nn.Parameter(torch.full((2,), float(10 * i + j)))
                       for j, key in enumerate(("T", "G", "A"))} for i, layer in enumerate(("b.q", "a.k"))}

@@ -6,8 +6,9 @@ import urllib.request
 
 import pytest
 
-from prunebench import dryrun
-from prunebench.cli import build_parser, grid_from_args, main
+from prunebench.run import dryrun
+from prunebench.cli.command import build_parser, grid_from_args
+from prunebench.cli.command import main
 
 NOT_CACHED = "prunebench-test/not-a-cached-model"
 TINY = ["--n-samples", "4", "--seqlen", "64", "--tasks", "none", "--seeds", "0", "-q"]
@@ -237,8 +238,8 @@ def test_plan_options_need_a_dry_run(tmp_path, capsys):
 
 
 def test_every_embedded_model_is_local_not_a_hub_id():
-    from prunebench.dryrun import is_hub_model
-    from prunebench.models import EMBEDDED_MODELS
+    from prunebench.run.dryrun import is_hub_model
+    from prunebench.modeling.models import EMBEDDED_MODELS
 
     assert EMBEDDED_MODELS and not any(is_hub_model(name) for name in EMBEDDED_MODELS)
     assert is_hub_model("google/gemma-3-1b-pt")

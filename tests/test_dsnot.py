@@ -8,7 +8,7 @@ import torch
 
 from prunebench import registry
 from prunebench.errors import UserError
-from prunebench.sparsity import SparsitySpec, is_valid_mask, mask_from_scores, n_to_prune
+from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, mask_from_scores, n_to_prune
 
 from prunebench.methods.dsnot import dsnot_swap, is_attention
 from prunebench.methods.wanda import wanda_scores
@@ -159,7 +159,7 @@ def test_attention_and_mlp_names():
 
 
 def test_defaults_statistics_scope_and_identity():
-    from prunebench.identity import method_identity, modules_sha256
+    from prunebench.provenance.identity import method_identity, modules_sha256
 
     pruner = registry.create("dsnot")
     cfg = dataclasses.asdict(pruner.config)
@@ -175,14 +175,14 @@ def test_defaults_statistics_scope_and_identity():
            for name in ("wanda", "magnitude", "sparsegpt")}
     assert len(set(ids.values())) == 3
     assert ids["magnitude"] == modules_sha256({"prunebench.methods.dsnot", "prunebench.methods.magnitude",
-                                               "prunebench.methods.wanda", "prunebench.layerwise",
-                                               "prunebench.sparsity"})
+                                               "prunebench.methods.wanda", "prunebench.engines.layerwise",
+                                               "prunebench.sparsity.patterns"})
     nested = registry.create("dsnot", {"initial": "dsnot", "initial_config": {"initial": "sparsegpt"}})
     assert nested.uses_methods() == ("dsnot", "sparsegpt")
 
 
 def _cells(method, sparsities=("0.5",)):
-    from prunebench.config import GridSpec
+    from prunebench.run.grid import GridSpec
 
     return GridSpec(models=["tiny:llama"], methods=[method], sparsities=list(sparsities)).cells()
 
@@ -220,8 +220,8 @@ def test_tiny_model(spec, calib_windows):
     """Through the engine: the initial Wanda mask's counts are kept (per row, per layer, per group),
     kept weights are the dense ones, the masks differ from Wanda's, and skip: mlp leaves every MLP
     linear with Wanda's mask."""
-    from prunebench.conformance import prune_tiny
-    from prunebench.models import all_prunable, load_tiny, weight_matrix
+    from prunebench.run.conformance import prune_tiny
+    from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
 
     spec = SparsitySpec.parse(spec)
     dense = {n: weight_matrix(m).detach().clone() for n, m in all_prunable(load_tiny("llama", seed=0).model).items()}

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.data import WindowSpec, calibration_windows, eval_tokens
+from prunebench.data.windows import WindowSpec, calibration_windows, eval_tokens
 from prunebench.evaluate.perplexity import perplexity
-from prunebench.models import EMBEDDED_MODEL, load_model, restore_prunable, snapshot_prunable
+from prunebench.modeling.models import EMBEDDED_MODEL, load_model, restore_prunable, snapshot_prunable
 from prunebench.registry import PruneContext
-from prunebench.sparsity import SparsitySpec
+from prunebench.sparsity.patterns import SparsitySpec
 
 pytestmark = pytest.mark.slow
 

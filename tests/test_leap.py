@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.models import all_prunable, load_tiny
+from prunebench.modeling.models import all_prunable, load_tiny
 from prunebench.registry import PruneContext
-from prunebench.sparsity import SparsitySpec
+from prunebench.sparsity.patterns import SparsitySpec
 
 leap = importlib.import_module("prunebench.methods.leap")
-from prunebench import masklearn  # noqa: E402
+from prunebench.engines import masklearn
 
 
 def _ctx(loaded, calib, target="0.5", **kw):
@@ -244,7 +244,7 @@ def test_leap_lowers_training_loss_below_its_wanda_prior(calib_windows):
 # -- LEAP on the shared mask-learning engine is the LEAP it was before ------------------------------
 
 # Masks (sha256 of every layer's keep-mask, in layer order) and per-step training losses of the
-# implementation that predates prunebench.masklearn (commit 7be45e8, LEAP's own loop), seed 3,
+# implementation that predates prunebench.engines.masklearn (commit 7be45e8, LEAP's own loop), seed 3,
 # with the gate noise it drew (torch's generator; the presets now use the fused counter sampler).
 PRE_ENGINE_LEAP = [
     ("llama", "0.5", {'preset': 'tiny', 'sampler': 'generator'},

@@ -1,4 +1,4 @@
-"""The mask-learning engine (prunebench/masklearn.py) and the learned methods on it: MaskLLM
+"""The mask-learning engine (prunebench/engines/masklearn.py) and the learned methods on it: MaskLLM
 (methods/maskllm.py) and PATCH (methods/patch.py); the hybrid dense-or-2:4 tile spec and its checker.
 LEAP's own tests (tests/test_leap.py) also pin that LEAP on the engine is the LEAP it was before."""
 import importlib
@@ -7,12 +7,15 @@ import math
 import pytest
 import torch
 
-from prunebench import masklearn, registry
-from prunebench.checks import OutputCheckError, check_output
+from prunebench.engines import masklearn
+from prunebench import registry
+from prunebench.sparsity.checks import OutputCheckError, check_output
 from prunebench.errors import UserError
-from prunebench.models import all_prunable, load_tiny, weight_matrix
+from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
 from prunebench.registry import PruneContext
-from prunebench.sparsity import HYBRID_DENSE_MAX_ZEROS, SparsitySpec, hybrid_tiles, is_valid_mask, nm_mask
+from prunebench.sparsity.patterns import (
+    HYBRID_DENSE_MAX_ZEROS, SparsitySpec, hybrid_tiles, is_valid_mask, nm_mask
+)
 
 maskllm = importlib.import_module("prunebench.methods.maskllm")
 patch = importlib.import_module("prunebench.methods.patch")

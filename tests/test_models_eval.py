@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from prunebench.errors import UserError
 from prunebench.evaluate.perplexity import perplexity
-from prunebench.models import all_prunable, check_model_spec, describe_model, load_model, load_tiny, weight_matrix
+from prunebench.modeling.models import (
+    all_prunable, check_model_spec, describe_model, load_model, load_tiny, weight_matrix
+)
 
 from conftest import TINY_FAMILIES
 
@@ -42,7 +44,7 @@ def test_perplexity_in_chunks_scores_every_token_as_the_full_logits_do(family, t
     logits a few positions at a time when its head cannot be split off): each window's NLL sum is
     the full computation's, with a sequence start and without, whatever the chunk size."""
     from prunebench.evaluate import perplexity as ppl
-    from prunebench.output_head import OutputHead
+    from prunebench.modeling.output_head import OutputHead
 
     loaded = load_tiny(family)
     vocab = loaded.model.get_output_embeddings().out_features
@@ -92,9 +94,9 @@ def test_dense_relative_metrics_against_the_full_vocabulary(family, through_head
     """The dense model against its own summary: KL 0, top-1 1.  A perturbed model: per-window KL
     sums equal the exact full-vocabulary KL when k is the vocabulary, and a smaller k gives a lower
     bound; top-1 agreement is exact at any k.  Small vocabulary blocks and row chunks throughout."""
-    from prunebench import dense_relative
+    from prunebench.evaluate import dense_relative
     from prunebench.evaluate import perplexity as ppl
-    from prunebench.output_head import OutputHead
+    from prunebench.modeling.output_head import OutputHead
 
     loaded = load_tiny(family)
     model, vocab = loaded.model, loaded.model.get_output_embeddings().out_features
@@ -141,9 +143,9 @@ def test_runner_records_dense_relative_and_reuses_the_dense_summary(tmp_path, mo
     """The first pruned cell computes the dense summary once and writes it; the next cell of the
     session reuses it, a later run reads the file instead of recomputing it, and a damaged or
     foreign file fails the cell in one line."""
-    from prunebench import runner
-    from prunebench.cli import main
-    from prunebench.records import load_records
+    from prunebench.run import runner
+    from prunebench.cli.command import main
+    from prunebench.store.records import load_records
 
     calls = []
     real = runner.perplexity_and_summary
@@ -172,7 +174,7 @@ def test_runner_records_dense_relative_and_reuses_the_dense_summary(tmp_path, mo
     files[0].write_bytes(bytes(data))
     assert main([*args, "--force"]) == 1
     failed = {r["sparsity"]["label"]: r for r in load_records(results)[0]}  # ok records stay; attempts hold why
-    from prunebench.records import attempt_records
+    from prunebench.store.records import attempt_records
 
     errors = [r["error"] for r in attempt_records(results) if r["status"] == "failed"]
     assert errors and all("dense summary" in e and "damaged" in e and "\n" not in e for e in errors)
@@ -180,7 +182,7 @@ def test_runner_records_dense_relative_and_reuses_the_dense_summary(tmp_path, mo
 
 
 def test_a_foreign_summary_file_is_refused(tmp_path):
-    from prunebench.dense_relative import load_summary, save_summary, summarize_dense
+    from prunebench.evaluate.dense_relative import load_summary, save_summary, summarize_dense
 
     summary = summarize_dense(torch.randn(2, 5, 30), k=4)
     identity = {"windows_fingerprint": "a", "k": 4, "vocab": 30}

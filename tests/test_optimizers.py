@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.data import WindowSpec, calibration_windows
+from prunebench.data.windows import WindowSpec, calibration_windows
 from prunebench.errors import UserError
-from prunebench.models import LoadedModel, all_prunable, tiny_config, tiny_tokenizer, weight_matrix
+from prunebench.modeling.models import LoadedModel, all_prunable, tiny_config, tiny_tokenizer, weight_matrix
 from prunebench.registry import PruneContext
-from prunebench.sparsity import SparsitySpec
+from prunebench.sparsity.patterns import SparsitySpec
 
 CONFIG = {"preset": "tiny", "steps": 4, "batch_size": 4, "grad_accum": 4, "seqlen": 32, "final_mask": "topk"}
 # Quantised moments change the update by a few percent of its size, so logits near the top-k

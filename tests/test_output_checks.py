@@ -10,12 +10,13 @@ import textwrap
 import pytest
 import torch
 
-from prunebench.checks import (DenseReference, OutputCheckError, check_against_dense, check_fixed_parameters,
-                               UPDATE_BOUND)
-from prunebench.cli import main
-from prunebench.conformance import check_method
-from prunebench.models import all_prunable, load_tiny
-from prunebench.records import load_records
+from prunebench.sparsity.checks import (
+    DenseReference, OutputCheckError, check_against_dense, check_fixed_parameters, UPDATE_BOUND
+)
+from prunebench.cli.command import main
+from prunebench.run.conformance import check_method
+from prunebench.modeling.models import all_prunable, load_tiny
+from prunebench.store.records import load_records
 
 TINY = ["--seeds", "0", "--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none",
         "--max-ppl-windows", "4", "-q"]
@@ -24,9 +25,9 @@ TINY = ["--seeds", "0", "--calibration", "lee", "--n-samples", "4", "--seqlen", 
 PLUGIN = '''
 from dataclasses import dataclass
 import torch
-from prunebench.models import all_prunable
+from prunebench.modeling.models import all_prunable
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
-from prunebench.sparsity import mask_from_scores
+from prunebench.sparsity.patterns import mask_from_scores
 
 MASK_ONLY = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)
 UPDATES = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE,
@@ -292,17 +293,17 @@ def test_a_masks_file_without_a_fingerprint(masks_file, tmp_path, capsys, caplog
 # linears hold 4.5% exact zeros: MaskLLM at 2:4 and PATCH at hybrid:0.35/64 failed on them)
 
 from prunebench import registry  # noqa: E402
-from prunebench.checks import check_output, effective_scope  # noqa: E402
-from prunebench.models import weight_matrix  # noqa: E402
+from prunebench.sparsity.checks import check_output, effective_scope
+from prunebench.modeling.models import weight_matrix
 from prunebench.registry import PruneContext, declares_weight_updates  # noqa: E402
-from prunebench.sparsity import SparsitySpec  # noqa: E402
+from prunebench.sparsity.patterns import SparsitySpec
 
 MASKS_PLUGIN = '''
 from dataclasses import dataclass
 import torch
-from prunebench.models import all_prunable, weight_matrix
+from prunebench.modeling.models import all_prunable, weight_matrix
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, Pruner, PruneReport, STATS_NONE, register
-from prunebench.sparsity import mask_from_scores
+from prunebench.sparsity.patterns import mask_from_scores
 
 CAPS = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)
 

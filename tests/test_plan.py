@@ -1,4 +1,4 @@
-"""The plan's arithmetic (prunebench/plan.py), the checks made before a grid runs, and the
+"""The plan's arithmetic (prunebench/run/plan.py), the checks made before a grid runs, and the
 up-front refusal of a training stream that cannot supply a preset's tokens (issue 35)."""
 import json
 import sys
@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from prunebench import plan, registry
-from prunebench.cli import build_parser, grid_from_args, main
+from prunebench.run import plan
+from prunebench import registry
+from prunebench.cli.command import build_parser, grid_from_args, main
 from prunebench.errors import UserError
-from prunebench.stream import HUB_TOKENS, WindowStream, check_supply, open_documents, stream_supply
+from prunebench.data.stream import HUB_TOKENS, WindowStream, check_supply, open_documents, stream_supply
 
 # Parameter counts the model cards publish (billions).
 PUBLISHED_PARAMS = {"Qwen/Qwen2.5-0.5B": 0.49, "google/gemma-3-1b-pt": 1.0, "meta-llama/Llama-3.2-1B": 1.24,
@@ -39,7 +40,7 @@ def test_the_paper_shapes_give_the_published_parameter_counts():
 
 
 def test_a_config_on_this_machine_gives_the_shape():
-    from prunebench.models import tiny_config
+    from prunebench.modeling.models import tiny_config
 
     arch = plan.arch_for("tiny:llama")
     config = tiny_config("llama", vocab_size=257)
@@ -52,7 +53,7 @@ def test_a_config_on_this_machine_gives_the_shape():
 def _linears(config):
     from transformers import AutoModelForCausalLM
 
-    from prunebench.models import all_prunable
+    from prunebench.modeling.models import all_prunable
 
     model = AutoModelForCausalLM.from_config(config)
     return [(n, m.weight) for n, m in all_prunable(model).items()]
@@ -95,7 +96,7 @@ def test_every_cost_the_plan_uses_is_the_methods_own_or_said_to_be_assumed():
 
 
 def registry_spec(text):
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     return SparsitySpec.parse(text)
 

@@ -8,11 +8,12 @@ import math
 import pytest
 import torch
 
-from prunebench import masklearn, registry
-from prunebench.conformance import prune_tiny
+from prunebench.engines import masklearn
+from prunebench import registry
+from prunebench.run.conformance import prune_tiny
 from prunebench.errors import UserError
-from prunebench.models import all_prunable, load_tiny, weight_matrix
-from prunebench.sparsity import SparsitySpec, is_valid_mask, nm_mask
+from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
+from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, nm_mask
 
 ps = importlib.import_module("prunebench.methods.proxsparse")
 

@@ -1,4 +1,4 @@
-"""Records are validated on read (prunebench.records.RECORD_SCHEMA): a record cut down, with a
+"""Records are validated on read (prunebench.store.records.RECORD_SCHEMA): a record cut down, with a
 wrong type, from a newer schema version or holding NaN is named with its reason, counts as not
 done (the runner recomputes its cell and moves the bad file to rejected/), and the report still
 builds from the other records."""
@@ -10,9 +10,11 @@ import shutil
 import pandas as pd
 import pytest
 
-from prunebench.cli import main
-from prunebench.records import (REJECTED_DIR, SCHEMA_VERSION, InvalidRecord, load_records, ok_keys, parse_record_text,
-                                read_record, record_files)
+from prunebench.cli.command import main
+from prunebench.store.records import (
+    REJECTED_DIR, SCHEMA_VERSION, InvalidRecord, load_records, ok_keys, parse_record_text, read_record,
+    record_files
+)
 
 from conftest import REPO
 

@@ -5,7 +5,7 @@ import html
 import pytest
 
 from prunebench.errors import UserError
-from prunebench.regeneration import PENDING_FILE, pending_regeneration
+from prunebench.store.regeneration import PENDING_FILE, pending_regeneration
 
 
 def test_no_file_no_regeneration(tmp_path):
@@ -30,9 +30,9 @@ def test_a_malformed_declaration_is_an_error(tmp_path, text):
 
 
 def test_the_report_opens_with_the_notice(tmp_path):
-    from prunebench.config import grid_from_dict
+    from prunebench.run.grid import grid_from_dict
     from prunebench.report.build import build_report
-    from prunebench.runner import run_grid
+    from prunebench.run.runner import run_grid
 
     grid = grid_from_dict({"models": ["tiny:llama"], "methods": ["magnitude"], "sparsities": ["0.5"],
                            "calibration": {"dataset": "lee", "n_samples": 2, "seqlen": 32},

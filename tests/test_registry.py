@@ -32,7 +32,7 @@ def test_plugin_file_registers_a_method(tmp_path):
     plugin.write_text(textwrap.dedent('''
         from dataclasses import dataclass
         from prunebench.registry import LayerwisePruner, LinearResult, register
-        from prunebench.sparsity import mask_from_scores
+        from prunebench.sparsity.patterns import mask_from_scores
 
         @register
         class Negative(LayerwisePruner):
@@ -91,7 +91,7 @@ def test_every_config_is_a_dataclass_with_defaults():
 def test_list_shows_each_presets_values(capsys):
     import json
 
-    from prunebench.cli import main
+    from prunebench.cli.command import main
 
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()

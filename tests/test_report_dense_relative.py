@@ -3,7 +3,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from prunebench.records import records_frame
+from prunebench.store.records import records_frame
 from prunebench.report import dense_relative as rel
 from prunebench.report.compare import compare_methods, render, verdict
 from prunebench.report.uncertainty import dense_relative_intervals

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from prunebench.cli import main
-from prunebench.records import load_records
+from prunebench.cli.command import main
+from prunebench.store.records import load_records
 from prunebench.report import html as report_html
 
 COMMITTED_RECORDS = REPO / "results" / "records"
@@ -124,7 +124,7 @@ def test_page_holds_every_record_and_section(built):
 
 def test_missing_intervals_and_reproduction_are_stated(tmp_path, built):
     _, records = built
-    from prunebench.records import records_frame
+    from prunebench.store.records import records_frame
 
     df = records_frame(records)
     page = report_html.write_html(df, records, tmp_path, find_comparisons=False)

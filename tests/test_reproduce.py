@@ -9,10 +9,10 @@ from importlib.metadata import version
 
 import pytest
 
-from prunebench.cli import main
-from prunebench.environment_lock import _version_matches, lock_fingerprint, parse_constraints
-from prunebench.records import atomic_write_json, cell_record_path
-from prunebench.reproduce import PPL_REL_TOL, Tolerance, compare_runs, render_markdown, reproduce
+from prunebench.cli.command import main
+from prunebench.provenance.environment_lock import _version_matches, lock_fingerprint, parse_constraints
+from prunebench.store.records import atomic_write_json, cell_record_path
+from prunebench.report.reproduce import PPL_REL_TOL, Tolerance, compare_runs, render_markdown, reproduce
 
 TASK = "pb_lee_next_sentence"
 
@@ -247,7 +247,7 @@ def test_version_matching_follows_pip():
 
 
 def test_repository_lock_pins_every_line():
-    from prunebench.environment_lock import DEFAULT_LOCK
+    from prunebench.provenance.environment_lock import DEFAULT_LOCK
 
     if not DEFAULT_LOCK.exists():
         pytest.skip("not a source checkout")

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from prunebench.cli import main
-from prunebench.reproduce import compare_runs
+from prunebench.cli.command import main
+from prunebench.report.reproduce import compare_runs
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,7 @@ PLUGIN = """\
 from dataclasses import dataclass
 import torch
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_INPUT_NORM, register
-from prunebench.sparsity import mask_from_scores
+from prunebench.sparsity.patterns import mask_from_scores
 
 @register
 class PerturbedWanda(LayerwisePruner):
@@ -53,7 +53,7 @@ class PerturbedWanda(LayerwisePruner):
 
 
 def _run(results, grid, *extra):
-    cmd = [sys.executable, "-m", "prunebench.cli", "run", "--grid", str(grid), "--results", str(results), "-q", *extra]
+    cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "--results", str(results), "-q", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
 

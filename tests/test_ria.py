@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.conformance import prune_tiny
+from prunebench.run.conformance import prune_tiny
 from prunebench.errors import UserError
 from prunebench.registry import LayerStats
-from prunebench.sparsity import SparsitySpec, is_valid_mask, nm_mask
+from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, nm_mask
 
 registry.available()  # registers the built-ins, so prunebench.methods.ria is importable
 from prunebench.methods.ria import (  # noqa: E402

@@ -4,8 +4,8 @@ import textwrap
 
 import pytest
 
-from prunebench.cli import main
-from prunebench.records import load_records
+from prunebench.cli.command import main
+from prunebench.store.records import load_records
 
 TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none", "--max-ppl-windows", "16", "--seeds", "0", "-q"]
 
@@ -138,7 +138,7 @@ def test_grid_file_rejects_unknown_keys(tmp_path, capsys):
 
 def test_methods_flag_keeps_the_presets_method_config(capsys):
     """`--methods leap` on the embedded preset means the preset's CPU-sized LEAP, not the paper's."""
-    from prunebench.cli import build_parser, grid_from_args
+    from prunebench.cli.command import build_parser, grid_from_args
 
     args = build_parser().parse_args(["run", "--methods", "leap,wanda"])
     grid = grid_from_args(args)
@@ -147,7 +147,7 @@ def test_methods_flag_keeps_the_presets_method_config(capsys):
 
 
 def test_a_method_may_bring_its_own_sparsities(tmp_path, capsys):
-    from prunebench.cli import build_parser, grid_from_args
+    from prunebench.cli.command import build_parser, grid_from_args
 
     grid = tmp_path / "grid.yaml"
     grid.write_text("models: [tiny:llama]\nmethods: [wanda, {name: patch, config: {preset: tiny}, "
@@ -161,7 +161,7 @@ def test_a_method_may_bring_its_own_sparsities(tmp_path, capsys):
 
 
 def test_require_clean_refuses_uncommitted_code(tmp_path, capsys, monkeypatch):
-    from prunebench import runner
+    from prunebench.run import runner
 
     monkeypatch.setattr(runner, "uncommitted_code", lambda: ["methods/wanda.py"])
     assert run("--models", "tiny:llama", "--methods", "magnitude", "--sparsities", "0.5", "--results",

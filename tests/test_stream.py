@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prunebench.errors import UserError
-from prunebench.stream import (STREAM_SOURCES, WindowStream, open_documents, shingle_hashes, window_hashes)
+from prunebench.data.stream import STREAM_SOURCES, WindowStream, open_documents, shingle_hashes, window_hashes
 
 SEQLEN = 64
 SHINGLE = 32
@@ -245,7 +245,7 @@ def test_hub_sources_stream_with_datasets_loaded_lazily(monkeypatch):
 
 
 def test_importing_the_module_does_not_import_datasets():
-    code = "import sys, prunebench.stream; print('datasets' in sys.modules)"
+    code = "import sys, prunebench.data.stream; print('datasets' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -261,13 +261,14 @@ def test_the_redpajama_sample_streams_unique_windows(data_dir, tiny_tokenizer):
     assert stats["documents_read"] >= 1 and stats["passes"] == 1 and stats["fingerprint"] == docs.fingerprint
 
 
-# -- the engine reading a stream (prunebench.masklearn with streaming) ------------------------------
+# -- the engine reading a stream (prunebench.engines.masklearn with streaming) ------------------------------
 
 def _learn_from_stream(corpus_file, eval_file, monkeypatch, **config):
-    from prunebench import masklearn, registry
-    from prunebench.models import load_tiny
+    from prunebench.engines import masklearn
+    from prunebench import registry
+    from prunebench.modeling.models import load_tiny
     from prunebench.registry import PruneContext
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     served = []
     original = masklearn.StreamedBatches.take

@@ -1,9 +1,9 @@
 """Perplexity with one block at a time equals the plain whole-model perplexity, for every family."""
 import pytest
 
-from prunebench.data import eval_tokens
+from prunebench.data.windows import eval_tokens
 from prunebench.evaluate.perplexity import perplexity, perplexity_streamed
-from prunebench.models import load_tiny
+from prunebench.modeling.models import load_tiny
 
 from conftest import TINY_FAMILIES
 
@@ -24,7 +24,7 @@ def test_streamed_dense_relative_matches(family):
     import torch
 
     from prunebench.evaluate.perplexity import perplexity_and_summary
-    from prunebench.models import all_prunable, weight_matrix
+    from prunebench.modeling.models import all_prunable, weight_matrix
 
     loaded = load_tiny(family)
     ids = eval_tokens(loaded.tokenizer, "lee", None)

@@ -6,7 +6,7 @@ import torch
 from prunebench import registry
 from prunebench.errors import UserError
 from prunebench.registry import LayerStats, PruneContext
-from prunebench.sparsity import SparsitySpec, is_valid_mask, n_to_prune
+from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, n_to_prune
 
 from prunebench.methods.sparsegpt import damped_inverse_cholesky
 from prunebench.methods.thanos import obs_multipliers, outlier_rows, thanos_prune
@@ -123,7 +123,7 @@ def prune(W, H, spec, **config):
 def test_reconstruction_beats_wandas_mask_without_update(spec):
     X, W, H = make_layer(seed=3)
     spec = SparsitySpec.parse(spec)
-    from prunebench.sparsity import mask_from_scores
+    from prunebench.sparsity.patterns import mask_from_scores
 
     err = lambda W_hat: float(((X @ (W - W_hat).T) ** 2).sum())  # noqa: E731
     thanos_w, _ = prune(W, H, spec)
@@ -152,7 +152,7 @@ def test_the_authors_nm_outlier_rows():
 
 @pytest.mark.parametrize("spec", ["0.5", "0.6@row", "2:4"])
 def test_tiny_model(spec, calib_windows):
-    from prunebench.conformance import prune_tiny
+    from prunebench.run.conformance import prune_tiny
 
     spec = SparsitySpec.parse(spec)
     weights, report = prune_tiny("thanos", "llama", spec, calib_windows)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from prunebench.cli import main
-from prunebench.records import load_records
+from prunebench.cli.command import main
+from prunebench.store.records import load_records
 
 TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none", "--max-ppl-windows", "16", "-q"]
 
@@ -35,7 +35,7 @@ LAYERWISE_PLUGIN = '''
 from dataclasses import dataclass
 import torch
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
-from prunebench.sparsity import mask_from_scores, SparsitySpec
+from prunebench.sparsity.patterns import mask_from_scores, SparsitySpec
 
 @register
 class {cls}(LayerwisePruner):
@@ -142,8 +142,8 @@ def test_a_bad_method_output_is_a_failed_record(tmp_path, body, sparsity, needle
 
 
 def test_pattern_checkers_are_a_hook(tmp_path):
-    from prunebench.checks import OutputCheckError, check_pattern, register_pattern_checker
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.checks import OutputCheckError, check_pattern, register_pattern_checker
+    from prunebench.sparsity.patterns import SparsitySpec
     import torch
 
     spec = SparsitySpec.parse("2:4")
@@ -157,7 +157,7 @@ def test_pattern_checkers_are_a_hook(tmp_path):
         check_pattern([("w", torch.ones(1, 8))], spec)  # the replacement checker decides now
         assert calls == ["w"]
     finally:
-        from prunebench import checks
+        from prunebench.sparsity import checks
 
         register_pattern_checker("nm", checks._check_nm)
 
@@ -169,7 +169,7 @@ HIJACK = '''
 from dataclasses import dataclass
 import torch
 from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
-from prunebench.sparsity import mask_from_scores
+from prunebench.sparsity.patterns import mask_from_scores
 
 @register
 class Wanda(LayerwisePruner):
@@ -207,7 +207,7 @@ def test_an_explicit_replace_carries_the_plugins_identity(tmp_path, capsys):
     results = tmp_path / "results"
     base = ["--models", "tiny:llama", "--methods", "wanda", "--sparsities", "0.5", "--no-dense", "--results", str(results), *TINY]
     # A fresh process: --replace changes the registry for the rest of the process.
-    code = subprocess.run([sys.executable, "-m", "prunebench.cli", "run", "--plugin", str(plugin), "--replace", "wanda", *base],
+    code = subprocess.run([sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--replace", "wanda", *base],
                           capture_output=True, text=True, env={**os.environ, "PRUNEBENCH_NO_PROGRESS": "1"})
     assert code.returncode == 0, code.stderr
     rec = by_method(results)[("wanda", "0.5")]
@@ -225,9 +225,9 @@ def test_an_explicit_replace_carries_the_plugins_identity(tmp_path, capsys):
 DIVERGE = '''
 from dataclasses import dataclass
 import torch
-from prunebench.models import all_prunable, weight_matrix, set_weight_matrix
+from prunebench.modeling.models import all_prunable, weight_matrix, set_weight_matrix
 from prunebench.registry import Capabilities, Pruner, PruneReport, register
-from prunebench.sparsity import mask_from_scores
+from prunebench.sparsity.patterns import mask_from_scores
 
 @register
 class Diverge(Pruner):
@@ -247,7 +247,7 @@ class Diverge(Pruner):
 
 
 def test_a_nan_loss_cell_is_valid_json_and_renders_as_diverged(tmp_path, capsys, monkeypatch):
-    import prunebench.runner as runner
+    import prunebench.run.runner as runner
 
     real = runner.perplexity
 
@@ -294,7 +294,7 @@ def _wikitext_dir(root: Path, text: str) -> Path:
 
 
 def test_other_text_in_the_data_directory_makes_a_new_cell(tmp_path, capsys):
-    from prunebench.data import lee_documents
+    from prunebench.data.windows import lee_documents
 
     docs = lee_documents()
     a = _wikitext_dir(tmp_path / "a", "\n".join(docs[200:230]))
@@ -317,7 +317,7 @@ def test_other_text_in_the_data_directory_makes_a_new_cell(tmp_path, capsys):
 
 
 def test_any_text_file_or_folder_as_evaluation_data(tmp_path):
-    from prunebench.data import lee_documents
+    from prunebench.data.windows import lee_documents
 
     docs = lee_documents()
     folder = tmp_path / "texts"

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from prunebench.records import records_frame
+from prunebench.store.records import records_frame
 from prunebench.report import uncertainty as u
 from prunebench.report.tables import (
     build_paper_report,
@@ -121,9 +121,9 @@ def _nan_model(model):
 
 
 def test_perplexity_keeps_window_nll_and_reports_divergence():
-    from prunebench.data import eval_tokens
+    from prunebench.data.windows import eval_tokens
     from prunebench.evaluate.perplexity import perplexity, perplexity_streamed
-    from prunebench.models import load_tiny
+    from prunebench.modeling.models import load_tiny
 
     loaded = load_tiny("llama")
     ids = eval_tokens(loaded.tokenizer, "lee", None)
@@ -150,7 +150,7 @@ def test_zeroshot_keeps_per_item_correctness(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
     from prunebench.evaluate import zeroshot as zs
-    from prunebench.models import load_tiny
+    from prunebench.modeling.models import load_tiny
 
     loaded = load_tiny("llama")
     out = zs.evaluate_zeroshot(loaded.model, loaded.tokenizer, "embedded", limit=6, batch_size=8,

@@ -153,7 +153,7 @@ def test_resolve_tasks():
 
 
 def _held_out_text() -> str:
-    from prunebench.data import embedded_documents
+    from prunebench.data.windows import embedded_documents
 
     return " ".join(" ".join(et.sentences(d)) for d in embedded_documents("eval"))
 
@@ -184,11 +184,11 @@ def test_embedded_next_sentence_items():
 def test_embedded_next_word_items(monkeypatch):
     import re
 
-    import prunebench.data
+    import prunebench.data.windows
 
     splits = []
-    real = prunebench.data.embedded_documents
-    monkeypatch.setattr(prunebench.data, "embedded_documents", lambda split: splits.append(split) or real(split))
+    real = prunebench.data.windows.embedded_documents
+    monkeypatch.setattr(prunebench.data.windows, "embedded_documents", lambda split: splits.append(split) or real(split))
     et.lee_next_word_docs.cache_clear()
     docs = et.lee_next_word_docs()
     assert splits == ["eval"]  # built from the held-out documents only, never the calibration ones
@@ -224,8 +224,8 @@ def test_embedded_next_word_items(monkeypatch):
 
 def _tiny_model():
     try:
-        from prunebench.models import load_tiny
-    except ImportError:  # prunebench.models not there: build the same kind of model here
+        from prunebench.modeling.models import load_tiny
+    except ImportError:  # prunebench.modeling.models not there: build the same kind of model here
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -330,7 +330,7 @@ def test_chance_is_the_mean_odds_of_each_items_choices():
     ("five", "not a number of documents or task=number list"),
 ])
 def test_bad_per_task_limits_are_one_line_errors(tmp_path, capsys, limit, message):
-    from prunebench.cli import main
+    from prunebench.cli.command import main
 
     argv = ["run", "--models", "tiny:llama", "--methods", "magnitude", "--tasks", "embedded", "--limit", limit,
             "--results", str(tmp_path), "-q", "--dry-run"]

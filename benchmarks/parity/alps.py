@@ -132,10 +132,10 @@ def main(argv=None) -> int:
 
     import torch
 
-    from prunebench.layerwise import StatsAccumulator
+    from prunebench.engines.layerwise import StatsAccumulator
     from prunebench.methods.alps import alps_prune
     from prunebench.registry import STATS_HESSIAN
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     torch.set_num_threads(args.threads)
     reference = load_reference(args.reference_checkout)

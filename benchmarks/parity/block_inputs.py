@@ -6,10 +6,10 @@ from __future__ import annotations
 def block_at(model_spec: str, block_index: int, names, n_samples: int, seqlen: int, *, dataset: str = "lee",
              windows_per_batch: int | None = None):
     """(block, {name: linear} for `names`, hidden, args, kwargs): the block's inputs over the
-    calibration windows (seed 0), ready for prunebench.layerwise.run_block / collect_block_stats."""
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.layerwise import batch_windows, capture_block_inputs, run_block
-    from prunebench.models import find_blocks, load_model, prunable_linears
+    calibration windows (seed 0), ready for prunebench.engines.layerwise.run_block / collect_block_stats."""
+    from prunebench.data.windows import WindowSpec, calibration_windows
+    from prunebench.engines.layerwise import batch_windows, capture_block_inputs, run_block
+    from prunebench.modeling.models import find_blocks, load_model, prunable_linears
 
     loaded = load_model(model_spec)
     windows, _ = calibration_windows(loaded.tokenizer, WindowSpec(dataset, n_samples, seqlen, 0))
@@ -28,7 +28,7 @@ def block_at(model_spec: str, block_index: int, names, n_samples: int, seqlen: i
 
 def record_inputs(block, linears: dict, hidden, args, kwargs) -> dict:
     """{name: [the linear's input of each forward]} from one run of the block."""
-    from prunebench.layerwise import run_block
+    from prunebench.engines.layerwise import run_block
 
     seen = {n: [] for n in linears}
     handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen[n].append(inp[0].detach().float().clone()))

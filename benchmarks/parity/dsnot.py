@@ -55,7 +55,7 @@ def load_reference(checkout: Path):
 
 def layer_inputs(model_spec, block_index, names, n_samples, seqlen):
     """{name: (weight [out, in] float32, [per window [seqlen, in] inputs])} for linears of one block."""
-    from prunebench.models import weight_matrix
+    from prunebench.modeling.models import weight_matrix
 
     from block_inputs import block_at, record_inputs
 
@@ -66,7 +66,7 @@ def layer_inputs(model_spec, block_index, names, n_samples, seqlen):
 
 def our_stats(xs):
     """The engine's statistics of one linear's inputs: mean, mean square, Hessian (float32)."""
-    from prunebench.layerwise import StatsAccumulator
+    from prunebench.engines.layerwise import StatsAccumulator
     from prunebench.registry import STATS_HESSIAN, STATS_INPUT_MOMENTS, combine_stats
 
     acc = StatsAccumulator(xs[0].shape[1], combine_stats(STATS_HESSIAN, STATS_INPUT_MOMENTS), "cpu")
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
 
     from prunebench.methods.dsnot import dsnot_swap
     from prunebench.methods.wanda import wanda_scores
-    from prunebench.sparsity import SparsitySpec, mask_from_scores
+    from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores
 
     torch.set_num_threads(args.threads)
     reference = load_reference(args.reference)

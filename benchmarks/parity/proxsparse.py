@@ -71,7 +71,7 @@ def main(argv=None):
     import torch
 
     from prunebench.methods import proxsparse as ours
-    from prunebench.models import all_prunable, load_model, weight_matrix
+    from prunebench.modeling.models import all_prunable, load_model, weight_matrix
 
     reference = load_reference(args.reference)
     print("| weights | lambda_1 | dtype | max abs diff | / max abs w | support differs | 2:4 mask agreement "

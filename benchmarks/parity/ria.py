@@ -11,7 +11,7 @@ is imported at run time from a local checkout (`--reference-checkout`), never sh
 What it does: runs the dense embedded model (SmolLM2-135M, prunebench's loader) over a few Lee
 calibration windows and records the inputs of a few linears.  For each linear, both sides get the
 same weight and the same inputs:
-  * ours: the engine's own statistic (prunebench.layerwise.StatsAccumulator -> LayerStats) and
+  * ours: the engine's own statistic (prunebench.engines.layerwise.StatsAccumulator -> LayerStats) and
     RIA().prune_linear, with selection "exact" (the default) and "reference";
   * theirs: their prune_ria itself, called on a stand-in "llama" model of one block holding that one
     linear, whose calibration windows are the recorded inputs; their WrappedGPT accumulates the
@@ -143,11 +143,11 @@ def main():
     torch.set_num_threads(args.threads)
 
     from prunebench import registry
-    from prunebench.data import WindowSpec, calibration_windows
-    from prunebench.layerwise import StatsAccumulator
-    from prunebench.models import find_blocks, load_model
+    from prunebench.data.windows import WindowSpec, calibration_windows
+    from prunebench.engines.layerwise import StatsAccumulator
+    from prunebench.modeling.models import find_blocks, load_model
     from prunebench.registry import STATS_INPUT_NORM
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     registry.available()
     from prunebench.methods.ria import permuted_nm_mask, ria_scores, zigzag_permutation

@@ -42,8 +42,8 @@ def load_reference(checkout: Path):
 
 def layer_hessians(model_spec, block_index, names, n_samples, seqlen):
     """{name: (weight [out, in] float32, H = X^T X / n)} for linears of one decoder block."""
-    from prunebench.layerwise import collect_block_stats
-    from prunebench.models import weight_matrix
+    from prunebench.engines.layerwise import collect_block_stats
+    from prunebench.modeling.models import weight_matrix
     from prunebench.registry import STATS_HESSIAN
 
     from block_inputs import block_at
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from prunebench.sparsity import SparsitySpec
+    from prunebench.sparsity.patterns import SparsitySpec
 
     torch.set_num_threads(args.threads)
     reference = load_reference(args.reference)

@@ -14,6 +14,7 @@ import functools
 import random
 import re
 from collections import Counter
+from prunebench.data import windows
 
 SEED = 1234  # fixed for every embedded task
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"']))\s+(?=[\"'A-Z0-9])")
@@ -25,9 +26,7 @@ def sentences(doc: str) -> list[str]:
 
 
 def _eval_documents() -> list[str]:
-    from ..data import embedded_documents
-
-    return embedded_documents("eval")  # disjoint from the calibration documents
+    return windows.embedded_documents("eval")  # disjoint from the calibration documents
 
 
 def _dataset(items):

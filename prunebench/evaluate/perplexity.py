@@ -4,11 +4,11 @@ The evaluation text's documents are joined with "\\n\\n", tokenised once, cut in
 non-overlapping windows of `seqlen` tokens (a trailing partial window is dropped), and the
 perplexity is exp of the mean next-token negative log-likelihood over every predicted token.
 A token's NLL is the log-sum-exp of its logits minus its target's logit, from one scan of the
-vocabulary in blocks (prunebench.dense_relative.scan_vocabulary); given the dense model's top-k
+vocabulary in blocks (prunebench.evaluate.dense_relative.scan_vocabulary); given the dense model's top-k
 summary of the same windows, the same scan gives KL(dense || model) and top-1 agreement.
 
 A model whose tokenizer starts every sequence with a prefix (Gemma's <bos>; see
-prunebench.sequence_start) gets it in every window: a window is the prefix followed by
+prunebench.modeling.sequence_start) gets it in every window: a window is the prefix followed by
 seqlen - len(prefix) text tokens, consecutive windows step that many text tokens, and only the
 text tokens are scored (each once), the prefix being context. With no prefix a window's first
 token has no context and is not scored, as in the papers' protocol.
@@ -25,10 +25,12 @@ import math
 
 import torch
 
-from .. import dense_relative
-from ..dense_relative import DenseSummary
-from ..output_head import OutputHead
+from prunebench.evaluate import dense_relative
+from prunebench.evaluate.dense_relative import DenseSummary
+from prunebench.modeling.output_head import OutputHead
 from ..progress import progress_bar
+from prunebench.engines.layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
+from prunebench.modeling.models import find_blocks
 
 
 def eval_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int | None = None, prefix=()) -> torch.Tensor:
@@ -106,7 +108,7 @@ SCAN_ROWS = 4096
 
 def score_chunk_tokens(vocab: int) -> int:
     """How many tokens' worth of float32 logits exist at once while scoring (one vocabulary block
-    of the scan), for memory estimates (prunebench.plan)."""
+    of the scan), for memory estimates (prunebench.run.plan)."""
     return max(1, dense_relative.BLOCK_BYTES // (4 * vocab))
 
 
@@ -270,9 +272,6 @@ def perplexity_streamed(model, token_ids: torch.Tensor, seqlen: int, *, device="
     Same protocol and result as `perplexity` (`dense` as there).  Windows go through in chunks of `chunk_windows`,
     so activation memory is chunk_windows x seqlen x hidden on CPU, whatever the depth.
     """
-    from ..layerwise import _module_device, _non_block_modules, _to, capture_block_inputs
-    from ..models import find_blocks
-
     prefix = [int(t) for t in prefix]
     windows = eval_windows(token_ids, seqlen, max_windows, prefix)
     s = first_scored(prefix)

@@ -37,6 +37,8 @@ from pathlib import Path
 from ..errors import UserError
 from .embedded_tasks import (lee_next_sentence_dataset, lee_next_sentence_docs,  # noqa: F401  (re-exported)
                              lee_next_word_dataset, lee_next_word_docs)
+from prunebench.cache import cache_root
+from prunebench.modeling.sequence_start import sequence_start_ids
 
 log = logging.getLogger("prunebench")
 
@@ -294,10 +296,6 @@ def _lm_eval_version() -> str:
 
 
 def _cache_dir() -> Path:
-    try:
-        from ..models import cache_root
-    except ImportError:  # models.py is optional for this module
-        return Path(os.environ.get("PRUNEBENCH_CACHE", Path.home() / ".cache" / "prunebench"))
     return cache_root()
 
 
@@ -491,9 +489,8 @@ def _make_lm(model, tokenizer, batch_size: int, max_length: int | None):
                 self.batch_size_per_gpu = asked
             return answers
 
-    from ..sequence_start import sequence_start_ids
 
-    # The sequence-start rule (prunebench.sequence_start) for lm-eval: a tokenizer that starts
+    # The sequence-start rule (prunebench.modeling.sequence_start) for lm-eval: a tokenizer that starts
     # sequences with <bos> (Gemma) gets add_bos_token=True, so every context and every
     # context-plus-continuation is encoded with its special tokens (<bos> first); one that starts
     # with nothing (SmolLM2) keeps lm-eval's default (None: the tokenizer's own encoding, which adds

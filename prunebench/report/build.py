@@ -5,8 +5,9 @@ import logging
 from pathlib import Path
 
 from ..errors import UserError
-from ..records import load_records, records_frame, warn_skipped
-from ..regeneration import pending_regeneration
+from prunebench.store.records import load_records, records_frame, warn_skipped
+from prunebench.store.regeneration import pending_regeneration
+from .cost import write_cost_report
 from .html import write_html
 from .plots import plot_block_allocation, plot_heldout_curves, write_plots
 from .tables import build_paper_report, cells_csv_text, paper_layout, paper_reference_frame, render_latex
@@ -18,7 +19,7 @@ REPORT_DIR = "report"
 def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = False) -> str:
     """Write every table and plot; return what `--format` asks to print.
 
-    Record files that are unreadable, not strict JSON or off the schema (prunebench.records) are
+    Record files that are unreadable, not strict JSON or off the schema (prunebench.store.records) are
     named on stderr with their reason and skipped, never fatal: the other records are tabled.
     """
     out = Path(out_dir) if out_dir else Path(results_dir) / REPORT_DIR
@@ -64,8 +65,6 @@ def build_report(results_dir, *, out_dir=None, fmt: str = "md", paper: bool = Fa
 def _cost_report(records, out) -> list:
     """cost.csv / cost.md and the quality-vs-cost plots; a model whose shapes cannot be had here
     (a hub id offline, for a record without a stored cost) skips the cost report with a warning."""
-    from .cost import write_cost_report
-
     try:
         _, written = write_cost_report(records, out)
     except Exception as exc:  # the tables and plots above stand without it

@@ -12,6 +12,7 @@ import math
 import pandas as pd
 from tabulate import tabulate
 
+from .. import registry
 from ..errors import UserError
 from .tables import (DENSE_LABEL, EVAL_ONLY, accuracy_tasks, collapse_duplicate_cells, format_number,
                      format_sparsity_label, ok_rows, pair_rows, ppl_datasets, resolve_tasks)
@@ -20,8 +21,6 @@ BETTER_LOWER = ("ppl", "nats")  # units whose smaller value is better (perplexit
 
 
 def _resolve(method: str) -> str:
-    from .. import registry
-
     try:
         return registry.resolve(method)
     except UserError:

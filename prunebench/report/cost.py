@@ -1,6 +1,6 @@
 """The cost of each cell's mask beside its quality: a table (CSV, markdown) and quality-vs-bytes
 and quality-vs-latency plots with the Pareto front, from a results directory's records
-(prunebench.cost does the arithmetic, prunebench.speed the timing; this module loads each model
+(prunebench.measure.cost does the arithmetic, prunebench.measure.speed the timing; this module loads each model
 once and writes the files).
 
 Speed is measured on demand (`prunebench cost --results DIR --speed`, minutes on a CPU) into
@@ -13,11 +13,15 @@ from typing import Sequence
 
 import pandas as pd
 
-from prunebench import cost as costs
-from prunebench.atomic import write_text_atomic
+from prunebench.measure import cost as costs
+from prunebench.store.atomic import write_text_atomic
 from prunebench.report.paper import dataset_display_name, dataset_file_label, method_display_name, model_display_name
 from prunebench.report.plots import DEFAULT_FORMATS, LINE_FIGURE_SIZE, _new_figure, _save, _slug
 from prunebench.report.tables import format_sparsity_label, method_order, ok_rows, sparsity_label_order
+from prunebench.modeling.models import all_prunable, load_model, weight_matrix
+from prunebench.measure import speed
+from prunebench.progress import progress_bar
+from prunebench.run.runner import environment
 
 COST_CSV = "cost.csv"
 COST_MARKDOWN = "cost.md"
@@ -27,8 +31,6 @@ MB = 1e6
 
 def model_shapes(model_id: str) -> tuple:
     """({linear: (rows, cols)}, ModelShape) of a model spec, loading it once."""
-    from prunebench.models import all_prunable, load_model, weight_matrix
-
     loaded = load_model(model_id)
     shapes = {name: tuple(weight_matrix(m).shape) for name, m in all_prunable(loaded.model).items()}
     return shapes, costs.model_shape(loaded.model)
@@ -109,14 +111,14 @@ def render_cost_markdown(frame: pd.DataFrame, ppl_column: str | None) -> str:
     lines += ["", f"Bytes: the smallest valid storage format of each linear (values in {first['value_dtype']}; "
               "dense, bitmask + values, CSR with int32 indices, N:M packed, or dense|2:4 tiles), plus every other "
               f"parameter dense; FLOPs per token at a context of {first['context']} (2 per kept weight, the output head, "
-              "attention). Arithmetic from each record's per-layer sparsity (prunebench/cost.py)."]
+              "attention). Arithmetic from each record's per-layer sparsity (prunebench/measure/cost.py)."]
     if timed:
         t = frame.dropna(subset=["best_tokens_per_s"]).iloc[0]
         lines.append(f"Speed (measured, {SPEED_CSV}): greedy decoding of {int(t['tokens'])} tokens at batch 1 after a "
                      f"{int(t['prompt_tokens'])}-token prompt, median of {int(t['repeats'])}, {int(t['threads'])} "
                      f"thread(s) on {t['cpu']}; each linear on the fastest of dense, torch CSR/BSR and scipy CSR for "
                      "its weight, masks drawn with the record's per-linear kept counts and pattern at random positions "
-                     "(prunebench/speed.py); `vs dense kernels`: the same model on dense matmuls (below 1: slower).")
+                     "(prunebench/measure/speed.py); `vs dense kernels`: the same model on dense matmuls (below 1: slower).")
     else:
         lines.append("Speed: not measured for these records (`prunebench cost --results DIR --speed`).")
     return "\n".join(lines) + "\n"
@@ -186,14 +188,10 @@ def with_speed(frame: pd.DataFrame, speed_csv: Path) -> pd.DataFrame:
 
 
 def speed_frame(records: list, *, measure=None, load=None, progress: bool = True) -> pd.DataFrame:
-    """Measured decode speed of every ok record (prunebench.speed), one model load per model;
+    """Measured decode speed of every ok record (prunebench.measure.speed), one model load per model;
     records with the same per-linear kept counts and pattern share one measurement."""
     import torch
 
-    from prunebench import speed
-    from prunebench.models import all_prunable, load_model, weight_matrix
-    from prunebench.progress import progress_bar
-    from prunebench.runner import environment
 
     measure = measure or speed.measure
     load = load or (lambda model_id: load_model(model_id).model)

@@ -11,6 +11,9 @@ import pandas as pd
 from tabulate import tabulate
 
 from . import uncertainty
+# the frame helpers of the tables this report sits beside
+from .tables import (DENSE_LABEL, MEAN_OF_RECORDS, Difference, _cell, _int_cell, _noise, _per_seed, _several_records,
+                     _value, collapse_duplicate_cells, method_order, model_order, ok_rows, sparsity_label_order)
 
 # metric -> (frame column prefix, unit in comparisons, display scale, label)
 METRICS = {"kl_mean": ("kl_", "nats", 1.0, "KL"), "kl_p99": ("kl_p99_", "nats", 1.0, "KL p99"),
@@ -25,16 +28,12 @@ def datasets(frame: pd.DataFrame) -> list[str]:
 
 
 def _side(row: pd.Series, dataset: str) -> dict | None:
-    from .tables import _per_seed
-
     side = {"kl": _per_seed(row, f"window_kl_{dataset}"), "top1": _per_seed(row, f"window_top1_{dataset}"),
             "hist": _per_seed(row, f"window_kl_hist_{dataset}")}
     return None if any(v is None for vs in side.values() for v in vs) else side
 
 
 def _window_tokens(row: pd.Series, dataset: str) -> int | None:
-    from .tables import _int_cell
-
     return _int_cell(row, f"window_tokens_{dataset}")
 
 
@@ -47,8 +46,6 @@ def cell_intervals(row: pd.Series, dataset: str) -> dict | None:
 def differences(row: pd.Series, base: pd.Series, dataset: str) -> dict:
     """{metric: (value, base value, Difference)} for row - base, in display units; empty when either
     side lacks the metrics. Paired: both sides' windows must be the same windows."""
-    from .tables import MEAN_OF_RECORDS, Difference, _cell, _noise, _several_records, _value
-
     a_side, b_side = _side(row, dataset), _side(base, dataset)
     if a_side is None or b_side is None:
         return {}
@@ -75,9 +72,6 @@ def differences(row: pd.Series, base: pd.Series, dataset: str) -> dict:
 
 def dense_relative_frame(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (cell, dataset) with the metrics: value, 95% interval, seeds, k."""
-    from .tables import DENSE_LABEL, _int_cell, _value, collapse_duplicate_cells, method_order, model_order, ok_rows, \
-        sparsity_label_order
-
     frame = collapse_duplicate_cells(ok_rows(df))
     rows = []
     for _, row in frame.iterrows():

@@ -25,7 +25,8 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from prunebench.atomic import write_text_atomic
+from prunebench.store.atomic import write_text_atomic
+from prunebench.report import dense_relative as rel
 from prunebench.report import tables
 from prunebench.report.paper import (PAPER_BASELINE, PERCENT, dataset_display_name, method_display_name,
                                      model_display_name, task_display_name)
@@ -203,8 +204,6 @@ def _perplexity_section(df: pd.DataFrame) -> str:
 
 
 def _dense_relative_section(df: pd.DataFrame) -> str:
-    from . import dense_relative as rel
-
     frame = rel.dense_relative_frame(df)
     if frame.empty:
         return ""

@@ -21,6 +21,9 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from prunebench import registry
+from prunebench.engines import allocation as allocations
+from prunebench.data.windows import is_text_path
 
 PAPER_ARXIV_ID = "2605.17289"
 PAPER_SOURCE = f"LEAP (arXiv {PAPER_ARXIV_ID})"
@@ -198,13 +201,9 @@ def model_display_name(model_id: str) -> str:
 def method_display_name(method: str) -> str:
     """'wanda+owl' -> 'Wanda + OWL': the method's name and its allocation's (from the allocation
     registry, so the report never lists allocations itself)."""
-    from .. import registry
-
     base, _, allocation = str(method).partition("+")
     name = registry.display_name(base)
     if allocation:
-        from .. import allocation as allocations
-
         try:
             name += " + " + allocations.display_name(allocation)
         except Exception:  # a record from an allocation this install does not have
@@ -219,16 +218,12 @@ def task_display_name(task: str) -> str:
 def dataset_display_name(dataset: str) -> str:
     """A perplexity text by name ("lee", "wikitext2") as it is; one given by path by its file or
     folder name (the record keeps the path and the text's hash)."""
-    from ..data import is_text_path
-
     return Path(str(dataset).rstrip("/\\")).name or str(dataset) if is_text_path(dataset) else str(dataset)
 
 
 def dataset_file_label(dataset: str) -> str:
     """A perplexity text's part of a file name: never a path, and two texts with the same file
     name in different folders stay apart (a short hash of the path)."""
-    from ..data import is_text_path
-
     name = re.sub(r"[^A-Za-z0-9._]+", "-", dataset_display_name(dataset)).strip("-.") or "text"
     if is_text_path(dataset):
         name += "-" + hashlib.sha256(str(dataset).encode("utf-8")).hexdigest()[:6]

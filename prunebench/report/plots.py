@@ -15,7 +15,7 @@ from typing import Sequence
 
 import pandas as pd
 
-from prunebench.atomic import atomic_path
+from prunebench.store.atomic import atomic_path
 from prunebench.report.paper import (
     dataset_display_name,
     dataset_file_label,

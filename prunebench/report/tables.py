@@ -1,7 +1,7 @@
 """Tables from run records: the paper's main-table layout, gains over baselines, perplexity
 tables and a per-cell CSV export.
 
-Input: a DataFrame of run records, one row per cell (see prunebench.records), or the paper's
+Input: a DataFrame of run records, one row per cell (see prunebench.store.records), or the paper's
 reference data (prunebench.report.paper.paper_reference_frame), which uses the same columns.
 Accuracies are fractions in every DataFrame this module reads or returns, except the frames that
 mirror a rendered table (`layout_frame`, `gain_table`, `summarize_gains`), which hold percent
@@ -27,9 +27,8 @@ from typing import Iterable, Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from prunebench.atomic import write_text_atomic
+from prunebench.store.atomic import write_text_atomic
 from prunebench.report import chance
-from prunebench.report import dense_relative as dense_relative_report
 from prunebench.report import uncertainty
 from prunebench.report.paper import (
     PAPER_BASELINE,
@@ -49,6 +48,7 @@ from prunebench.report.paper import (
     patch_paper_markdown,
     task_display_name,
 )
+from prunebench import registry
 
 # Rows go by the kind each method's class declares in the registry (dense, then layer-wise, then
 # learned), then by display name; the report itself lists no method.
@@ -60,8 +60,6 @@ BEST_LAYERWISE = "best-layerwise"
 
 def methods_of_kind(kind: str) -> tuple:
     """The registered methods (no allocations) whose class declares `kind`."""
-    from prunebench import registry
-
     return tuple(m["name"] for m in registry.describe() if m["kind"] == kind)
 
 
@@ -177,8 +175,6 @@ def sparsity_label_order(label: str) -> tuple:
 
 def method_order(method: str) -> tuple:
     """Kind (from the registry), then display name; a method with an allocation follows it."""
-    from prunebench import registry
-
     base, _, allocation = str(method).partition("+")
     kind = registry.method_kind(base)
     return (KIND_ORDER.index(kind) if kind in KIND_ORDER else len(KIND_ORDER), method_display_name(base).lower(),
@@ -1605,6 +1601,8 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
         sections += ["## Tasks near chance", "", chance.render_markdown(near)]
     if ppl:
         sections += ["## Perplexity", "", render_perplexity_markdown(ppl, frame)]
+    from prunebench.report import dense_relative as dense_relative_report  # it builds on this module
+
     relative = None if paper_only else dense_relative_report.dense_relative_frame(frame)
     if relative is not None and not relative.empty:
         sections += ["## Distance from the dense model", "", dense_relative_report.render_markdown(relative)]

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
+from prunebench.evaluate.dense_relative import HIST_LOG10_MAX, HIST_LOG10_MIN
+from prunebench.evaluate.dense_relative import HIST_BINS
 
 N_RESAMPLES = 2000
 SEED = 0
@@ -332,9 +334,7 @@ def _hist_matrix(per_window, bins: int) -> np.ndarray | None:
 
 def _quantile_of_counts(counts: np.ndarray, q: float) -> np.ndarray:
     """Per row of [..., bins] counts: the upper edge of the bin holding the q-quantile (as
-    prunebench.dense_relative.histogram_quantile)."""
-    from ..dense_relative import HIST_LOG10_MAX, HIST_LOG10_MIN
-
+    prunebench.evaluate.dense_relative.histogram_quantile)."""
     bins = counts.shape[-1]
     cum = counts.cumsum(axis=-1)
     b = (cum >= q * cum[..., -1:]).argmax(axis=-1)
@@ -349,8 +349,6 @@ def dense_relative_intervals(a: dict, b: dict | None, window_tokens: int, *, n_r
     "hist": per seed the window histograms}, all over the same windows. Two-level bootstrap as
     for perplexity: the seeds of each side, then the windows, the same indices on both sides.
     None on any mismatch or missing per-window data."""
-    from ..dense_relative import HIST_BINS
-
     sides = []
     for side in (a, b) if b is not None else (a,):
         kl, top1 = _score_matrix(side.get("kl")), _score_matrix(side.get("top1"))
