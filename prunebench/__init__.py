@@ -1,3 +1,27 @@
-"""prunebench: LLM weight-pruning methods compared on one footing."""
+"""prunebench: LLM weight-pruning methods compared on one footing.
+
+The plugin API: everything a method file needs is importable from here (`from prunebench import
+LayerwisePruner, LinearResult, register`). The names resolve on first use, so `import prunebench`
+(every command does) loads neither torch nor the engines until a method asks for them.
+"""
+import importlib
 
 from prunebench.version import __version__  # noqa: F401
+
+_CONTRACT = "prunebench.registry"
+_PATTERNS = "prunebench.sparsity.patterns"
+_LEARNED = "prunebench.engines.masklearn"
+PUBLIC = {
+    **{name: _CONTRACT for name in (
+        "Pruner", "LayerwisePruner", "Capabilities", "LayerStats", "LinearResult", "PruneContext", "PruneReport",
+        "register", "combine_stats", "STATS_NONE", "STATS_INPUT_NORM", "STATS_HESSIAN", "STATS_INPUT_MOMENTS")},
+    **{name: _PATTERNS for name in ("SparsitySpec", "mask_from_scores", "nm_mask", "measure_sparsity")},
+    **{name: _LEARNED for name in ("LearnedMaskPruner", "MaskTrainingConfig", "linear_schedule", "fading")},
+}
+__all__ = ["__version__", *PUBLIC]
+
+
+def __getattr__(name: str):
+    if name in PUBLIC:
+        return getattr(importlib.import_module(PUBLIC[name]), name)
+    raise AttributeError(f"module 'prunebench' has no attribute {name!r}")
