@@ -35,7 +35,11 @@ C4 documents truncated at the context length (most are shorter), here windows of
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import itertools
+import logging
+import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -46,6 +50,8 @@ from prunebench.masklearn import LearnedMaskPruner, MaskTrainingConfig, lr_facto
 from prunebench.models import weight_matrix
 from prunebench.registry import Capabilities, register
 from prunebench.sparsity import SparsitySpec
+
+log = logging.getLogger(__name__)
 
 GROUP = 4  # the regulariser is the 2:4 one: groups of 4, at most 2 non-zeros
 KEEP = 2
@@ -162,7 +168,20 @@ def prox_2to4(weight: torch.Tensor, lam: float, iters: int = 100, tol: float = 1
     """The proximal operator of lam * R on every group of 4 consecutive inputs of `weight` ([out, in]
     or [groups, 4]); same shape and dtype, computed in float32 (float64 for float64 input).  The
     authors' enumeration: the best of the 2-sparse, 3-sparse and dense candidates on |weight|
-    sorted per group."""
+    sorted per group.  On the CPU in float32 it runs as one C++ pass (_PROX_SOURCE: the same
+    sweeps, the same stopping sweep, values equal to prox_2to4_torch within float rounding)."""
+    if lam == 0:
+        return weight.clone()
+    z = groups_of_four(weight).to(torch.promote_types(weight.dtype, torch.float32))
+    ext = _prox_extension() if z.device.type == "cpu" and z.dtype == torch.float32 else None
+    if ext is None:
+        return prox_2to4_torch(weight, lam, iters, tol)
+    return ext.prox_2to4(z.contiguous(), float(lam), int(iters), float(tol)).view(weight.shape).to(weight.dtype)
+
+
+def prox_2to4_torch(weight: torch.Tensor, lam: float, iters: int = 100, tol: float = 1e-8) -> torch.Tensor:
+    """prox_2to4 as torch ops (the fallback off the CPU, in float64 or without a compiler; the
+    reference the C++ pass is tested against)."""
     if lam == 0:
         return weight.clone()
     z = groups_of_four(weight).to(torch.promote_types(weight.dtype, torch.float32))
@@ -175,6 +194,185 @@ def prox_2to4(weight: torch.Tensor, lam: float, iters: int = 100, tol: float = 1
     w = candidates.gather(0, best.view(1, -1, 1).expand(1, -1, GROUP)).squeeze(0)
     out = torch.empty_like(w).scatter_(1, order, w) * z.sign()
     return out.view(weight.shape).to(weight.dtype)
+
+
+# The operator in C++.  alternating_minimisation's sweeps stop for the whole matrix at the first
+# sweep whose summed change is below tol, so a group's result depends on the others only through
+# that sweep number S.  Phase 1 sweeps chunks of CHUNK groups (columns in local arrays, one loop
+# over the chunk's groups per sweep: it vectorises) until every group of the chunk is at its fixed
+# point (a sweep changes nothing: later sweeps would repeat it exactly), recording each sweep's
+# summed change; S follows from the sums over chunks (in chunk order, double: one result for any
+# thread count).  Phase 2 redoes, for exactly S sweeps, the chunks still moving after sweep S.
+# -ffp-contract=off as concrete.py's kernels; the order of every product and sum is the torch code's.
+_PROX_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+namespace {
+constexpr int64_t CHUNK = 1024;
+
+inline float relu(float x) { return x > 0.f ? x : 0.f; }
+
+// One sweep, smallest coordinate first; returns the summed |change| (as float lanes, then double).
+template <int SUPPORT>
+double sweep(const float* __restrict a0, const float* __restrict a1, const float* __restrict a2,
+             const float* __restrict a3, float* __restrict w0, float* __restrict w1, float* __restrict w2,
+             float* __restrict w3, float* __restrict ch, int64_t n, float lam) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float p0 = w0[t], p1 = w1[t], p2 = w2[t], p3 = w3[t];
+    float x0 = p0, x1 = p1, x2 = p2, x3 = p3;
+    if (SUPPORT == 4) {
+      x3 = relu(a3[t] - lam * ((x0 * x1 + x0 * x2) + x1 * x2));
+      x2 = relu(a2[t] - lam * ((x0 * x1 + x0 * x3) + x1 * x3));
+      x1 = relu(a1[t] - lam * ((x0 * x2 + x0 * x3) + x2 * x3));
+      x0 = relu(a0[t] - lam * ((x1 * x2 + x1 * x3) + x2 * x3));
+    } else {
+      x2 = relu(a2[t] - lam * (x0 * x1));
+      x1 = relu(a1[t] - lam * (x0 * x2));
+      x0 = relu(a0[t] - lam * (x1 * x2));
+    }
+    w0[t] = x0; w1[t] = x1; w2[t] = x2; w3[t] = x3;
+    ch[t] = (std::fabs(p0 - x0) + std::fabs(p1 - x1)) + (std::fabs(p2 - x2) + std::fabs(p3 - x3));
+  }
+  float acc[8] = {0};
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += ch[t + l];
+  double s = 0;
+  for (int l = 0; l < 8; ++l) s += acc[l];
+  for (; t < n; ++t) s += ch[t];
+  return s;
+}
+
+// Sweeps of one chunk from w = 0: up to `max_sweeps`, or (track) until a sweep changes nothing.
+// Writes the result into w (column-major [4][n]); returns the last sweep that changed something.
+template <int SUPPORT>
+int run_chunk(const float* a, float* w, float* ch, int64_t n, float lam, int max_sweeps, double* changes) {
+  std::fill(w, w + 4 * n, 0.f);
+  int last_moving = 0;
+  for (int s = 1; s <= max_sweeps; ++s) {
+    double c = sweep<SUPPORT>(a, a + n, a + 2 * n, a + 3 * n, w, w + n, w + 2 * n, w + 3 * n, ch, n, lam);
+    if (changes) changes[s - 1] = c;
+    if (c == 0.0) break;  // every group at its fixed point
+    last_moving = s;
+  }
+  return last_moving;
+}
+
+template <int SUPPORT>
+std::vector<float> candidate(const std::vector<float>& cols, int64_t g, float lam, int iters, double tol) {
+  // cols: per chunk, [4][n] sorted magnitudes; returns the candidate in the same layout
+  const int64_t n_chunks = (g + CHUNK - 1) / CHUNK;
+  std::vector<float> w(cols.size());
+  std::vector<double> changes(n_chunks * iters, 0.0);
+  std::vector<int> last(n_chunks);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> ch(CHUNK);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n = std::min(g - c * CHUNK, CHUNK);
+      last[c] = run_chunk<SUPPORT>(cols.data() + 4 * c * CHUNK, w.data() + 4 * c * CHUNK, ch.data(), n, lam, iters,
+                                   changes.data() + c * iters);
+    }
+  });
+  int stop = iters;  // the torch code's stopping sweep: the first whose summed change is below tol
+  for (int s = 1; s <= iters; ++s) {
+    double total = 0;
+    for (int64_t c = 0; c < n_chunks; ++c) total += changes[c * iters + s - 1];
+    if (total < tol) { stop = s; break; }
+  }
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<float> ch(CHUNK);
+    for (int64_t c = c0; c < c1; ++c) {
+      if (last[c] <= stop) continue;  // at its fixed point by sweep `stop`: sweep `stop` leaves it so
+      const int64_t n = std::min(g - c * CHUNK, CHUNK);
+      run_chunk<SUPPORT>(cols.data() + 4 * c * CHUNK, w.data() + 4 * c * CHUNK, ch.data(), n, lam, stop, nullptr);
+    }
+  });
+  return w;
+}
+
+inline float objective(const float* w, const float* a, float lam) {
+  float sq = 0.f;
+  for (int i = 0; i < 4; ++i) sq += (w[i] - a[i]) * (w[i] - a[i]);
+  float r = w[0] * w[1] * w[2] + w[0] * w[1] * w[3] + w[0] * w[2] * w[3] + w[1] * w[2] * w[3];
+  return 0.5f * sq + lam * r;
+}
+}  // namespace
+
+torch::Tensor prox_2to4(torch::Tensor z, double lam_d, int64_t iters, double tol) {
+  TORCH_CHECK(z.dtype() == torch::kFloat32 && z.is_contiguous() && z.dim() == 2 && z.size(1) == 4, "[groups, 4] float32");
+  const int64_t g = z.size(0), n_chunks = (g + CHUNK - 1) / CHUNK;
+  const float lam = (float)lam_d;
+  const float* zp = z.data_ptr<float>();
+  // |z| sorted decreasing per group (stable: ties keep their order), as chunk-local columns
+  std::vector<float> cols(4 * g);
+  std::vector<int8_t> order(4 * g);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n = std::min(g - c * CHUNK, CHUNK);
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t grp = c * CHUNK + t;
+        float v[4]; int8_t idx[4];
+        for (int i = 0; i < 4; ++i) {
+          float x = std::fabs(zp[grp * 4 + i]); int8_t k = (int8_t)i; int j = i;
+          while (j > 0 && v[j - 1] < x) { v[j] = v[j - 1]; idx[j] = idx[j - 1]; --j; }
+          v[j] = x; idx[j] = k;
+        }
+        for (int i = 0; i < 4; ++i) { cols[4 * c * CHUNK + i * n + t] = v[i]; order[grp * 4 + i] = idx[i]; }
+      }
+    }
+  });
+  std::vector<float> three = candidate<3>(cols, g, lam, (int)iters, tol);
+  std::vector<float> four = candidate<4>(cols, g, lam, (int)iters, tol);
+  auto out = torch::empty_like(z);
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t n = std::min(g - c * CHUNK, CHUNK), base = 4 * c * CHUNK;
+      for (int64_t t = 0; t < n; ++t) {
+        const int64_t grp = c * CHUNK + t;
+        float a[4], w2[4], w3[4], w4[4];
+        for (int i = 0; i < 4; ++i) {
+          a[i] = cols[base + i * n + t]; w3[i] = three[base + i * n + t]; w4[i] = four[base + i * n + t];
+          w2[i] = i < 2 ? a[i] : 0.f;
+        }
+        const float f2 = objective(w2, a, lam), f3 = objective(w3, a, lam), f4 = objective(w4, a, lam);
+        const float* best = w2;  // ties: the sparser (the first minimum)
+        float fb = f2;
+        if (f3 < fb) { best = w3; fb = f3; }
+        if (f4 < fb) { best = w4; }
+        for (int i = 0; i < 4; ++i) {
+          const int k = order[grp * 4 + i];
+          const float x = zp[grp * 4 + k];
+          op[grp * 4 + k] = x > 0.f ? best[i] : (x < 0.f ? -best[i] : 0.f);
+        }
+      }
+    }
+  });
+  return out;
+}
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _prox_extension():
+    """The compiled operator, or None (no compiler, or the build failed: prox_2to4_torch is used).
+    Built as prunebench.concrete's pass is (same flags, same build lock)."""
+    if os.environ.get("PRUNEBENCH_NO_CPP_KERNELS"):
+        return None
+    from prunebench.concrete import _LDFLAGS, _cflags
+    from prunebench.kernel_build import load_inline_locked
+
+    digest = hashlib.sha256((_PROX_SOURCE + " ".join(_cflags())).encode()).hexdigest()[:12]
+    try:
+        return load_inline_locked(f"prunebench_prox24_{digest}", _PROX_SOURCE, ("prox_2to4",), _cflags(), _LDFLAGS)
+    except UserError:
+        raise
+    except Exception as exc:  # a missing compiler is not an error: the torch ops compute the same operator
+        log.warning("fused 2:4 proximal kernel unavailable (%s); using torch ops", str(exc).splitlines()[0][:200])
+        return None
 
 
 def frozen_deviation(relaxed: torch.Tensor, frozen: torch.Tensor, epsilon: float) -> torch.Tensor:
