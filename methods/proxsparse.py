@@ -197,13 +197,12 @@ def prox_2to4_torch(weight: torch.Tensor, lam: float, iters: int = 100, tol: flo
 
 
 # The operator in C++.  alternating_minimisation's sweeps stop for the whole matrix at the first
-# sweep whose summed change is below tol, so a group's result depends on the others only through
-# that sweep number S.  Phase 1 sweeps chunks of CHUNK groups (columns in local arrays, one loop
-# over the chunk's groups per sweep: it vectorises) until every group of the chunk is at its fixed
-# point (a sweep changes nothing: later sweeps would repeat it exactly), recording each sweep's
-# summed change; S follows from the sums over chunks (in chunk order, double: one result for any
-# thread count).  Phase 2 redoes, for exactly S sweeps, the chunks still moving after sweep S.
-# -ffp-contract=off as concrete.py's kernels; the order of every product and sum is the torch code's.
+# sweep whose summed change is below tol.  Here the groups are cut into chunks of CHUNK (columns
+# in chunk-local rows, one loop over the chunk's groups per sweep: it vectorises); every sweep runs
+# over the chunks still moving (a chunk whose sweep changed nothing is at its fixed point and would
+# repeat it exactly), then the chunks' changes are summed in chunk order in double (one result for
+# any thread count) for the same stopping test.  -ffp-contract=off as concrete.py's kernels; the
+# products and sums of an update in the torch code's order.
 _PROX_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -211,7 +210,7 @@ _PROX_SOURCE = r"""
 #include <vector>
 
 namespace {
-constexpr int64_t CHUNK = 1024;
+constexpr int64_t CHUNK = 256;  // groups swept together (small: a chunk sweeps while any of its groups moves)
 
 inline float relu(float x) { return x > 0.f ? x : 0.f; }
 
@@ -246,50 +245,30 @@ double sweep(const float* __restrict a0, const float* __restrict a1, const float
   return s;
 }
 
-// Sweeps of one chunk from w = 0: up to `max_sweeps`, or (track) until a sweep changes nothing.
-// Writes the result into w (column-major [4][n]); returns the last sweep that changed something.
-template <int SUPPORT>
-int run_chunk(const float* a, float* w, float* ch, int64_t n, float lam, int max_sweeps, double* changes) {
-  std::fill(w, w + 4 * n, 0.f);
-  int last_moving = 0;
-  for (int s = 1; s <= max_sweeps; ++s) {
-    double c = sweep<SUPPORT>(a, a + n, a + 2 * n, a + 3 * n, w, w + n, w + 2 * n, w + 3 * n, ch, n, lam);
-    if (changes) changes[s - 1] = c;
-    if (c == 0.0) break;  // every group at its fixed point
-    last_moving = s;
-  }
-  return last_moving;
-}
-
 template <int SUPPORT>
 std::vector<float> candidate(const std::vector<float>& cols, int64_t g, float lam, int iters, double tol) {
-  // cols: per chunk, [4][n] sorted magnitudes; returns the candidate in the same layout
+  // cols: per chunk, [4][n] sorted magnitudes; returns the candidate in the same layout.  All
+  // chunks sweep in step, so the matrix's summed change is known after each sweep.
   const int64_t n_chunks = (g + CHUNK - 1) / CHUNK;
-  std::vector<float> w(cols.size());
-  std::vector<double> changes(n_chunks * iters, 0.0);
-  std::vector<int> last(n_chunks);
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> ch(CHUNK);
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n = std::min(g - c * CHUNK, CHUNK);
-      last[c] = run_chunk<SUPPORT>(cols.data() + 4 * c * CHUNK, w.data() + 4 * c * CHUNK, ch.data(), n, lam, iters,
-                                   changes.data() + c * iters);
-    }
-  });
-  int stop = iters;  // the torch code's stopping sweep: the first whose summed change is below tol
+  std::vector<float> w(cols.size(), 0.f);
+  std::vector<double> changes(n_chunks, 0.0);
+  std::vector<char> moving(n_chunks, 1);
   for (int s = 1; s <= iters; ++s) {
-    double total = 0;
-    for (int64_t c = 0; c < n_chunks; ++c) total += changes[c * iters + s - 1];
-    if (total < tol) { stop = s; break; }
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> ch(CHUNK);
+      for (int64_t c = c0; c < c1; ++c) {
+        if (!moving[c]) { changes[c] = 0.0; continue; }  // at its fixed point: a sweep would repeat it
+        const int64_t n = std::min(g - c * CHUNK, CHUNK);
+        const float* a = cols.data() + 4 * c * CHUNK;
+        float* x = w.data() + 4 * c * CHUNK;
+        changes[c] = sweep<SUPPORT>(a, a + n, a + 2 * n, a + 3 * n, x, x + n, x + 2 * n, x + 3 * n, ch.data(), n, lam);
+        moving[c] = changes[c] != 0.0;
+      }
+    });
+    double total = 0;  // in chunk order: the same for any thread count
+    for (int64_t c = 0; c < n_chunks; ++c) total += changes[c];
+    if (total < tol) break;
   }
-  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<float> ch(CHUNK);
-    for (int64_t c = c0; c < c1; ++c) {
-      if (last[c] <= stop) continue;  // at its fixed point by sweep `stop`: sweep `stop` leaves it so
-      const int64_t n = std::min(g - c * CHUNK, CHUNK);
-      run_chunk<SUPPORT>(cols.data() + 4 * c * CHUNK, w.data() + 4 * c * CHUNK, ch.data(), n, lam, stop, nullptr);
-    }
-  });
   return w;
 }
 
