@@ -246,22 +246,22 @@ double sweep(const float* __restrict a0, const float* __restrict a1, const float
 }
 
 template <int SUPPORT>
-std::vector<float> candidate(const std::vector<float>& cols, int64_t g, float lam, int iters, double tol) {
-  // cols: per chunk, [4][n] sorted magnitudes; returns the candidate in the same layout.  All
-  // chunks sweep in step, so the matrix's summed change is known after each sweep.
+void candidate(const float* cols, float* w, int64_t g, float lam, int iters, double tol) {
+  // cols: per chunk, [4][n] sorted magnitudes; w: the candidate in the same layout.  All chunks
+  // sweep in step, so the matrix's summed change is known after each sweep.
   const int64_t n_chunks = (g + CHUNK - 1) / CHUNK;
-  std::vector<float> w(cols.size(), 0.f);
+  std::fill(w, w + 4 * g, 0.f);
   std::vector<double> changes(n_chunks, 0.0);
   std::vector<char> moving(n_chunks, 1);
   for (int s = 1; s <= iters; ++s) {
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> ch(CHUNK);
+      float ch[CHUNK];
       for (int64_t c = c0; c < c1; ++c) {
         if (!moving[c]) { changes[c] = 0.0; continue; }  // at its fixed point: a sweep would repeat it
         const int64_t n = std::min(g - c * CHUNK, CHUNK);
-        const float* a = cols.data() + 4 * c * CHUNK;
-        float* x = w.data() + 4 * c * CHUNK;
-        changes[c] = sweep<SUPPORT>(a, a + n, a + 2 * n, a + 3 * n, x, x + n, x + 2 * n, x + 3 * n, ch.data(), n, lam);
+        const float* a = cols + 4 * c * CHUNK;
+        float* x = w + 4 * c * CHUNK;
+        changes[c] = sweep<SUPPORT>(a, a + n, a + 2 * n, a + 3 * n, x, x + n, x + 2 * n, x + 3 * n, ch, n, lam);
         moving[c] = changes[c] != 0.0;
       }
     });
@@ -269,14 +269,65 @@ std::vector<float> candidate(const std::vector<float>& cols, int64_t g, float la
     for (int64_t c = 0; c < n_chunks; ++c) total += changes[c];
     if (total < tol) break;
   }
-  return w;
 }
 
-inline float objective(const float* w, const float* a, float lam) {
-  float sq = 0.f;
-  for (int i = 0; i < 4; ++i) sq += (w[i] - a[i]) * (w[i] - a[i]);
-  float r = w[0] * w[1] * w[2] + w[0] * w[1] * w[3] + w[0] * w[2] * w[3] + w[1] * w[2] * w[3];
+inline float objective(float w0, float w1, float w2, float w3, float a0, float a1, float a2, float a3, float lam) {
+  float sq = (w0 - a0) * (w0 - a0);
+  sq += (w1 - a1) * (w1 - a1);
+  sq += (w2 - a2) * (w2 - a2);
+  sq += (w3 - a3) * (w3 - a3);
+  float r = w0 * w1 * w2 + w0 * w1 * w3 + w0 * w2 * w3 + w1 * w2 * w3;
   return 0.5f * sq + lam * r;
+}
+
+// Each element's place in its group sorted by |z| decreasing, ties in order (a stable sort),
+// without branches: rank_i = #{j < i: |z_j| >= |z_i|} + #{j > i: |z_j| > |z_i|}.
+inline void ranks(float x0, float x1, float x2, float x3, int& r0, int& r1, int& r2, int& r3) {
+  r0 = (x1 > x0) + (x2 > x0) + (x3 > x0);
+  r1 = (x0 >= x1) + (x2 > x1) + (x3 > x1);
+  r2 = (x0 >= x2) + (x1 >= x2) + (x3 > x2);
+  r3 = (x0 >= x3) + (x1 >= x3) + (x2 >= x3);
+}
+
+inline float pick(int r, float v0, float v1, float v2, float v3) {
+  return r == 0 ? v0 : (r == 1 ? v1 : (r == 2 ? v2 : v3));
+}
+
+// |z| sorted per group into the chunk's rows (chunk-local [4][n]).
+void sort_chunk(const float* __restrict z, float* __restrict a, int64_t n) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float x0 = std::fabs(z[4 * t]), x1 = std::fabs(z[4 * t + 1]), x2 = std::fabs(z[4 * t + 2]),
+                x3 = std::fabs(z[4 * t + 3]);
+    int r0, r1, r2, r3;
+    ranks(x0, x1, x2, x3, r0, r1, r2, r3);
+    for (int r = 0; r < 4; ++r)
+      a[r * n + t] = (r0 == r ? x0 : 0.f) + (r1 == r ? x1 : 0.f) + (r2 == r ? x2 : 0.f) + (r3 == r ? x3 : 0.f);
+  }
+}
+
+// The best candidate (ties: the sparser), back in place with the signs of z.
+void select_chunk(const float* __restrict z, const float* __restrict a, const float* __restrict w3,
+                  const float* __restrict w4, float* __restrict out, int64_t n, float lam) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float a0 = a[t], a1 = a[n + t], a2 = a[2 * n + t], a3 = a[3 * n + t];
+    const float c0 = w3[t], c1 = w3[n + t], c2 = w3[2 * n + t], c3 = w3[3 * n + t];
+    const float d0 = w4[t], d1 = w4[n + t], d2 = w4[2 * n + t], d3 = w4[3 * n + t];
+    const float f2 = objective(a0, a1, 0.f, 0.f, a0, a1, a2, a3, lam);
+    const float f3 = objective(c0, c1, c2, c3, a0, a1, a2, a3, lam);
+    const float f4 = objective(d0, d1, d2, d3, a0, a1, a2, a3, lam);
+    const bool take3 = f3 < f2, take4 = f4 < (take3 ? f3 : f2);
+    const float b0 = take4 ? d0 : (take3 ? c0 : a0), b1 = take4 ? d1 : (take3 ? c1 : a1);
+    const float b2 = take4 ? d2 : (take3 ? c2 : 0.f), b3 = take4 ? d3 : (take3 ? c3 : 0.f);
+    const float z0 = z[4 * t], z1 = z[4 * t + 1], z2 = z[4 * t + 2], z3 = z[4 * t + 3];
+    int r0, r1, r2, r3;
+    ranks(std::fabs(z0), std::fabs(z1), std::fabs(z2), std::fabs(z3), r0, r1, r2, r3);
+    const float v0 = pick(r0, b0, b1, b2, b3), v1 = pick(r1, b0, b1, b2, b3), v2 = pick(r2, b0, b1, b2, b3),
+                v3 = pick(r3, b0, b1, b2, b3);
+    out[4 * t] = z0 > 0.f ? v0 : (z0 < 0.f ? -v0 : 0.f);
+    out[4 * t + 1] = z1 > 0.f ? v1 : (z1 < 0.f ? -v1 : 0.f);
+    out[4 * t + 2] = z2 > 0.f ? v2 : (z2 < 0.f ? -v2 : 0.f);
+    out[4 * t + 3] = z3 > 0.f ? v3 : (z3 < 0.f ? -v3 : 0.f);
+  }
 }
 }  // namespace
 
@@ -285,49 +336,25 @@ torch::Tensor prox_2to4(torch::Tensor z, double lam_d, int64_t iters, double tol
   const int64_t g = z.size(0), n_chunks = (g + CHUNK - 1) / CHUNK;
   const float lam = (float)lam_d;
   const float* zp = z.data_ptr<float>();
-  // |z| sorted decreasing per group (stable: ties keep their order), as chunk-local columns
-  std::vector<float> cols(4 * g);
-  std::vector<int8_t> order(4 * g);
+  // One workspace kept between calls (callers hold the GIL: one call at a time): fresh pages for
+  // every layer's buffers cost more than the operator itself here (first-touch page faults).
+  static std::vector<float> workspace;
+  if ((int64_t)workspace.size() < 12 * g) workspace.resize(12 * g);
+  float* cols = workspace.data();
+  float* three = cols + 4 * g;
+  float* four = cols + 8 * g;
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n = std::min(g - c * CHUNK, CHUNK);
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t grp = c * CHUNK + t;
-        float v[4]; int8_t idx[4];
-        for (int i = 0; i < 4; ++i) {
-          float x = std::fabs(zp[grp * 4 + i]); int8_t k = (int8_t)i; int j = i;
-          while (j > 0 && v[j - 1] < x) { v[j] = v[j - 1]; idx[j] = idx[j - 1]; --j; }
-          v[j] = x; idx[j] = k;
-        }
-        for (int i = 0; i < 4; ++i) { cols[4 * c * CHUNK + i * n + t] = v[i]; order[grp * 4 + i] = idx[i]; }
-      }
-    }
+    for (int64_t c = c0; c < c1; ++c)
+      sort_chunk(zp + 4 * c * CHUNK, cols + 4 * c * CHUNK, std::min(g - c * CHUNK, CHUNK));
   });
-  std::vector<float> three = candidate<3>(cols, g, lam, (int)iters, tol);
-  std::vector<float> four = candidate<4>(cols, g, lam, (int)iters, tol);
+  candidate<3>(cols, three, g, lam, (int)iters, tol);
+  candidate<4>(cols, four, g, lam, (int)iters, tol);
   auto out = torch::empty_like(z);
   float* op = out.data_ptr<float>();
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t n = std::min(g - c * CHUNK, CHUNK), base = 4 * c * CHUNK;
-      for (int64_t t = 0; t < n; ++t) {
-        const int64_t grp = c * CHUNK + t;
-        float a[4], w2[4], w3[4], w4[4];
-        for (int i = 0; i < 4; ++i) {
-          a[i] = cols[base + i * n + t]; w3[i] = three[base + i * n + t]; w4[i] = four[base + i * n + t];
-          w2[i] = i < 2 ? a[i] : 0.f;
-        }
-        const float f2 = objective(w2, a, lam), f3 = objective(w3, a, lam), f4 = objective(w4, a, lam);
-        const float* best = w2;  // ties: the sparser (the first minimum)
-        float fb = f2;
-        if (f3 < fb) { best = w3; fb = f3; }
-        if (f4 < fb) { best = w4; }
-        for (int i = 0; i < 4; ++i) {
-          const int k = order[grp * 4 + i];
-          const float x = zp[grp * 4 + k];
-          op[grp * 4 + k] = x > 0.f ? best[i] : (x < 0.f ? -best[i] : 0.f);
-        }
-      }
+      const int64_t b = 4 * c * CHUNK;
+      select_chunk(zp + b, cols + b, three + b, four + b, op + b, std::min(g - c * CHUNK, CHUNK), lam);
     }
   });
   return out;
