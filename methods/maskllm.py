@@ -3,7 +3,9 @@
 Weights frozen.  Every group of M consecutive inputs of a row has logits over the C(M, N)
 patterns that keep N of them (2:4: 6 patterns).  A training forward samples a soft choice
 
-    y = softmax((kappa * P + G) / tau),  G ~ Gumbel(0, 1)   (soft, not straight-through)
+    y = softmax((kappa * P + G) / tau),  G ~ Gumbel(0, 1)   (soft, not straight-through;
+                                                             G = -log(-log U), U prunebench.engines.concrete's
+                                                             counter noise, drawn in the fused pass)
     mask = y @ C                                             (C: the K x M pattern table)
 
 and the layer computes with mask * W.  Loss = CE - lambda * (1 - t/T) * sum_l ||W_l * mask_l||_F^2
@@ -29,8 +31,9 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
+from prunebench.engines.fused_masks import pattern_masked_weight as fused_pattern_masked_weight
 from prunebench.engines.masklearn import (
-    LearnedMaskPruner, MaskTrainingConfig, fading, gumbel_noise, linear_schedule, lr_factor
+    LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, lr_factor
 )
 from prunebench.registry import Capabilities, register
 from prunebench.sparsity.patterns import SparsitySpec
@@ -108,44 +111,12 @@ def argmax_pattern_mask(logits: torch.Tensor, patterns: torch.Tensor, shape) -> 
     return patterns[logits.float().argmax(dim=-1)].bool().view(shape)
 
 
-class SampledPatternMaskedWeight(torch.autograd.Function):
-    """W_eff = (softmax((kappa P + G)/tau) @ C) * W with the Gumbel noise drawn inside from `seed`,
-    plus ||W_eff||_F^2 for the regulariser.  Saves only the pattern probabilities y (K / M floats
-    per weight); the mask is rebuilt from them in backward."""
-
-    @staticmethod
-    def forward(ctx, logits, weight, patterns, seed, kappa, tau):
-        gen = torch.Generator(device=logits.device)
-        gen.manual_seed(seed)
-        z = gumbel_noise(logits.shape, gen, device=logits.device)
-        z.add_(logits.float(), alpha=kappa).mul_(1.0 / tau)
-        y = torch.softmax(z, dim=-1)
-        del z
-        mask = (y @ patterns).view(weight.shape)
-        masked = mask.to(weight.dtype) * weight
-        masked_sq = torch.linalg.vector_norm(masked, dtype=torch.float32).square()
-        ctx.save_for_backward(y, weight, patterns)
-        ctx.scale = kappa / tau
-        ctx.logits_dtype = logits.dtype
-        return masked, masked_sq
-
-    @staticmethod
-    def backward(ctx, grad_masked, grad_sq):
-        y, weight, patterns = ctx.saved_tensors
-        w = weight.float()
-        # dLoss/dmask = g_Weff * W + 2 g_sq * mask * W^2
-        grad_mask = grad_masked.float() * w if grad_masked is not None else torch.zeros_like(w)
-        if grad_sq is not None and float(grad_sq) != 0.0:
-            mask = (y @ patterns).view(w.shape)
-            grad_mask.add_(mask.mul_(w).mul_(w), alpha=2.0 * float(grad_sq))
-        dy = group_view(grad_mask, patterns.shape[1]) @ patterns.t()  # [groups, K]
-        # softmax backward: dz = y * (dy - <y, dy>), then the chain through kappa / tau
-        dy.sub_((y * dy).sum(dim=-1, keepdim=True)).mul_(y).mul_(ctx.scale)
-        return dy.to(ctx.logits_dtype), None, None, None, None, None
-
-
 def pattern_masked_weight(logits, weight, patterns, seed, kappa, tau):
-    return SampledPatternMaskedWeight.apply(logits, weight, patterns, seed, kappa, tau)
+    """(softmax((kappa P + G)/tau) @ C) * W and ||that||_F^2, G drawn from the counter noise of `seed`
+    inside one fused pass (prunebench.engines.fused_masks: nothing saved but the inputs, backward
+    recomputes)."""
+    masked, _, masked_sq = fused_pattern_masked_weight(logits, weight, patterns, seed, kappa, tau)
+    return masked, masked_sq
 
 
 def check_nm_learnable(spec: SparsitySpec, who: str) -> None:
@@ -176,6 +147,7 @@ class MaskLLM(LearnedMaskPruner):
     summary = "learned N:M (2:4) masks, Gumbel-softmax over each group's patterns with a SparseGPT prior (MaskLLM 2024)"
     capabilities = Capabilities(patterns=("nm",), needs_calibration=True, needs_gradients=True)
     logged_schedule = ("tau", "kappa")
+    engine_modules = ("prunebench.engines.fused_masks", "prunebench.engines.concrete")  # the fused pass decides the draws too
 
     @dataclass
     class Config(MaskTrainingConfig):

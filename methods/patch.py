@@ -4,7 +4,9 @@ Weights frozen.  Each decoder linear is cut into b x b tiles (the spec's tile si
 A tile logit P_t per tile gives the tile gate T = GumbelSoftmax([0, kappa_t P_t], tau_t)[1], which
 is the binary concrete sigmoid((kappa_t P_t + L) / tau_t) with L ~ Logistic(0, 1), broadcast over
 the tile.  Inside, the 2:4 choice is MaskLLM's categorical: S = softmax((kappa_g P_g + G) / tau_g) @ C.
-The combined mask M = T + (1 - T) * S (a dense tile keeps everything).  Loss:
+The combined mask M = T + (1 - T) * S (a dense tile keeps everything).  Both noises are counter-
+based (prunebench.engines.concrete's hash of (seed, element); the tiles on a stream of their own), and in
+joint mode the 2:4 sample, the tiles and M * W run as one fused pass (prunebench.engines.fused_masks).  Loss:
 
     CE + (lambda_density / ga) * |sum M / sum N - rho|
        - (lambda_weight / ga) * (1 - t/T) * sum ||M * W||_F / sum ||W||_F
@@ -31,8 +33,10 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
+from prunebench.engines.concrete import counter_logistic
+from prunebench.engines.fused_masks import combine, pattern_mask_torch, pattern_masked_weight
 from prunebench.engines.masklearn import (
-    LearnedMaskPruner, MaskTrainingConfig, fading, gumbel_noise, linear_schedule, logistic_noise, lr_factor
+    LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, lr_factor
 )
 from prunebench.methods.maskllm import (argmax_pattern_mask, check_widths, nm_patterns, pattern_prior_logits,
                                        prior_overlap)
@@ -43,6 +47,7 @@ from prunebench.sparsity.patterns import SparsitySpec, expand_tiles, tile_sums
 MODES = ("joint", "tile")
 GROUP_INITS = ("replace", "add")
 FINAL_MASK_RULES = ("sign", "topk")
+TILE_NOISE_KEY = 0x2545F4914F6CDD1D  # xor-ed into a layer's noise seed: the tile gates' own stream
 SPARSITY_WARN_POINTS = 0.005
 
 _COMMON = dict(beta2=0.95, weight_decay=0.0, warmup_steps=5, lr_schedule="cosine", lr_final_ratio=0.0, grad_clip=1.0,
@@ -90,6 +95,11 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------------------------
 # Tiles (pure functions)
+
+def tile_noise_seed(seed: int) -> int:
+    """The seed of the tile gates' noise: another stream than the 2:4 logits' (same counters)."""
+    return (seed ^ TILE_NOISE_KEY) & ((1 << 63) - 1)
+
 
 def group_prior_logits(keep: torch.Tensor, patterns: torch.Tensor, init_std: float, prior_strength: float, rule: str,
                        generator: torch.Generator) -> torch.Tensor:
@@ -147,6 +157,7 @@ class Patch(LearnedMaskPruner):
     summary = "learned dense-or-2:4 tiles with MaskLLM-style 2:4 inside, one global budget (PATCH 2025)"
     capabilities = Capabilities(patterns=("hybrid",), needs_calibration=True, needs_gradients=True)
     logged_schedule = ("tile_tau", "tile_kappa", "group_tau", "group_kappa")
+    engine_modules = ("prunebench.engines.fused_masks", "prunebench.engines.concrete")  # the fused pass decides the draws too
 
     @dataclass
     class Config(MaskTrainingConfig):
@@ -236,23 +247,29 @@ class Patch(LearnedMaskPruner):
         self._target_density = 1.0 - spec.target
         self._dense_norm_total = sum(float(torch.linalg.vector_norm(w.detach().float())) for w in weights.values())
 
+    def tile_gates(self, tile_logits: torch.Tensor, seed: int, sched: dict) -> torch.Tensor:
+        """T = sigmoid((kappa_t P_t + L) / tau_t) per tile, L the counter logistic noise of the tiles'
+        own stream (few: plain torch ops, differentiable)."""
+        noise = counter_logistic(tile_logits.shape, tile_noise_seed(seed), tile_logits.device)
+        return torch.sigmoid((sched["tile_kappa"] * tile_logits.float() + noise) / sched["tile_tau"])
+
     def soft_mask(self, logits: dict, weight: torch.Tensor, seed: int, sched: dict) -> torch.Tensor:
-        """M = T + (1 - T) * S for one forward, [out, in], differentiable in the logits."""
-        gen = torch.Generator(device=weight.device)
-        gen.manual_seed(seed)
-        p_t = logits["T"]
-        gate = torch.sigmoid((sched["tile_kappa"] * p_t.float() + logistic_noise(p_t.shape, gen, device=p_t.device))
-                             / sched["tile_tau"])
-        gate = expand_tiles(gate, self._tile, weight.shape)
+        """M = T + (1 - T) * S for one forward, [out, in], as plain torch ops (the reference the
+        fused pass of masked_weight is tested against; tile mode's frozen S)."""
+        gate = self.tile_gates(logits["T"], seed, sched)
         if "G" in logits:
-            p_g = logits["G"]
-            z = (sched["group_kappa"] * p_g.float() + gumbel_noise(p_g.shape, gen, device=p_g.device)) / sched["group_tau"]
-            two_four = (torch.softmax(z, dim=-1) @ self._patterns).view(weight.shape)
-        else:
-            two_four = logits["S"].float()
-        return two_four + gate * (1.0 - two_four)
+            return pattern_mask_torch(logits["G"], self._patterns, weight.shape, seed, sched["group_kappa"],
+                                      sched["group_tau"], gate, self._tile)
+        return combine(logits["S"].float(), expand_tiles(gate, self._tile, weight.shape))
 
     def masked_weight(self, layer, index, logits, weight, seed, sched):
+        if "G" in logits:  # joint mode: the 2:4 sample, the tiles and M * W in one fused pass
+            gate = self.tile_gates(logits["T"], seed, sched)
+            masked, mask_sum, masked_sq = pattern_masked_weight(logits["G"], weight, self._patterns, seed,
+                                                                sched["group_kappa"], sched["group_tau"], gate,
+                                                                self._tile)
+            # ||M * W||_F from its square; the floor keeps sqrt's gradient finite for an all-zero product
+            return masked, {"mask_sum": mask_sum, "masked_norm": masked_sq.clamp_min(1e-30).sqrt()}
         mask = self.soft_mask(logits, weight, seed, sched)
         masked = mask.to(weight.dtype) * weight
         return masked, {"mask_sum": mask.sum(), "masked_norm": torch.linalg.vector_norm(masked, dtype=torch.float32)}

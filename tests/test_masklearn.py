@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from prunebench.engines import masklearn
+from prunebench.engines import fused_masks, masklearn
 from prunebench import registry
 from prunebench.sparsity.checks import OutputCheckError, check_output
 from prunebench.errors import UserError
@@ -124,7 +124,7 @@ def test_sampled_pattern_mask_matches_the_reference_and_its_gradient():
     logits = (torch.randn(12, 6, generator=gen) * 0.05).requires_grad_(True)
     seed, kappa, tau = 77, 30.0, 0.7
     fused, sq = maskllm.pattern_masked_weight(logits, weight, table, seed, kappa, tau)
-    noise = masklearn.gumbel_noise(logits.shape, torch.Generator().manual_seed(seed))
+    noise = fused_masks.counter_gumbel(logits.shape, seed)  # the counter noise of the layer's seed
     ref_logits = logits.detach().clone().requires_grad_(True)
     ref = maskllm.soft_pattern_mask(ref_logits, noise, table, kappa, tau, weight.shape) * weight
     torch.testing.assert_close(fused, ref)
@@ -132,6 +132,36 @@ def test_sampled_pattern_mask_matches_the_reference_and_its_gradient():
     ((fused * g).sum() + 0.3 * sq).backward()
     ((ref * g).sum() + 0.3 * ref.square().sum()).backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["joint", "tile"])
+def test_patch_fused_masked_weight_matches_its_soft_mask(mode):
+    """PATCH's masked weight (joint mode: the fused pass) against its soft mask as torch ops, values
+    and gradients into both logit tensors, on a shape with partial edge tiles."""
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(40, 72, generator=gen)
+    pruner = registry.create("patch", {"preset": "tiny", "mode": mode})
+    pruner.begin({"layer": torch.nn.Linear(72, 40, bias=False).requires_grad_(False)}, SparsitySpec.parse("hybrid:0.35/16"))
+    second = {"G": torch.randn(40 * 72 // 4, 6, generator=gen) * 0.05} if mode == "joint" else \
+        {"S": maskllm.argmax_pattern_mask(torch.randn(40 * 72 // 4, 6, generator=gen), maskllm.nm_patterns(2, 4),
+                                          (40, 72)).float()}
+    logits = {"T": torch.randn(3, 5, generator=gen) * 0.05, **second}
+    sched = pruner.schedule(2)
+    grads = []
+    for fused in (True, False):
+        ps = {k: v.clone().requires_grad_(k != "S") for k, v in logits.items()}
+        if fused:
+            masked, stats = pruner.masked_weight("layer", 0, ps, weight, 123, sched)
+            mask_sum, norm = stats["mask_sum"], stats["masked_norm"]
+        else:
+            mask = pruner.soft_mask(ps, weight, 123, sched)
+            masked, mask_sum, norm = mask * weight, mask.sum(), (mask * weight).norm()
+        (masked.square().sum() + 2.0 * mask_sum - 3.0 * norm).backward()
+        grads.append((masked.detach(), {k: v.grad for k, v in ps.items() if k != "S"}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    for key in grads[0][1]:  # kappa / tau ~ 100 scales the float32 rounding of y (dy - <y, dy>)
+        ref = grads[1][1][key]
+        torch.testing.assert_close(grads[0][1][key], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
 
 
 def test_prior_favours_the_prior_pattern_and_argmax_is_exact_nm():

@@ -4,6 +4,7 @@ regulariser, the final top-2 rule, refusals, and a tiny-model run on the engine.
 import importlib
 import itertools
 import math
+import shutil
 
 import pytest
 import torch
@@ -110,6 +111,51 @@ def test_prox_keeps_shape_and_dtype_and_the_sweeps_stop_at_the_tolerance():
     loose = ps.alternating_minimisation(a, 4, 0.5, 100, 1e-2)
     tight = ps.alternating_minimisation(a, 4, 0.5, 100, 0.0)
     assert not torch.equal(loose, tight) and torch.allclose(loose, tight, atol=1e-2)
+
+
+needs_cpp = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                               reason="no C++ compiler here: the torch operator is the one in use")
+
+
+@needs_cpp
+def test_the_cpp_operator_is_used_where_a_compiler_is():
+    assert ps._prox_extension() is not None
+
+
+def _near_tie(out, z, lam):
+    """Groups whose result's objective ties another candidate's within float32 rounding."""
+    return (ps.prox_objective(out.double(), z.double(), lam) - ps.prox_objective(
+        ps.prox_2to4(z.double(), lam).double(), z.double(), lam)).abs() < 1e-6
+
+
+@pytest.mark.parametrize("lam,scale", [(0.05, 1.0), (0.5, 1.0), (4.0, 1.0), (0.025, 0.19)])
+def test_cpp_operator_equals_the_torch_one_within_float_rounding(lam, scale):
+    """Same sweeps, same stopping sweep: equal to the torch operator to float32 rounding, except
+    in groups where two candidates' objectives tie within rounding (each side may pick another)."""
+    z = _groups(40_000, seed=11, scale=scale)
+    fused, plain = ps.prox_2to4(z, lam), ps.prox_2to4_torch(z, lam)
+    close = ((fused - plain).abs() <= 1e-6 * scale + 1e-5 * plain.abs()).all(dim=1)
+    assert torch.all(close | _near_tie(fused, z, lam) | _near_tie(plain, z, lam))
+    assert (~close).sum().item() <= 5
+    # exactly 60 sweeps (tol 0) against the plain per-group reference
+    ref = torch.tensor([_reference_prox(row.tolist(), lam, 60) for row in z[:64]])
+    torch.testing.assert_close(ps.prox_2to4(z[:64], lam, iters=60, tol=0.0), ref, atol=1e-6 * scale, rtol=1e-5)
+
+
+@needs_cpp
+def test_cpp_operator_stops_at_the_tolerance_and_is_the_same_for_any_thread_count():
+    z = _groups(5000, seed=12)
+    loose, tight = ps.prox_2to4(z, 0.5, tol=1e-1), ps.prox_2to4(z, 0.5, tol=0.0)
+    assert not torch.equal(loose, tight) and torch.allclose(loose, tight, atol=1e-1)
+    torch.testing.assert_close(loose, ps.prox_2to4_torch(z, 0.5, tol=1e-1), atol=1e-6, rtol=1e-5)
+    before, outs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(ps.prox_2to4(z, 0.5))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(*outs)
 
 
 # -- the frozen-weight regulariser and the final rule -----------------------------------------------

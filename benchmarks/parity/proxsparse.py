@@ -22,6 +22,10 @@ each side's argmin picks another one (ours the lower in 12 of 21).  On SmolLM2's
 |W| (v_proj: 38 of 38; 11968 distinct |W| in 110592), which the two sorts order differently.  In
 bf16 (theirs) against float32 (ours): up to 0.08 apart, 0.3-0.8% of the support differs, masks
 agree to 99.87-99.998%.  Ours is 1-6x faster (sweeps only the groups still moving).
+Re-measured with ours as the C++ operator (methods/proxsparse.py _PROX_SOURCE; one thread, on a
+shared, loaded machine): the same figures (largest float32 difference 6.62e-4 on N(0,1) groups,
+up to 4.0e-5 on SmolLM2 weights; masks agree to 99.81-99.99% in float32), ours 0.02-0.36 s per
+case against the authors' 0.07-4.99 s.
 """
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ MASK32 = 0xFFFFFFFF
 # written branch-free so the compiler vectorises the loops; -ffp-contract=off keeps the results
 # the same on CPUs with and without FMA.  Sums use 8 fixed lanes per 4096-element chunk and
 # chunks are added in order in double: the same result for any thread count.
-_SOURCE = r"""
+# MATH_SOURCE (the counter hash, exp, log) is shared with prunebench.engines.fused_masks' kernels.
+MATH_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
@@ -100,7 +101,8 @@ inline float uniform(uint32_t i, uint32_t k0, uint32_t k1) {
   return (float)k * 5.9604644775390625e-8f;
 }
 }  // namespace
-
+"""
+_SOURCE = MATH_SOURCE + r"""
 // One chunk of the forward pass (a function of its own, so the restrict-qualified pointers
 // survive into the loop and it vectorises; inside the lambda they would be captured aliases).
 static void forward_chunk(const float* __restrict p, const float* __restrict w, float* __restrict m,
