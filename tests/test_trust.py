@@ -7,6 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunebench.cli.command import main
 from prunebench.store.records import load_records
@@ -254,12 +255,17 @@ def test_a_nan_loss_cell_is_valid_json_and_renders_as_diverged(tmp_path, capsys,
     def diverging(model, *args, **kwargs):
         # Logits that overflow every window's NLL.  The output checks let no method's weights do
         # this (kept weights stay the dense ones unless declared updates, and then bounded), so
-        # the evaluation scales them here, through the real perplexity code.
-        hook = model.get_output_embeddings().register_forward_hook(lambda m, i, out: out * 1e30)
+        # the evaluation scales the output head here, through the real perplexity code (which
+        # applies the head's weight block by block, not through the module's forward).
+        head = model.get_output_embeddings().weight
+        saved = head.detach().clone()
+        with torch.no_grad():
+            head.mul_(1e30)
         try:
             return real(model, *args, **kwargs)
         finally:
-            hook.remove()
+            with torch.no_grad():
+                head.copy_(saved)
 
     monkeypatch.setattr(runner, "perplexity", diverging)
     plugin = write_plugin(tmp_path / "diverge.py", DIVERGE)
