@@ -26,6 +26,7 @@ import torch
 from prunebench import registry
 from prunebench.version import __version__
 from prunebench.engines import distributed
+from prunebench.engines.masklearn import mask_sparsity
 from prunebench.run.grid import DENSE, CellSpec, GridSpec
 from prunebench.data.windows import WindowSpec, calibration_windows, eval_tokens, text_fingerprint
 from prunebench.provenance.environment_lock import lock_fingerprint
@@ -274,9 +275,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         # hold 4.5% exact zeros, so the two differ there).  The target is judged on the mask.
         pruned = measured["overall"]
         if report.masks and cell.method != DENSE:
-            kept = sum(int(m.sum()) for m in report.masks.values())
-            total = sum(m.numel() for m in report.masks.values())
-            pruned = 1.0 - kept / max(total, 1)
+            pruned = mask_sparsity(report.masks)
             record["sparsity"]["pruned_by_mask"] = pruned
         record["sparsity"]["checked"] = {"finite": True, "pattern": cell.sparsity.pattern_name,
                                          "scope": scope, "tolerance": SPARSITY_TOLERANCE,
