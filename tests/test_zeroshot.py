@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from prunebench.errors import UserError  # noqa: E402
 from prunebench.evaluate import embedded_tasks as et  # noqa: E402
 from prunebench.evaluate import zeroshot as zs  # noqa: E402
+from prunebench.evaluate import local_tasks as lt  # noqa: E402
 
 DATA_DIR = Path(os.environ.get("PRUNEBENCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 needs_data = pytest.mark.skipif(not (DATA_DIR / "tasks").is_dir(), reason=f"no task data at {DATA_DIR}")
@@ -99,8 +100,8 @@ def _render(task, doc):
     ("mmlu", "mmlu_abstract_algebra", "mmlu/default/mmlu_abstract_algebra.yaml"),
 ])
 def test_local_task_renders_like_lm_eval(task, leaf, stock):
-    stock_yaml = zs._stock_root() / stock
-    split = zs.LOCAL_TASKS[task].eval_split
+    stock_yaml = lt.stock_root() / stock
+    split = lt.LOCAL_TASKS[task].eval_split
     local = _local_manager(task).load([task])["tasks"][leaf]
     local_docs = list(local.eval_docs)
     expected = HF_ROWS[leaf]
@@ -116,27 +117,27 @@ def test_local_task_renders_like_lm_eval(task, leaf, stock):
 
 
 @needs_data
-@pytest.mark.parametrize("task", [t for t in zs.LOCAL_TASKS if t not in ("hellaswag", "mmlu")])
+@pytest.mark.parametrize("task", [t for t in lt.LOCAL_TASKS if t not in ("hellaswag", "mmlu")])
 def test_local_yaml_changes_only_the_data_source(task):
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    folder = zs.prepare_local_task(task, DATA_DIR)
+    folder = lt.prepare_local_task(task, DATA_DIR)
     local = load_yaml(folder / f"{task}.yaml", resolve_func=False)
-    stock = load_yaml(zs._stock_root() / zs.LOCAL_TASKS[task].stock_yaml, resolve_func=False)
+    stock = load_yaml(lt.stock_root() / lt.LOCAL_TASKS[task].stock_yaml, resolve_func=False)
     assert {k: v for k, v in local.items() if k not in DATA_KEYS} == {k: v for k, v in stock.items() if k not in DATA_KEYS}
     # the split that gets scored is the one lm-eval scores on the hub
     scored = lambda c: c.get("test_split") or c.get("validation_split")  # noqa: E731
-    assert scored(local) == scored(stock) == zs.LOCAL_TASKS[task].eval_split
+    assert scored(local) == scored(stock) == lt.LOCAL_TASKS[task].eval_split
     assert local["dataset_path"] == "json"
     assert all(Path(p).is_file() for p in local["dataset_kwargs"]["data_files"].values())
 
 
 @needs_data
 def test_hellaswag_derived_format_is_refused_clearly():
-    if any((DATA_DIR / "tasks" / "hellaswag" / n).is_file() for n in zs.HELLASWAG_ORIGINALS):
+    if any((DATA_DIR / "tasks" / "hellaswag" / n).is_file() for n in lt.HELLASWAG_ORIGINALS):
         pytest.skip("an original-format HellaSwag file is present")
     with pytest.raises(UserError, match="hellaswag") as exc:
-        zs.prepare_local_task("hellaswag", DATA_DIR)
+        lt.prepare_local_task("hellaswag", DATA_DIR)
     assert exc.value.hint and "hellaswag_val.jsonl" in exc.value.hint
 
 

@@ -16,9 +16,19 @@ from prunebench.hashing import file_sha256, sha256_json, sha256_text, tree_sha25
 from prunebench.version import __version__
 
 # The framework code that decides what an evaluation computes: a change here is a new key for
-# every cell (and the committed records must be regenerated).
+# every cell (and the committed records must be regenerated). It is every prunebench module the
+# evaluation imports, directly or not, except EVALUATION_INFRASTRUCTURE (tests/test_key_coverage.py
+# holds the two lists to that): the windows and their first token, the model as loaded, the block
+# pipeline streamed perplexity shares with the layer-wise engine, the output head's blocked scan,
+# the zero-shot documents (local files converted, the embedded tasks built).
 EVALUATION_MODULES = ("prunebench.evaluate.perplexity", "prunebench.evaluate.dense_relative", "prunebench.evaluate.zeroshot",
-                      "prunebench.data.windows")
+                      "prunebench.evaluate.local_tasks", "prunebench.evaluate.embedded_tasks",
+                      "prunebench.data.windows", "prunebench.modeling.sequence_start", "prunebench.modeling.output_head",
+                      "prunebench.modeling.models", "prunebench.engines.layerwise")
+# Imported by the evaluation but deciding none of its numbers: errors, progress bars, caches of
+# content-addressed files, atomic writes, the method registry's bookkeeping.
+EVALUATION_INFRASTRUCTURE = ("prunebench.errors", "prunebench.progress", "prunebench.cache", "prunebench.hashing",
+                             "prunebench.typecheck", "prunebench.store.atomic", "prunebench.registry")
 # Shared by every method: mask selection and the sparsity arithmetic.
 METHOD_FRAMEWORK_MODULES = ("prunebench.sparsity.patterns",)
 

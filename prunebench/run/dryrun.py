@@ -20,7 +20,7 @@ from pathlib import Path
 
 from prunebench.errors import UserError
 from prunebench.modeling.models import EMBEDDED_MODELS
-from prunebench.evaluate.zeroshot import LOCAL_TASKS, _stock_root
+from prunebench.evaluate.local_tasks import LOCAL_TASKS, stock_root
 from prunebench.store.records import load_records
 from prunebench.data.stream import check_grid_supply
 from prunebench.run.validate import check_grid, check_results_dir
@@ -243,7 +243,7 @@ def _stock_dataset_path(task: str) -> str | None:
     group's subtasks share the folder's _default_template_yaml); None when not found."""
     if task not in LOCAL_TASKS:
         return None
-    path = _stock_root() / LOCAL_TASKS[task].stock_yaml
+    path = stock_root() / LOCAL_TASKS[task].stock_yaml
     for _ in range(4):  # an include chain is short
         try:
             lines = path.read_text(encoding="utf-8").splitlines()

@@ -22,7 +22,7 @@ from prunebench.errors import UserError
 from prunebench.registry import config_to_dict
 from prunebench.typecheck import check_fields
 from prunebench.sparsity.patterns import SparsitySpec
-from prunebench.evaluate import zeroshot
+from prunebench.evaluate import local_tasks, zeroshot
 from prunebench.data.windows import text_fingerprint
 from prunebench.provenance.identity import file_sha256, sha256_json, tree_sha256
 from prunebench.modeling.models import check_model_spec
@@ -219,17 +219,17 @@ def tasks_data_fingerprint(tasks, data_dir) -> dict:
     for task in zeroshot.resolve_tasks(tasks, data_dir=data_dir):
         if task in zeroshot.EMBEDDED_TASKS:
             out[task] = "embedded:" + text_fingerprint("lee", "eval")["sha256"]
-        elif data_dir is not None and task in zeroshot.LOCAL_TASKS:
+        elif data_dir is not None and task in local_tasks.LOCAL_TASKS:
             files = {}
-            for rel in zeroshot.LOCAL_TASKS[task].inputs:
+            for rel in local_tasks.LOCAL_TASKS[task].inputs:
                 path = Path(data_dir) / "tasks" / rel
                 if not path.exists():
                     raise UserError(f"zero-shot task {task!r}: {path} not found in the data directory",
                                     hint="see shared/data/MANIFEST.md for the expected layout")
                 files[rel] = tree_sha256(path) if path.is_dir() else file_sha256(path)
-            out[task] = f"local:{sha256_json(files)}@lm_eval-{zeroshot._lm_eval_version()}"
+            out[task] = f"local:{sha256_json(files)}@lm_eval-{local_tasks.lm_eval_version()}"
         else:
-            out[task] = f"hub:{task}@lm_eval-{zeroshot._lm_eval_version()}"
+            out[task] = f"hub:{task}@lm_eval-{local_tasks.lm_eval_version()}"
     return out
 
 
