@@ -7,6 +7,11 @@ import torch
 from prunebench.measure import cost
 from prunebench.cli.command import main
 from prunebench.report.cost import pareto_front
+from prunebench.sparsity.n_of_m import nm_packed_bytes
+from prunebench.sparsity.patterns import SparsitySpec
+
+HALF = SparsitySpec.parse("0.5")
+TWO_FOUR = SparsitySpec.parse("2:4")
 
 
 def test_format_sizes_by_hand():
@@ -14,18 +19,20 @@ def test_format_sizes_by_hand():
     assert cost.dense_bytes(128, 2) == 256
     assert cost.bitmask_bytes(128, 64, 2) == 64 * 2 + 16
     assert cost.csr_bytes(8, 64, 2) == 64 * 6 + 4 * 9
-    assert cost.nm_packed_bytes(64, 4, 2) == 64 * 2 + 64 * 2 // 8  # 1.125 bytes per weight at 2:4
-    unstructured = cost.linear_cost("a", 8, 16, 64, "unstructured")
+    assert nm_packed_bytes(64, 4, 2) == 64 * 2 + 64 * 2 // 8  # 1.125 bytes per weight at 2:4
+    unstructured = cost.linear_cost("a", 8, 16, 64, HALF)
     assert unstructured.best == "bitmask" and set(unstructured.formats) == {"dense", "bitmask", "csr"}
-    two_four = cost.linear_cost("a", 8, 16, 64, "N:M", nm=(2, 4))
+    two_four = cost.linear_cost("a", 8, 16, 64, TWO_FOUR)
     assert two_four.best == "2:4 packed" and two_four.best_bytes == 144  # ties with bitmask: structured wins
     # CSR beats the bitmask only when 6 bytes per kept weight undercut 1 bit per weight (> ~98% sparse);
     # a nearly dense layer stays dense
-    assert cost.linear_cost("a", 8, 16, 8, "unstructured").best == "bitmask"
-    assert cost.linear_cost("a", 1, 1024, 4, "unstructured").best == "csr"
-    assert cost.linear_cost("a", 8, 16, 127, "unstructured").best == "dense"
-    hybrid = cost.linear_cost("a", 8, 16, 96, "hybrid", nm=(2, 4), tile=8, dense_elems=64)
-    assert hybrid.formats["dense|2:4 tiles"] == 64 * 2 + cost.nm_packed_bytes(32, 4, 2) + 1
+    assert cost.linear_cost("a", 8, 16, 8, HALF).best == "bitmask"
+    assert cost.linear_cost("a", 1, 1024, 4, HALF).best == "csr"
+    assert cost.linear_cost("a", 8, 16, 127, HALF).best == "dense"
+    # a record's per-layer sparsity of 0.25 puts half the weights in 2:4 tiles
+    hybrid = cost.linear_cost("a", 8, 16, 96, SparsitySpec.parse("hybrid:0.25/8"), sparsity=0.25)
+    assert hybrid.formats["dense|2:4 tiles"] == 64 * 2 + nm_packed_bytes(32, 4, 2) + 1
+    assert hybrid.flops_per_token == 2 * 96
 
 
 def test_model_cost_matches_the_estimates_for_the_embedded_shapes():
@@ -33,12 +40,12 @@ def test_model_cost_matches_the_estimates_for_the_embedded_shapes():
     # 49152 x 576 embedding (METHODS.md section 4: linears ~0.56x, model ~0.65x at 50%)
     block = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
     shape = cost.ModelShape(hidden=576, vocab=49152, layers=30, other_params=49152 * 576 + 61 * 576, head_tied=True)
-    linears = [cost.linear_cost(f"l{i}", r, c, r * c // 2, "unstructured") for i, (r, c) in enumerate(block * 30)]
+    linears = [cost.linear_cost(f"l{i}", r, c, r * c // 2, HALF) for i, (r, c) in enumerate(block * 30)]
     total = cost.model_cost(linears, shape)
     assert total["linear_ratio"] == pytest.approx(0.5625, abs=1e-3)
     assert total["model_ratio"] == pytest.approx(0.65, abs=0.01)
     assert total["flops_ratio"] == pytest.approx(0.65, abs=0.02)
-    dense = cost.model_cost([cost.linear_cost(f"l{i}", r, c, r * c, "dense") for i, (r, c) in enumerate(block * 30)], shape)
+    dense = cost.model_cost([cost.linear_cost(f"l{i}", r, c, r * c) for i, (r, c) in enumerate(block * 30)], shape)
     assert dense["model_ratio"] == 1.0 and dense["formats"] == {"dense": 210}
 
 
@@ -49,7 +56,7 @@ def test_record_linears_reads_pattern_and_per_layer_sparsity():
     a, b = cost.record_linears(record, shapes)
     # every tile 2:4: the tile flags cost a byte more than the bitmask, and the smaller one is chosen
     assert a.pattern == "hybrid" and a.kept == 64 and a.formats["dense|2:4 tiles"] == 145 and a.best == "bitmask"
-    assert b.formats["dense|2:4 tiles"] == 192 * 2 + cost.nm_packed_bytes(32, 4, 2) + 1  # 64 of 256 in 2:4 tiles
+    assert b.formats["dense|2:4 tiles"] == 192 * 2 + nm_packed_bytes(32, 4, 2) + 1  # 64 of 256 in 2:4 tiles
     nm = cost.record_linears({"method": {"name": "wanda"}, "sparsity": {"label": "2:4", "pattern": "2:4",
                                                                       "per_layer": {"a": 0.5, "b": 0.5}}}, shapes)
     assert all(c.best == "2:4 packed" for c in nm)

@@ -28,14 +28,14 @@ def test_every_kernel_gives_the_dense_product():
 
 def test_random_masks_keep_the_records_counts_and_pattern():
     gen = torch.Generator().manual_seed(1)
-    m = speed.random_mask(16, 32, 200, "unstructured", gen)
+    m = speed.random_mask(16, 32, 200, SparsitySpec.parse("0.6"), gen)
     assert int(m.sum()) == 200
-    nm = speed.random_mask(16, 32, 256, "N:M", gen, nm=(2, 4))
+    nm = speed.random_mask(16, 32, 256, SparsitySpec.parse("2:4"), gen)
     check_pattern([("nm", nm.float())], SparsitySpec.parse("2:4"))  # raises if not 2:4
-    tiles = speed.random_mask(16, 32, 16 * 32 - 128, "hybrid", gen, nm=(2, 4), tile=8, nm_elems=256)
+    tiles = speed.random_mask(16, 32, 16 * 32 - 128, SparsitySpec.parse("hybrid:0.25/8"), gen)
     assert int(tiles.sum()) == 16 * 32 - 128
     check_pattern([("tiles", tiles.float())], SparsitySpec.parse("hybrid:0.25/8"))
-    assert bool(speed.random_mask(4, 4, 16, "dense", gen).all())
+    assert bool(speed.random_mask(4, 4, 16, None, gen).all())
     shapes = {"a": (8, 16), "b": (16, 16)}
     record = {"method": {"name": "wanda"}, "sparsity": {"label": "0.5", "pattern": "unstructured", "achieved": 0.5,
                                                         "per_layer": {"a": 0.25, "b": 0.75}}}

@@ -142,8 +142,10 @@ def test_a_bad_method_output_is_a_failed_record(tmp_path, body, sparsity, needle
     assert ok["sparsity"]["checked"]["finite"] and len(ok["sparsity"]["mask_sha256"]) == 64
 
 
-def test_pattern_checkers_are_a_hook(tmp_path):
-    from prunebench.sparsity.checks import OutputCheckError, check_pattern, register_pattern_checker
+def test_pattern_checks_are_a_hook(tmp_path):
+    from prunebench.sparsity.checks import OutputCheckError, check_pattern
+    from prunebench.sparsity.n_of_m import NOfM
+    from prunebench.sparsity.pattern_registry import register_pattern
     from prunebench.sparsity.patterns import SparsitySpec
     import torch
 
@@ -153,14 +155,18 @@ def test_pattern_checkers_are_a_hook(tmp_path):
     with pytest.raises(OutputCheckError, match="keep more than 2"):
         check_pattern([("w", torch.ones(1, 8))], spec)
     calls = []
-    register_pattern_checker("nm", lambda name, w, s: calls.append(name) or None)
+
+    class Lenient(NOfM):
+        def check(self, name, kept, spec):
+            calls.append(name)
+            return None
+
+    builtin = register_pattern(Lenient())
     try:
-        check_pattern([("w", torch.ones(1, 8))], spec)  # the replacement checker decides now
+        check_pattern([("w", torch.ones(1, 8))], spec)  # the replacement pattern's check decides now
         assert calls == ["w"]
     finally:
-        from prunebench.sparsity import checks
-
-        register_pattern_checker("nm", checks._check_nm)
+        register_pattern(builtin)
 
 
 # ---------------------------------------------------------------------------------------------

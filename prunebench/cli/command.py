@@ -507,10 +507,9 @@ def cmd_cost(args) -> int:
         check_model_spec(args.checkpoint)
         loaded, label, source = load_model(args.checkpoint), "", f"checkpoint {args.checkpoint}"
     from prunebench.modeling.models import all_prunable, weight_matrix
-    from prunebench.sparsity.patterns import SparsitySpec
 
     masks = {name: weight_matrix(m).detach() != 0 for name, m in all_prunable(loaded.model).items()}
-    spec = SparsitySpec.parse(label) if label and label not in ("0", "dense") else None
+    spec = costs.spec_of_label(label)
     linears = costs.linears_for_spec(masks, spec, value_bytes=value_bytes)
     total = costs.model_cost(linears, costs.model_shape(loaded.model), context=args.context, value_dtype=args.value_dtype)
     print(f"{source}: {len(linears)} linears, kept {total['kept_fraction']:.4f} of their weights")

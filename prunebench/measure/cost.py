@@ -7,23 +7,30 @@ for n weights of which nnz are kept, values in `value_bytes` (2: bf16):
     dense            n * v
     bitmask          nnz * v + n / 8                (one bit per position)
     csr              nnz * (v + 4) + 4 * (rows + 1) (int32 column index per value, row pointers)
+
+and a pattern's own, from its file in prunebench/sparsity/ (Pattern.storage_formats):
+
     N:M packed       nnz * v + nnz * ceil(log2 M) / 8   (2:4: 1.125 bytes per weight at bf16)
     dense|2:4 tiles  dense tiles n_d * v, 2:4 tiles packed, plus one bit per tile
 
-A pattern can be stored in the formats it satisfies: any mask as dense, bitmask or CSR; a valid
-N:M mask also N:M-packed; a hybrid mask as mixed tiles.  The smallest is reported.
+A mask can be stored in the formats it satisfies: any mask as dense, bitmask or CSR, a mask made
+at a pattern also in that pattern's formats.  The smallest is reported.
 
 FLOPs per token (multiply-adds counted as 2): 2 * nnz per linear (what a kernel that skips the
-zeros computes), the output head 2 * vocab * hidden, and attention's scores and weighted sum
-2 * 2 * context * hidden per layer at a stated context length.  Embeddings and norms are
-negligible and not counted.
+zeros computes; a pattern may count otherwise, Pattern.flops_per_token), the output head
+2 * vocab * hidden, and attention's scores and weighted sum 2 * 2 * context * hidden per layer at
+a stated context length.  Embeddings and norms are negligible and not counted.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from prunebench.sparsity.patterns import hybrid_tiles, tile_sums
+
+from prunebench.errors import UserError
 from prunebench.modeling.models import all_prunable
+from prunebench.sparsity.pattern_base import FLOPS_PER_KEPT_WEIGHT
+from prunebench.sparsity.pattern_registry import pattern_of
+from prunebench.sparsity.patterns import SparsitySpec
 
 VALUE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DEFAULT_VALUE_DTYPE = "bfloat16"  # what a deployed checkpoint stores
@@ -38,11 +45,10 @@ class LinearCost:
     rows: int
     cols: int
     kept: int
-    pattern: str  # "dense", "unstructured", "N:M", "hybrid"
+    spec: SparsitySpec | None  # the pattern the mask follows; None: stored as a plain (dense or any) mask
     formats: dict = field(default_factory=dict)  # format -> bytes (the valid ones)
     best: str = "dense"
-    nm: tuple | None = None  # (N, M) of an N:M pattern or of a hybrid mask's N:M tiles
-    tile: int | None = None  # a hybrid mask's tile side
+    flops_per_token: int = 0
 
     @property
     def numel(self) -> int:
@@ -51,6 +57,19 @@ class LinearCost:
     @property
     def best_bytes(self) -> int:
         return self.formats[self.best]
+
+    # What tells two linears' layouts apart (report/cost.py shares a speed measurement by them).
+    @property
+    def pattern(self) -> str:
+        return "dense" if self.spec is None else self.spec.pattern
+
+    @property
+    def nm(self) -> tuple | None:
+        return (self.spec.n, self.spec.m) if self.spec is not None and self.spec.m else None
+
+    @property
+    def tile(self) -> int | None:
+        return (self.spec.tile or None) if self.spec is not None else None
 
 
 def dense_bytes(n: int, value_bytes: int) -> int:
@@ -65,37 +84,26 @@ def csr_bytes(rows: int, nnz: int, value_bytes: int) -> int:
     return nnz * (value_bytes + INDEX_BYTES) + INDEX_BYTES * (rows + 1)
 
 
-def nm_packed_bytes(nnz: int, m: int, value_bytes: int) -> int:
-    """Kept values plus each one's position inside its group of m (ceil(log2 m) bits)."""
-    return nnz * value_bytes + math.ceil(nnz * max(1, math.ceil(math.log2(m))) / 8)
-
-
-def hybrid_bytes(dense_elems: int, nm_elems: int, n_tiles: int, n: int, m: int, value_bytes: int) -> int:
-    """Dense tiles stored dense, N:M tiles N:M-packed, one bit per tile saying which."""
-    return (dense_elems * value_bytes + nm_packed_bytes(nm_elems * n // m, m, value_bytes)
-            + math.ceil(n_tiles / 8))
-
-
-def linear_cost(name: str, rows: int, cols: int, kept: int, pattern: str, *, nm: tuple | None = None,
-                tile: int | None = None, dense_elems: int | None = None,
+def linear_cost(name: str, rows: int, cols: int, kept: int, spec: SparsitySpec | None = None, *,
+                mask=None, sparsity: float | None = None,
                 value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> LinearCost:
-    """The valid formats of one linear and the smallest.  `nm`: (N, M) for an N:M pattern and for
-    the 2:4 inside hybrid tiles; `tile`, `dense_elems`: a hybrid mask's tile size and how many
-    weights sit in dense tiles."""
+    """The valid formats of one linear and the smallest.  `spec`: the pattern its mask follows,
+    whose own formats count too; the pattern reads its layout from `mask` (bool [out, in]) where
+    there is one, else from `sparsity`, the linear's sparsity in a record."""
     n = rows * cols
     formats = {"dense": dense_bytes(n, value_bytes)}
     if kept < n:
         formats["bitmask"] = bitmask_bytes(n, kept, value_bytes)
         formats["csr"] = csr_bytes(rows, kept, value_bytes)
-    if pattern == "N:M" and nm is not None:
-        formats[f"{nm[0]}:{nm[1]} packed"] = nm_packed_bytes(kept, nm[1], value_bytes)
-    if pattern == "hybrid" and nm is not None and tile and dense_elems is not None:
-        n_tiles = math.ceil(rows / tile) * math.ceil(cols / tile)
-        formats["dense|2:4 tiles"] = hybrid_bytes(dense_elems, n - dense_elems, n_tiles, nm[0], nm[1], value_bytes)
+    flops = FLOPS_PER_KEPT_WEIGHT * kept
+    if spec is not None:
+        pattern = pattern_of(spec.pattern)
+        formats.update(pattern.storage_formats(spec, rows, cols, kept, value_bytes, mask=mask, sparsity=sparsity))
+        flops = pattern.flops_per_token(kept)
     # on a tie the structured format wins (what hardware accelerates), then bitmask, CSR, dense
     rank = {"dense": 3, "csr": 2, "bitmask": 1}
     best = min(formats, key=lambda k: (formats[k], rank.get(k, 0)))
-    return LinearCost(name, rows, cols, kept, pattern, formats, best, nm=tuple(nm) if nm else None, tile=tile)
+    return LinearCost(name, rows, cols, kept, spec, formats, best, flops)
 
 
 @dataclass
@@ -119,8 +127,8 @@ def model_cost(linears: list, shape: ModelShape, *, context: int = DEFAULT_CONTE
     other = shape.other_params * value_bytes
     head = 2 * shape.vocab * shape.hidden
     attention = 2 * 2 * context * shape.hidden * shape.layers
-    flops = 2 * sum(c.kept for c in linears) + head + attention
-    dense_flops = 2 * sum(c.numel for c in linears) + head + attention
+    flops = sum(c.flops_per_token for c in linears) + head + attention
+    dense_flops = FLOPS_PER_KEPT_WEIGHT * sum(c.numel for c in linears) + head + attention
     formats = {}
     for c in linears:
         formats[c.best] = formats.get(c.best, 0) + 1
@@ -137,64 +145,48 @@ def model_cost(linears: list, shape: ModelShape, *, context: int = DEFAULT_CONTE
     }
 
 
-def record_linears(record: dict, shapes: dict, value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
-    """LinearCost per prunable linear of a run record, from its per-layer sparsity and pattern.
+# Labels of a cell that prunes nothing: the dense cell's, and a zero target.
+DENSE_LABELS = ("0", "dense")
 
-    shapes: name -> (rows, cols) of the model the record pruned.  A hybrid record's per-layer
-    sparsity s puts 2 s of the layer's weights in 2:4 tiles (a 2:4 tile is exactly half zero)."""
+
+def spec_of_label(label: str) -> SparsitySpec | None:
+    """The spec a record's (or a mask file's) sparsity label names; None for a dense one."""
+    return None if not label or label in DENSE_LABELS else SparsitySpec.parse(label)
+
+
+def record_linears(record: dict, shapes: dict, value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
+    """LinearCost per prunable linear of a run record, from its per-layer sparsity and the pattern
+    its label names (a label no pattern reads: costed as a plain mask).
+
+    shapes: name -> (rows, cols) of the model the record pruned.  A fully kept linear is dense."""
     sp = record.get("sparsity") or {}
     per_layer = sp.get("per_layer") or {}
     label = str(sp.get("label") or "")
-    pattern_name = str(sp.get("pattern") or "unstructured")
-    is_dense = (record.get("method") or {}).get("name") == "dense" or label in ("0", "dense")
+    is_dense = (record.get("method") or {}).get("name") == "dense" or label in DENSE_LABELS
+    try:
+        spec = None if is_dense else spec_of_label(label)
+    except UserError:
+        spec = None
     out = []
     for name, (rows, cols) in shapes.items():
         n = rows * cols
         sparsity = 0.0 if is_dense else float(per_layer.get(name, sp.get("achieved") or 0.0))
         kept = n - int(round(sparsity * n))
-        vb = {"value_bytes": value_bytes}
-        if is_dense or kept == n:
-            out.append(linear_cost(name, rows, cols, n, "dense", **vb))
-        elif label.startswith("hybrid:"):
-            tile = int(label.rsplit("/", 1)[1]) if "/" in label else 128
-            in_nm = min(n, int(round(2 * sparsity * n)))
-            out.append(linear_cost(name, rows, cols, kept, "hybrid", nm=(2, 4), tile=tile, dense_elems=n - in_nm, **vb))
-        elif ":" in pattern_name:
-            n_keep, m = (int(x) for x in pattern_name.split(":"))
-            out.append(linear_cost(name, rows, cols, kept, "N:M", nm=(n_keep, m), **vb))
+        if kept == n:
+            out.append(linear_cost(name, rows, cols, n, value_bytes=value_bytes))
         else:
-            out.append(linear_cost(name, rows, cols, kept, "unstructured", **vb))
+            out.append(linear_cost(name, rows, cols, kept, spec, sparsity=sparsity, value_bytes=value_bytes))
     return out
 
 
-def linears_for_spec(masks: dict, spec=None, value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
-    """linears_from_masks for masks made at a SparsitySpec (None: dense or unknown), which says
-    the pattern their storage formats may use."""
-    if spec is None:
-        return linears_from_masks(masks, value_bytes=value_bytes)
-    pattern = {"hybrid": "hybrid", "nm": "N:M"}.get(spec.pattern, "unstructured")
-    return linears_from_masks(masks, pattern, nm=(spec.n, spec.m) if spec.m else None, tile=spec.tile or None,
-                              value_bytes=value_bytes)
-
-
-def linears_from_masks(masks: dict, pattern: str = "unstructured", *, nm: tuple | None = None,
-                       tile: int | None = None, value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
-    """LinearCost per mask (name -> bool [out, in]) of saved masks or a live model's zeros."""
-    import torch
-
+def linears_for_spec(masks: dict, spec: SparsitySpec | None = None,
+                     value_bytes: int = VALUE_BYTES[DEFAULT_VALUE_DTYPE]) -> list:
+    """LinearCost per mask (name -> bool [out, in]) of saved masks or a live model's zeros, made at
+    `spec` (None: dense or unknown), whose pattern says which storage formats they may use."""
     out = []
     for name, mask in masks.items():
         rows, cols = mask.shape
-        kept = int(mask.sum())
-        if pattern == "hybrid" and tile:
-            kinds = hybrid_tiles(mask, tile, *(nm or (2, 4)))
-            sizes = tile_sums(torch.ones(mask.shape), tile)
-            dense_elems = int(sizes[~kinds["nm"]].sum())
-            out.append(linear_cost(name, rows, cols, kept, "hybrid", nm=nm or (2, 4), tile=tile,
-                                   dense_elems=dense_elems, value_bytes=value_bytes))
-        else:
-            out.append(linear_cost(name, rows, cols, kept, pattern if kept < mask.numel() else "dense", nm=nm,
-                                   value_bytes=value_bytes))
+        out.append(linear_cost(name, rows, cols, int(mask.sum()), spec, mask=mask, value_bytes=value_bytes))
     return out
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from prunebench.modeling.models import all_prunable, weight_matrix
-from prunebench.sparsity.patterns import nm_mask
+from prunebench.sparsity.pattern_registry import pattern_of
 
 KERNELS = ("dense", "torch-csr", "torch-bsr", "scipy-csr")
 BSR_BLOCK = 16  # torch BSR block side (only blocks holding a kept weight are stored)
@@ -144,36 +144,17 @@ def measure(model, *, tokens: int = DECODE_TOKENS, prompt_tokens: int = PROMPT_T
             "dense_ms_per_token": 1e3 * dense_s / tokens, "kernels": dict(sorted(counts.items()))}
 
 
-def random_mask(rows: int, cols: int, kept: int, pattern: str, gen: torch.Generator, *, nm=None, tile=None,
-                nm_elems: int = 0) -> torch.Tensor:
-    """A bool [rows, cols] mask with `kept` kept weights in `pattern` ('dense', 'unstructured',
-    'N:M', 'hybrid' with `nm_elems` weights in N:M tiles of side `tile`), at random positions."""
+def random_mask(rows: int, cols: int, kept: int, spec, gen: torch.Generator) -> torch.Tensor:
+    """A bool [rows, cols] mask with `kept` kept weights at random positions, in the pattern of
+    `spec` (a SparsitySpec; None: dense), drawn by the pattern (Pattern.random_mask)."""
     n = rows * cols
-    if pattern == "dense" or kept >= n:
+    if spec is None or kept >= n:
         return torch.ones(rows, cols, dtype=torch.bool)
-    scores = torch.rand(rows, cols, generator=gen)
-    if pattern == "N:M":
-        return nm_mask(scores, *nm)
-    if pattern == "hybrid":
-        grid_r, grid_c = -(-rows // tile), -(-cols // tile)
-        n_tiles = min(grid_r * grid_c, round(nm_elems / (tile * tile)))
-        chosen = torch.randperm(grid_r * grid_c, generator=gen)[:n_tiles]
-        in_nm = torch.zeros(grid_r * grid_c, dtype=torch.bool)
-        in_nm[chosen] = True
-        in_nm = in_nm.view(grid_r, grid_c).repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:rows, :cols]
-        return torch.where(in_nm, nm_mask(scores, *nm), torch.ones_like(in_nm))
-    flat = torch.zeros(n, dtype=torch.bool)
-    flat[torch.randperm(n, generator=gen)[:kept]] = True
-    return flat.view(rows, cols)
+    scores = torch.rand(rows, cols, generator=gen)  # drawn whatever the pattern uses: later linears' masks depend on it
+    return pattern_of(spec.pattern).random_mask(spec, kept, scores, gen)
 
 
 def masks_like(linears: list, seed: int = 0) -> dict:
     """name -> random mask with each LinearCost's kept count and pattern (prunebench.measure.cost)."""
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for c in linears:
-        nm_elems = 0
-        if c.pattern == "hybrid":
-            nm_elems = 2 * (c.numel - c.kept)  # a 2:4 tile is exactly half zero
-        out[c.name] = random_mask(c.rows, c.cols, c.kept, c.pattern, gen, nm=c.nm, tile=c.tile, nm_elems=nm_elems)
-    return out
+    return {c.name: random_mask(c.rows, c.cols, c.kept, c.spec, gen) for c in linears}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prunebench import registry
 from prunebench.hashing import file_sha256, sha256_json, sha256_text, tree_sha256  # noqa: F401  (callers' names)
+from prunebench.sparsity.pattern_registry import builtin_pattern_modules
 from prunebench.version import __version__
 
 # The framework code that decides what an evaluation computes: a change here is a new key for
@@ -29,8 +30,10 @@ EVALUATION_MODULES = ("prunebench.evaluate.perplexity", "prunebench.evaluate.den
 # content-addressed files, atomic writes, the method registry's bookkeeping.
 EVALUATION_INFRASTRUCTURE = ("prunebench.errors", "prunebench.progress", "prunebench.cache", "prunebench.hashing",
                              "prunebench.typecheck", "prunebench.store.atomic", "prunebench.registry")
-# Shared by every method: mask selection and the sparsity arithmetic.
-METHOD_FRAMEWORK_MODULES = ("prunebench.sparsity.patterns",)
+# Shared by every method: mask selection and the sparsity arithmetic, with the patterns that read,
+# complete and check a spec (the base class, the registry and each built-in pattern's file).
+METHOD_FRAMEWORK_MODULES = ("prunebench.sparsity.patterns", "prunebench.sparsity.pattern_base",
+                            "prunebench.sparsity.pattern_registry", *builtin_pattern_modules())
 
 
 def module_source_sha256(module_name: str) -> str:

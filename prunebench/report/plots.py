@@ -39,6 +39,7 @@ from prunebench.report.tables import (
     resolve_tasks,
     sparsity_label_order,
 )
+from prunebench.sparsity.pattern_registry import nominal_sparsity, pattern_of_record_name
 
 DEFAULT_FORMATS = ("png",)
 LINE_FIGURE_SIZE = (5.0, 3.6)
@@ -87,16 +88,16 @@ def _model_rows(df: pd.DataFrame, model: str) -> pd.DataFrame:
     return frame[frame["model"].astype(str).str.lower() == str(model).lower()]
 
 
-_NM = re.compile(r"(\d+):(\d+)")
-
-
 def _nominal_sparsity(row: pd.Series) -> float:
     """Fraction of weights removed by the row's target: N:M keeps N of every M; a hybrid tile
-    pattern's target is its effective sparsity."""
-    match = _NM.fullmatch(str(row["pattern"]))
-    if match:
-        return 1.0 - int(match.group(1)) / int(match.group(2))
-    return float(row["sparsity"])
+    pattern's target is its effective sparsity (Pattern.nominal_sparsity)."""
+    return nominal_sparsity(str(row["pattern"]), row["sparsity"])
+
+
+def _fixes_its_target(pattern_name) -> bool:
+    """Does the record's pattern fix its own amount (N:M): one point, not a line over targets?"""
+    pattern = pattern_of_record_name(str(pattern_name))
+    return pattern is not None and pattern.fixed_target
 
 
 def _plot_against_sparsity(rows: pd.DataFrame, values: pd.Series, ylabel: str, title: str,
@@ -115,7 +116,7 @@ def _plot_against_sparsity(rows: pd.DataFrame, values: pd.Series, ylabel: str, t
         for pattern in sorted(mine["pattern"].unique(), key=lambda p: (p != DEFAULT_PATTERN, p)):
             rows_of = mine[mine["pattern"] == pattern]
             label = method_display_name(method) + ("" if pattern == DEFAULT_PATTERN else f" ({pattern})")
-            if _NM.fullmatch(str(pattern)):  # one point per N:M pattern
+            if _fixes_its_target(pattern):  # one point per N:M pattern
                 for _, row in rows_of.iterrows():
                     axes.errorbar([_nominal_sparsity(row) * PERCENT], [row["_value"]], yerr=_yerr([row["_sd"]]),
                                   marker="s", linestyle="none", capsize=3, label=label)

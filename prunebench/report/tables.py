@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -49,6 +48,8 @@ from prunebench.report.paper import (
     task_display_name,
 )
 from prunebench import registry
+from prunebench.sparsity.hybrid import LABEL as HYBRID_LABEL
+from prunebench.sparsity.pattern_registry import display_label, label_from_record, label_sort_key
 
 # Rows go by the kind each method's class declares in the registry (dense, then layer-wise, then
 # learned), then by display name; the report itself lists no method.
@@ -140,37 +141,18 @@ def format_number(value: float | None, decimals: int = DISPLAY_DECIMALS) -> str:
     return f"{round_printed(value, decimals):.{decimals}f}"
 
 
-HYBRID_LABEL = re.compile(r"hybrid:([0-9.]+)/(\d+)")
-
-
 def format_sparsity_label(label: str) -> str:
-    """"0.5" -> "50%", "2:4" -> "2:4", "hybrid:0.35/64" -> "35% tiles/64", "dense" -> "dense"."""
-    hybrid = HYBRID_LABEL.fullmatch(str(label))
-    if hybrid:
-        return f"{float(hybrid.group(1)) * PERCENT:g}% tiles/{hybrid.group(2)}"
-    try:
-        return f"{float(label) * PERCENT:g}%"
-    except ValueError:
-        return label
+    """"0.5" -> "50%", "2:4" -> "2:4", "hybrid:0.35/64" -> "35% tiles/64", "dense" -> "dense": as
+    each label's pattern prints it (Pattern.display_label)."""
+    return display_label(label)
 
 
 def sparsity_label_order(label: str) -> tuple:
     """Sort key: dense, then unstructured targets ascending, then N:M patterns, then dense-or-2:4
-    tiles by effective sparsity, then the rest."""
+    tiles by effective sparsity (each pattern's label_rank), then the rest."""
     if label == DENSE_LABEL:
         return (0, 0.0, label)
-    hybrid = HYBRID_LABEL.fullmatch(str(label))
-    if hybrid:
-        return (2.5, float(hybrid.group(1)), label)
-    try:
-        return (1, float(label), label)
-    except ValueError:
-        pass
-    match = re.fullmatch(r"(\d+):(\d+)", label)
-    if match:
-        kept, group = int(match.group(1)), int(match.group(2))
-        return (2, 1.0 - kept / group, label)
-    return (3, 0.0, label)
+    return label_sort_key(label)
 
 
 def method_order(method: str) -> tuple:
@@ -194,10 +176,7 @@ def model_order(model_id: str) -> tuple:
 def _derive_sparsity_label(row: pd.Series) -> str:
     if row["method"] == "dense":
         return DENSE_LABEL
-    pattern = str(row.get("pattern", DEFAULT_PATTERN))
-    if pattern != DEFAULT_PATTERN:
-        return pattern
-    return f"{float(row['sparsity']):g}"
+    return label_from_record(str(row.get("pattern", DEFAULT_PATTERN)), row["sparsity"])
 
 
 def ok_rows(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,9 +1,10 @@
 """The conformance checks every registered method must pass, on tiny models of several families.
 
-For each family and each sparsity spec the method supports: the output passes the runner's own
-checks (finite weights, valid pattern, achieved sparsity within tolerance at the scope the method
-reports; every other parameter the dense model's, and the kept weights unchanged unless the method
-declares weight updates, then bounded), and a second run with the same seed gives the same masks.
+For each family and each sparsity spec the method supports (every registered pattern's examples,
+Pattern.examples): the output passes the runner's own checks (finite weights, valid pattern,
+achieved sparsity within tolerance at the scope the method reports; every other parameter the
+dense model's, and the kept weights unchanged unless the method declares weight updates, then
+bounded), and a second run with the same seed gives the same masks.
 tests/test_conformance.py runs this for every built-in; `prunebench check --plugin FILE` runs it
 for a plugin's methods.
 """
@@ -17,12 +18,11 @@ from prunebench.errors import UserError
 from prunebench.sparsity.checks import DenseReference, OutputCheckError, check_output, effective_scope
 from prunebench.modeling.models import TINY_FAMILIES, all_prunable, load_tiny, weight_matrix
 from prunebench.registry import PruneContext, declares_weight_updates
+from prunebench.sparsity.pattern_registry import example_specs
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench import registry
 from prunebench.data.windows import WindowSpec, calibration_windows
 from prunebench.modeling.models import tiny_tokenizer
-
-SPECS = ("0.5", "0.6@layer", "2:4", "hybrid:0.35/16")
 
 
 def suite_config(method: str) -> dict:
@@ -74,8 +74,10 @@ def _prune_tiny(method, family, spec, calibration, *, config=None, seed=0, check
     return weights, report, found
 
 
-def check_method(method: str, families=TINY_FAMILIES, specs=SPECS, calibration=None, config=None) -> list[Outcome]:
+def check_method(method: str, families=TINY_FAMILIES, specs=None, calibration=None, config=None) -> list[Outcome]:
+    """specs: spec texts to run (None: every registered pattern's examples)."""
     cls = registry.get(method)
+    specs = example_specs() if specs is None else specs
     allocation = getattr(registry.create(method, suite_config(method) if config is None else config), "allocation", None)
     calibration = calibration_for_tests() if calibration is None else calibration
     outcomes = []

@@ -1,11 +1,11 @@
 """What the runner verifies in every method's output, built-in or plugin, before a record says ok.
 
 1. Every prunable weight is finite.
-2. The pruned pattern is the spec's pattern: each pattern has a checker, registered here by name
-   (`register_pattern_checker`), so a new pattern (a hybrid dense/2:4 tile layout, say) brings
-   its own through the same hook.
+2. The pruned pattern is the spec's pattern: each pattern's class checks its own (Pattern.check,
+   prunebench/sparsity/pattern_registry.py), so a new pattern brings its check in its own file.
 3. The achieved sparsity of that pattern is within SPARSITY_TOLERANCE of the target at the scope
-   the method reports it used (per row, per layer, or over all layers together).
+   the method reports it used (per row, per layer, or over all layers together), or at the one
+   scope the pattern fixes (Pattern.checked_scope: per layer for N:M).
 4. Every parameter the method was not asked to change (embeddings, norms, biases, the output
    head: everything but the decoder linears' weights) is the dense model's, bit for bit
    (`check_against_dense`, against a `DenseReference` taken before pruning).
@@ -28,12 +28,12 @@ from __future__ import annotations
 import hashlib
 import statistics
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from prunebench.modeling.models import all_prunable, is_conv1d, snapshot_prunable
-from prunebench.sparsity.patterns import SparsitySpec, hybrid_tiles
+from prunebench.sparsity.pattern_registry import pattern_of
+from prunebench.sparsity.patterns import SparsitySpec
 
 # Achieved sparsity may differ from the target by this much (a fraction: 0.005 = half a point) at
 # the checked scope, plus the rounding of one weight per checked unit (row or layer).
@@ -50,46 +50,6 @@ class OutputCheckError(Exception):
     """A method's output does not satisfy the cell's spec."""
 
 
-# pattern name -> checker(name, weight [out, in], spec) -> None or a reason string
-PatternChecker = Callable[[str, torch.Tensor, SparsitySpec], "str | None"]
-_PATTERN_CHECKERS: dict[str, PatternChecker] = {}
-
-
-def register_pattern_checker(pattern: str, checker: PatternChecker) -> None:
-    _PATTERN_CHECKERS[pattern] = checker
-
-
-def _check_nm(name: str, weight: torch.Tensor, spec: SparsitySpec) -> str | None:
-    rows, cols = weight.shape
-    full = cols - cols % spec.m
-    if full == 0:
-        return None
-    kept = (weight[:, :full] != 0).reshape(rows, full // spec.m, spec.m).sum(-1)
-    bad = int((kept > spec.n).sum())
-    if bad:
-        return f"{name}: {bad} of {kept.numel()} groups of {spec.m} keep more than {spec.n} (not {spec.pattern_name})"
-    return None
-
-
-def _check_hybrid(name: str, weight: torch.Tensor, spec: SparsitySpec) -> str | None:
-    tiles = hybrid_tiles(weight != 0, spec.tile, spec.n, spec.m)
-    bad = tiles["counts"]["invalid"]
-    if bad:
-        r, c = (int(i) for i in tiles["invalid"].nonzero()[0])
-        return (f"{name}: {bad} of {tiles['invalid'].numel()} tiles of {spec.tile} x {spec.tile} are neither dense nor "
-                f"{spec.n}:{spec.m} (first: tile row {r}, column {c})")
-    return None
-
-
-def _check_unstructured(name: str, weight: torch.Tensor, spec: SparsitySpec) -> str | None:
-    return None  # any zero pattern is unstructured; the amount is checked by check_sparsity
-
-
-register_pattern_checker("nm", _check_nm)
-register_pattern_checker("unstructured", _check_unstructured)
-register_pattern_checker("hybrid", _check_hybrid)
-
-
 def check_finite(named_weights) -> None:
     for name, w in named_weights:
         if not torch.isfinite(w).all():
@@ -100,11 +60,9 @@ def check_finite(named_weights) -> None:
 def check_pattern(named_weights, spec: SparsitySpec) -> None:
     """named_weights: (name, [out, in] tensor) pairs whose zeros (False) are the pruned weights:
     weights, or keep-masks (kept_masks)."""
-    checker = _PATTERN_CHECKERS.get(spec.pattern)
-    if checker is None:
-        raise OutputCheckError(f"no checker is registered for the {spec.pattern_name} pattern")
+    pattern = pattern_of(spec.pattern)
     for name, w in named_weights:
-        reason = checker(name, w, spec)
+        reason = pattern.check(name, w, spec)
         if reason:
             raise OutputCheckError(reason)
 
@@ -113,12 +71,12 @@ def check_sparsity(named_weights, spec: SparsitySpec, scope: str | None, toleran
     """Achieved sparsity against the target, at `scope` (row | layer | global), counting the
     zeros (False) of weights or keep-masks (kept_masks).
 
-    N:M specs are checked per layer (an N:M mask is exactly 1 - N/M except in a short trailing
-    group).
+    A pattern that fixes its scope is checked at it (N:M per layer: an N:M mask is exactly 1 - N/M
+    except in a short trailing group).
     """
     named = list(named_weights)
     target = spec.target
-    scope = "layer" if spec.pattern == "nm" else (scope or "global")
+    scope = pattern_of(spec.pattern).checked_scope or scope or "global"
     if scope == "global":
         zeros = sum(int((w == 0).sum()) for _, w in named)
         total = sum(w.numel() for _, w in named)
@@ -182,7 +140,7 @@ def check_output(named_weights, spec: SparsitySpec, scope: str | None, *, dense:
         for name, k in kept:
             check_pattern([(name, k)], layer_specs[name])
             check_sparsity([(name, k)], layer_specs[name], per_layer_scope)
-        if spec.pattern != "nm":
+        if pattern_of(spec.pattern).checked_scope is None:
             # Each block's target is truncated per row (or layer): allow that rounding once more.
             unit = max((1.0 / k.shape[1] if per_layer_scope == "row" else 1.0 / k.numel()) for _, k in kept)
             check_sparsity(kept, spec, "global", tolerance=SPARSITY_TOLERANCE + unit)
@@ -239,8 +197,9 @@ def kept_masks(named, masks: dict | None, dense_weights: dict | None = None, *, 
 def effective_scope(spec: SparsitySpec, reported: str | None) -> str:
     """The scope to check: the one the method reports using; an explicit scope in the spec must
     be the one used (a method may not quietly widen '0.5@row' to a global budget)."""
-    if spec.pattern == "nm":
-        return "layer"
+    fixed = pattern_of(spec.pattern).checked_scope
+    if fixed:
+        return fixed
     if spec.scope is not None and reported is not None and reported != spec.scope:
         raise OutputCheckError(f"the spec asks for sparsity per {spec.scope}, but the method used scope {reported!r}")
     return reported or spec.scope or "global"
