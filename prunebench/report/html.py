@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import importlib
 import json
 import logging
 import math
@@ -26,27 +25,18 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from prunebench.store.atomic import write_text_atomic
-from prunebench.report import dense_relative as rel
-from prunebench.report import tables
-from prunebench.report.paper import (PAPER_BASELINE, PERCENT, dataset_display_name, method_display_name,
-                                     model_display_name, task_display_name)
-from prunebench.report.tables import (
-    format_number,
-    format_sd,
-    format_sparsity_label,
-    gain_table,
-    layout_caption,
-    method_order,
-    model_order,
-    ok_rows,
-    paper_layout,
-    paper_reference_frame,
-    perplexity_sds,
-    perplexity_tables,
-    ppl_seqlens,
-    sparsity_label_order,
-    summarize_gains,
-)
+from prunebench.report.differences import DENSE_RELATIVE_METRICS, EVAL_ONLY
+from prunebench.report.format import (EVAL_NOISE_ONLY, dataset_display_name, format_difference, format_number,
+                                      format_sd, format_sparsity_label, method_display_name, method_order,
+                                      model_display_name, model_order, sparsity_label_order, task_display_name)
+from prunebench.report.frame import ok_rows, ppl_seqlens
+from prunebench.report.paper import PERCENT, paper_reference_frame, reference_paper
+from prunebench.report.tables import dense_relative as rel
+from prunebench.report.tables.comparisons import comparisons_frame
+from prunebench.report.tables.gains import baseline_name, gain_table, learned_methods, summarize_gains
+from prunebench.report.tables.main_table import paper_layout
+from prunebench.report.tables.main_table_text import layout_caption
+from prunebench.report.tables.perplexity import perplexity_sds, perplexity_tables
 
 log = logging.getLogger("prunebench")
 
@@ -118,10 +108,9 @@ def _layout_cell(cell, with_paper: bool) -> str:
               + "".join(marker.symbol for marker in cell.markers))
     if with_paper and cell.paper is not None:
         text += f' <span class="paper">({_e(format_number(cell.paper))})</span>'
-    # The difference from the dense row, where tables.py computes one (getattr: until it lands).
-    difference, formatter = getattr(cell, "difference", None), getattr(tables, "format_difference", None)
-    if difference is not None and getattr(difference, "diff", None) is not None and formatter:
-        text += f'<br><span class="diff">{_e(formatter(difference))}</span>'
+    # The difference from the dense row, where the table computes one.
+    if cell.difference is not None and cell.difference.diff is not None:
+        text += f'<br><span class="diff">{_e(format_difference(cell.difference))}</span>'
     return text
 
 
@@ -150,10 +139,10 @@ def _main_table_section(df: pd.DataFrame) -> str:
 
 def _gains_section(df: pd.DataFrame) -> str:
     gains = gain_table(df)
-    baseline = method_display_name(PAPER_BASELINE)
+    baseline = baseline_name(None)
     title = f"<h2 id=\"gains\">Average-accuracy gain over {_e(baseline)} (points)</h2>"
     if gains.empty:
-        learned = " or ".join(method_display_name(m) for m in tables.learned_methods())
+        learned = " or ".join(method_display_name(m) for m in learned_methods())
         return title + f'<p class="empty">No setting has results for both {_e(learned)} and {_e(baseline)}.</p>'
     with_ci = "gain_lo" in gains.columns
     headers = ([("Model", "text"), ("Sparsity", "text"), ("Method", "text"), ("Avg", "num"),
@@ -212,8 +201,8 @@ def _dense_relative_section(df: pd.DataFrame) -> str:
     rows = [f"<tr><td>{_e(model_display_name(r['model']))}</td><td>{_e(dataset_display_name(r['dataset']))}</td>"
             f"<td>{_e(method_display_name(r['method']))}</td><td>{_e(format_sparsity_label(r['sparsity']))}</td>"
             + _td(_e(str(r["n_seeds"])), sort=r["n_seeds"], css="r")
-            + "".join(_td(_e(rel._fmt(r[m], r[f"{m}_lo"], r[f"{m}_hi"], 0 if m == "top1" else 3)), sort=r[m], css="r")
-                      for m in rel.METRICS)
+            + "".join(_td(_e(rel.format_metric(r[m], r[f"{m}_lo"], r[f"{m}_hi"], 0 if m == "top1" else 3)), sort=r[m], css="r")
+                      for m in DENSE_RELATIVE_METRICS)
             + _td(_e(str(r["k"])), sort=r["k"], css="r") + "</tr>"
             for _, r in frame.iterrows()]
     return ('<h2 id="dense-relative">Distance from the dense model</h2>'
@@ -223,28 +212,13 @@ def _dense_relative_section(df: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------- comparisons (95% CIs)
 
 def default_comparisons(df: pd.DataFrame) -> pd.DataFrame | None:
-    """The comparison intervals, if the function that computes them is available.
-
-    It is being written alongside this module; until build.py passes its frame explicitly, look it
-    up defensively so a missing or half-finished module never breaks the report.
-    """
-    for module_name in ("prunebench.report.uncertainty", "prunebench.report.tables"):
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        except Exception as exc:  # a module mid-edit must not take the report down
-            log.warning("html report: cannot import %s: %s", module_name, exc)
-            continue
-        for name in ("comparison_intervals", "comparisons_frame", "comparisons"):
-            function = getattr(module, name, None)
-            if callable(function):
-                try:
-                    return function(df)
-                except Exception as exc:
-                    log.warning("html report: %s.%s failed: %s", module_name, name, exc)
-                    return None
-    return None
+    """Every comparison with its interval (tables/comparisons.py); if that fails, the page goes
+    without them (logged) rather than not at all."""
+    try:
+        return comparisons_frame(df)
+    except Exception as exc:
+        log.warning("html report: comparisons_frame failed: %s", exc)
+        return None
 
 
 def _interval_svg(lo: float, hi: float, diff: float, left: float, right: float, significant: bool) -> str:
@@ -280,7 +254,7 @@ def _significance_text(label: str, row) -> str:
     evaluation-only marker when a seed-dependent side has one seed."""
     a, b = row.n_seeds, row.baseline_n_seeds
     text = label if _missing(a) or _missing(b) else f"{label} ({int(a)} vs {int(b)})"
-    return text + (tables.EVAL_NOISE_ONLY.symbol if row.noise == tables.EVAL_ONLY else "")
+    return text + (EVAL_NOISE_ONLY.symbol if row.noise == EVAL_ONLY else "")
 
 
 def _noise_text(row) -> str:
@@ -797,7 +771,7 @@ def render_html(df: pd.DataFrame, records: Sequence[dict], *, plots: Sequence[st
     dates = sorted(str(r["created_at"])[:10] for r in records if r.get("created_at"))
     span = (f" · run {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "")) if dates else ""
     sections = [
-        '<h2 id="main">Main table (the LEAP paper\'s layout)</h2>', _main_table_section(df),
+        f'<h2 id="main">Main table (the {_e(reference_paper().name)} paper\'s layout)</h2>', _main_table_section(df),
         _gains_section(df), _perplexity_section(df), _dense_relative_section(df), _comparisons_section(comparisons),
         _reproduction_section(reproduction, reproduction_problem), _plots_section(plots),
         _cells_section(records), _heatmap_section(records),
