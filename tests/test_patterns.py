@@ -11,7 +11,8 @@ import torch
 from prunebench.errors import UserError
 from prunebench.measure import cost, speed
 from prunebench.provenance import identity
-from prunebench.report.tables import format_sparsity_label, ok_rows, sparsity_label_order
+from prunebench.report.format import format_sparsity_label, sparsity_label_order
+from prunebench.report.frame import ok_rows
 from prunebench.sparsity import pattern_registry
 from prunebench.sparsity.checks import OutputCheckError, check_output, effective_scope
 from prunebench.sparsity.pattern_base import Pattern

@@ -11,8 +11,6 @@ import pytest
 
 from prunebench.report import (
     BEST_LAYERWISE,
-    PAPER_HEADLINE_GAIN,
-    PAPER_TASKS,
     build_paper_report,
     cells_frame,
     gain_table,
@@ -20,21 +18,20 @@ from prunebench.report import (
     paper_layout,
     paper_reference_frame,
     perplexity_tables,
+    reference_paper,
     render_latex,
     render_markdown,
     summarize_gains,
     write_plots,
 )
-from prunebench.report.paper import PAPER_MODEL_IDS
+from prunebench.report.format import AVG_INCONSISTENT, AVG_PARTIAL, AVG_ROUNDING, round_printed, sparsity_label_order
 from prunebench.report.plots import plot_accuracy_vs_sparsity, plot_perplexity_vs_sparsity
-from prunebench.report.tables import (
-    AVG_INCONSISTENT,
-    AVG_PARTIAL,
-    AVG_ROUNDING,
-    render_perplexity_markdown,
-    round_printed,
-    sparsity_label_order,
-)
+from prunebench.report.tables.perplexity import render_perplexity_markdown
+
+# The LEAP paper's data files (prunebench/report/published/).
+PAPER_TASKS = reference_paper().tasks
+PAPER_MODEL_IDS = reference_paper().model_ids
+PAPER_HEADLINE_GAIN = reference_paper().headline_gain
 
 LEAP_MD = Path(__file__).resolve().parents[1].parent / "shared" / "LEAP.md"
 MARKER_SYMBOLS = "*°†‡§"
@@ -406,8 +403,7 @@ def test_paper_plots_with_pdf(tmp_path):
 def test_the_report_takes_kinds_and_names_from_the_registry():
     from prunebench import registry
     from prunebench.report import learned_methods, layerwise_methods
-    from prunebench.report.paper import method_display_name
-    from prunebench.report.tables import format_sparsity_label, method_order, sparsity_label_order
+    from prunebench.report.format import format_sparsity_label, method_display_name, method_order, sparsity_label_order
 
     assert {"leap", "maskllm", "patch"} <= set(learned_methods())
     assert {"magnitude", "wanda", "sparsegpt", "admm"} <= set(layerwise_methods())

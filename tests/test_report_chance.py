@@ -1,7 +1,7 @@
 """The report marks the zero-shot tasks a model's dense accuracy cannot tell from guessing."""
 import pandas as pd
 
-from prunebench.report.chance import near_chance_frame, render_markdown
+from prunebench.report.tables.chance import near_chance_frame, render_markdown
 
 
 def _frame():

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from prunebench.store.records import records_frame
-from prunebench.report import dense_relative as rel
+from prunebench.report.tables import dense_relative as rel
 from prunebench.report.compare import compare_methods, render, verdict
 from prunebench.report.uncertainty import dense_relative_intervals
 

@@ -13,6 +13,8 @@ from conftest import REPO
 from prunebench.cli.command import main
 from prunebench.store.records import load_records
 from prunebench.report import html as report_html
+from prunebench.report.page import browser
+from prunebench.report.page import records as page_records
 
 COMMITTED_RECORDS = REPO / "results" / "records"
 
@@ -146,19 +148,19 @@ def test_missing_intervals_and_reproduction_are_stated(tmp_path, built):
     ("lm_head", ("other", "lm_head")),
 ])
 def test_linear_names_split_into_block_and_kind(name, expected):
-    assert report_html.split_linear_name(name) == expected
+    assert page_records.split_linear_name(name) == expected
 
 
 def test_sparsity_colors_run_light_to_dark():
-    assert report_html.sparsity_color(0) == "#f7fbff" and report_html.sparsity_color(1) == "#08306b"
-    assert report_html.sparsity_color(0.5) == "#6baed6" and report_html.sparsity_color(7) == "#08306b"
+    assert page_records.sparsity_color(0) == "#f7fbff" and page_records.sparsity_color(1) == "#08306b"
+    assert page_records.sparsity_color(0.5) == "#6baed6" and page_records.sparsity_color(7) == "#08306b"
 
 
 # ----------------------------------------------------------------------------- in a real browser
 
 @pytest.fixture(scope="module")
 def chromium():
-    binary = report_html.find_chromium()
+    binary = browser.find_chromium()
     if binary is None:
         pytest.skip("no chromium binary on PATH (apt-get install chromium, or set PRUNEBENCH_CHROMIUM); "
                     ".ci/run installs it")
@@ -167,7 +169,7 @@ def chromium():
 
 def test_page_runs_in_headless_chromium(built, chromium, tmp_path):
     page, records = built
-    result, dom, console = report_html.selftest(page, chromium=chromium)
+    result, dom, console = browser.selftest(page, chromium=chromium)
     assert console == [], console                      # nothing logged to the browser console
     assert result["errors"] == 0
     assert re.search(r'<ul id="js-errors" data-count="0" hidden', dom)
@@ -183,11 +185,11 @@ def test_page_runs_in_headless_chromium(built, chromium, tmp_path):
     # The all-cells provenance table is wide by nature and scrolls inside its own box.
     assert not result["page_overflows"] and [t for t in result["overflowing"] if t != "cells-table"] == []
 
-    png = report_html.screenshot(page, tmp_path / "index.png", height=result["page_height"], chromium=chromium)
+    png = browser.screenshot(page, tmp_path / "index.png", height=result["page_height"], chromium=chromium)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert width == report_html.SCREENSHOT_WIDTH and height == min(result["page_height"], report_html.MAX_SCREENSHOT_HEIGHT)
+    assert width == browser.SCREENSHOT_WIDTH and height == min(result["page_height"], browser.MAX_SCREENSHOT_HEIGHT)
 
 
 def test_errors_in_the_page_are_caught_into_the_dom(chromium, tmp_path):
@@ -195,6 +197,6 @@ def test_errors_in_the_page_are_caught_into_the_dom(chromium, tmp_path):
     page = tmp_path / "broken.html"
     text = report_html.render_html(pd.DataFrame(columns=["model", "method", "status"]), [])
     page.write_text(text.replace("</main>", "</main><script>undefinedFunction();</script>"))
-    result, dom, console = report_html.selftest(page, chromium=chromium)
+    result, dom, console = browser.selftest(page, chromium=chromium)
     assert result["errors"] == 1 and "undefinedFunction" in dom
     assert any("undefinedFunction" in message for message in console)

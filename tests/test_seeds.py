@@ -12,9 +12,12 @@ from prunebench.errors import UserError
 from prunebench.store.records import atomic_write_json, cell_record_path, records_frame
 from prunebench.report import uncertainty as u
 from prunebench.report.compare import compare_methods
-from prunebench.report.tables import (EVAL_NOISE_ONLY, EVAL_ONLY, NO_SEED_NOISE, SEEDS_AND_EVAL,
-                                      build_paper_report, collapse_duplicate_cells, comparisons_frame,
-                                      ok_rows, seeds_frame)
+from prunebench.report.build import build_paper_report
+from prunebench.report.differences import EVAL_ONLY, NO_SEED_NOISE, SEEDS_AND_EVAL
+from prunebench.report.format import EVAL_NOISE_ONLY
+from prunebench.report.frame import collapse_duplicate_cells, ok_rows
+from prunebench.report.tables.comparisons import comparisons_frame
+from prunebench.report.tables.seeds import seeds_frame
 
 T = 63  # predicted tokens per window
 TASK = "pb_lee_next_word"

@@ -14,16 +14,12 @@ import torch
 
 from prunebench.store.records import records_frame
 from prunebench.report import uncertainty as u
-from prunebench.report.tables import (
-    build_paper_report,
-    cells_csv_text,
-    comparisons_frame,
-    gain_table,
-    paper_layout,
-    render_gains_latex,
-    render_latex,
-    render_markdown,
-)
+from prunebench.report.build import build_paper_report
+from prunebench.report.tables.cells import cells_csv_text
+from prunebench.report.tables.comparisons import comparisons_frame
+from prunebench.report.tables.gains import gain_table, render_gains_latex
+from prunebench.report.tables.main_table import paper_layout
+from prunebench.report.tables.main_table_text import render_latex, render_markdown
 
 T = 63  # predicted tokens per window (seqlen 64)
 

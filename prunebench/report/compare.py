@@ -14,8 +14,10 @@ from tabulate import tabulate
 
 from .. import registry
 from ..errors import UserError
-from .tables import (DENSE_LABEL, EVAL_ONLY, accuracy_tasks, collapse_duplicate_cells, format_number,
-                     format_sparsity_label, ok_rows, pair_rows, ppl_datasets, resolve_tasks)
+from .differences import EVAL_ONLY
+from .format import DENSE_LABEL, format_number, format_sparsity_label
+from .frame import accuracy_tasks, collapse_duplicate_cells, ok_rows, ppl_datasets, resolve_tasks
+from .tables.comparisons import pair_rows
 
 BETTER_LOWER = ("ppl", "nats")  # units whose smaller value is better (perplexity, KL); points are better higher
 

@@ -7,7 +7,6 @@ Speed is measured on demand (`prunebench cost --results DIR --speed`, minutes on
 report/speed.csv, keyed by record; later cost tables pick it up for the records it names."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -15,9 +14,9 @@ import pandas as pd
 
 from prunebench.measure import cost as costs
 from prunebench.store.atomic import write_text_atomic
-from prunebench.report.paper import dataset_display_name, dataset_file_label, method_display_name, model_display_name
+from prunebench.report.format import (dataset_display_name, dataset_file_label, format_sparsity_label,
+                                      method_display_name, method_order, model_display_name, sparsity_label_order)
 from prunebench.report.plots import DEFAULT_FORMATS, LINE_FIGURE_SIZE, _new_figure, _save, _slug
-from prunebench.report.tables import format_sparsity_label, method_order, ok_rows, sparsity_label_order
 from prunebench.modeling.models import all_prunable, load_model, weight_matrix
 from prunebench.measure import speed
 from prunebench.progress import progress_bar

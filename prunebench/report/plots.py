@@ -16,29 +16,29 @@ from typing import Sequence
 import pandas as pd
 
 from prunebench.store.atomic import atomic_path
-from prunebench.report.paper import (
-    dataset_display_name,
-    dataset_file_label,
-    PERCENT,
-    method_display_name,
-    model_display_name,
-    task_display_name,
-)
-from prunebench.report.tables import (
+from prunebench.report.format import (
     DEFAULT_PATTERN,
     DENSE_LABEL,
+    dataset_display_name,
+    dataset_file_label,
+    format_sparsity_label,
+    method_display_name,
+    method_order,
+    model_display_name,
+    model_order,
+    sparsity_label_order,
+    task_display_name,
+)
+from prunebench.report.frame import (
     PER_SEED,
     SEED_SD,
     average_accuracy,
     collapse_duplicate_cells,
-    format_sparsity_label,
-    method_order,
-    model_order,
     ok_rows,
     ppl_datasets,
     resolve_tasks,
-    sparsity_label_order,
 )
+from prunebench.report.paper import PERCENT
 from prunebench.sparsity.pattern_registry import nominal_sparsity, pattern_of_record_name
 
 DEFAULT_FORMATS = ("png",)

@@ -28,7 +28,8 @@ from pathlib import Path
 from prunebench.errors import UserError
 from prunebench.store.records import atomic_write_json, atomic_write_text, load_records
 from prunebench.store.records import records_frame
-from prunebench.report.tables import EVAL_ONLY, comparisons_frame
+from prunebench.report.differences import EVAL_ONLY
+from prunebench.report.tables.comparisons import comparisons_frame
 
 REPORT_DIR = "report"
 JSON_NAME = "reproduction.json"
@@ -269,7 +270,7 @@ def compare_runs(fresh_dir, reference_dir, tolerance: Tolerance | None = None,
 
 
 def _verdicts(fresh_recs: list[dict], ref_recs: list[dict]) -> list[dict]:
-    """Every method pair the reference and the fresh run both hold (report.tables'
+    """Every method pair the reference and the fresh run both hold (tables/comparisons.py's
     comparisons, dense included), with both verdicts and whether the fresh one keeps the
     reference's: its order where the reference is significant, and its significance where the
     fresh run has the seeds to judge it."""
