@@ -46,7 +46,8 @@ from typing import ClassVar, Optional
 import torch
 
 from prunebench.errors import UserError
-from prunebench.engines.masklearn import LearnedMaskPruner, MaskTrainingConfig, lr_factor
+from prunebench.engines.masklearn import LearnedMaskPruner
+from prunebench.engines.masklearn_config import MaskTrainingConfig, lr_factor
 from prunebench.modeling.models import weight_matrix
 from prunebench.registry import Capabilities, register
 from prunebench.sparsity.patterns import SparsitySpec
