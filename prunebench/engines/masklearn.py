@@ -41,6 +41,7 @@ from typing import ClassVar, Optional
 import torch
 from torch import nn
 
+from prunebench import registry
 from prunebench.engines.distributed import DataParallel, LogitHolder
 from prunebench.engines.masklearn_checkpoint import ResumableTraining, Unresumable, remove_state
 from prunebench.engines.masklearn_config import lr_factor
@@ -190,10 +191,7 @@ class LearnedMaskPruner(Pruner, ResumableTraining):
         Weights that were exactly zero before count as pruned (weight == 0 afterwards), which is
         what a score-based method would choose for them anyway.
         """
-        if ctx.registry is None:
-            from prunebench import registry as reg
-        else:
-            reg = ctx.registry
+        reg = registry if ctx.registry is None else ctx.registry
         snapshot = snapshot_prunable(model)
         prior = reg.create(method, config or {})
         try:
