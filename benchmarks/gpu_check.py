@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling CPU benchmark's dense floor
 
-from prunebench.engines import masklearn
+from prunebench.engines import masklearn_gates, masklearn_loss, masklearn_optim
 from prunebench import registry
 from prunebench.modeling.models import all_prunable, restore_prunable, snapshot_prunable, weight_matrix
 from prunebench.run.plan import EMBEDDED_ARCHS
@@ -156,18 +156,18 @@ def leap_step(model, device, *, batch: int = 4, seqlen: int = 512, repeats: int 
     logits = {layer: {k: torch.nn.Parameter(t.to(device=device, dtype=dtype), requires_grad=k not in frozen)
                       for k, t in ps.items()} for layer, ps in initial.items()}
     params = [p for ps in logits.values() for p in ps.values() if p.requires_grad]
-    optimizer = masklearn.make_adamw(params, pruner.config)
+    optimizer = masklearn_optim.make_adamw(params, pruner.config)
     state = {"step": 0}
 
     def method_step():
         pruner.begin(modules, spec)
-        patch = masklearn.MaskedLinears(modules, logits, pruner)
+        patch = masklearn_gates.MaskedLinears(modules, logits, pruner)
         patch.mode, patch.step = "soft", state["step"]
         patch.sched = pruner.schedule(0)
         state["step"] += 1
         try:
             optimizer.zero_grad(set_to_none=True)
-            loss = masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+            loss = masklearn_loss.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
             for term in pruner.regularisers(patch.stats, patch.sched)[0]:
                 loss = loss + term
             loss.backward()

@@ -21,7 +21,7 @@ import time
 import torch
 import yaml
 
-from prunebench.engines import masklearn
+from prunebench.engines import masklearn_gates, masklearn_loss, masklearn_optim
 from prunebench import registry
 from prunebench.modeling.models import all_prunable, load_model
 from prunebench.registry import PruneContext, PruneReport
@@ -40,7 +40,7 @@ def dense_step_for(model, modules: dict, ids):
         for m in modules.values():
             m.weight.requires_grad_(True)
             m.weight.grad = None
-        masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
+        masklearn_loss.lm_loss(model(input_ids=ids, use_cache=False).logits, ids).backward()
         for m in modules.values():
             m.weight.grad = None
             m.weight.requires_grad_(False)
@@ -85,7 +85,7 @@ def main() -> None:
         logits = {layer: {k: torch.nn.Parameter(t.float(), requires_grad=k not in frozen) for k, t in ps.items()}
                   for layer, ps in initial.items()}
         params = [p for ps in logits.values() for p in ps.values() if p.requires_grad]
-        optimizer = masklearn.make_adamw(params, pruner.config)
+        optimizer = masklearn_optim.make_adamw(params, pruner.config)
         setups.append(dict(entry=entry, label=spec.label, pruner=pruner, spec=spec, logits=logits, params=params,
                            optimizer=optimizer, steps=0, plain=[], with_opt=[]))
 
@@ -94,13 +94,13 @@ def main() -> None:
         AdamW); installing the method's masked forwards is outside the timing."""
         pruner = setup["pruner"]
         pruner.begin(modules, setup["spec"])
-        patch = masklearn.MaskedLinears(modules, setup["logits"], pruner)
+        patch = masklearn_gates.MaskedLinears(modules, setup["logits"], pruner)
         patch.mode, patch.step = "soft", setup["steps"]
         patch.sched = pruner.schedule(0)
         setup["steps"] += 1
         t0 = time.perf_counter()
         setup["optimizer"].zero_grad(set_to_none=True)
-        loss = masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        loss = masklearn_loss.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
         for term in pruner.regularisers(patch.stats, patch.sched)[0]:
             loss = loss + term
         loss.backward()

@@ -22,14 +22,15 @@ import time
 def run_one(args) -> dict:
     import torch
 
-    from prunebench.engines import masklearn
+    from prunebench.engines import masklearn_loss
+    from prunebench.modeling.output_head import OutputHead
     from prunebench.modeling.models import load_model
 
     loaded = load_model(args.model)
     model = loaded.model.to(args.device)
     for p in model.parameters():
         p.requires_grad_(False)
-    head = masklearn.OutputHead.of(model)
+    head = OutputHead.of(model)
     ids = torch.randint(0, model.config.vocab_size, (1, args.seqlen), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     with torch.no_grad():
@@ -42,9 +43,9 @@ def run_one(args) -> dict:
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     if args.chunk:
-        loss = masklearn.chunked_lm_loss(hidden, ids, head, args.chunk)
+        loss = masklearn_loss.chunked_lm_loss(hidden, ids, head, args.chunk)
     else:
-        loss = masklearn.lm_loss(head.logits(hidden), ids)
+        loss = masklearn_loss.lm_loss(head.logits(hidden), ids)
     loss.backward()
     if cuda:
         torch.cuda.synchronize()

@@ -34,9 +34,9 @@ import torch
 from prunebench.engines.concrete import MASK_FLOOR, concrete_masked_weight
 from prunebench.engines.concrete import backend as gate_backend
 from prunebench.errors import UserError
-from prunebench.engines.masklearn import (
-    LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, logistic_noise, lr_factor
-)
+from prunebench.engines.masklearn import LearnedMaskPruner
+from prunebench.engines.masklearn_config import MaskTrainingConfig, fading, linear_schedule, lr_factor
+from prunebench.engines.masklearn_gates import logistic_noise
 from prunebench.registry import Capabilities, PruneReport, register
 from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, n_to_prune
 

@@ -32,9 +32,8 @@ import torch
 
 from prunebench.errors import UserError
 from prunebench.engines.fused_masks import pattern_masked_weight as fused_pattern_masked_weight
-from prunebench.engines.masklearn import (
-    LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, lr_factor
-)
+from prunebench.engines.masklearn import LearnedMaskPruner
+from prunebench.engines.masklearn_config import MaskTrainingConfig, fading, linear_schedule, lr_factor
 from prunebench.registry import Capabilities, register
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.modeling.models import weight_matrix

@@ -35,9 +35,8 @@ import torch
 from prunebench.errors import UserError
 from prunebench.engines.concrete import counter_logistic
 from prunebench.engines.fused_masks import combine, pattern_mask_torch, pattern_masked_weight
-from prunebench.engines.masklearn import (
-    LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, lr_factor
-)
+from prunebench.engines.masklearn import LearnedMaskPruner
+from prunebench.engines.masklearn_config import MaskTrainingConfig, fading, linear_schedule, lr_factor
 from prunebench.methods.maskllm import (argmax_pattern_mask, check_widths, nm_patterns, pattern_prior_logits,
                                        prior_overlap)
 from prunebench.modeling.models import weight_matrix

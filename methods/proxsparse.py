@@ -36,24 +36,20 @@ C4 documents truncated at the context length (most are shorter), here windows of
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
-import logging
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
 import torch
 
 from prunebench.errors import UserError
-from prunebench.engines.masklearn import LearnedMaskPruner, MaskTrainingConfig, lr_factor
+from prunebench.engines.masklearn import LearnedMaskPruner
+from prunebench.engines.masklearn_config import MaskTrainingConfig, lr_factor
 from prunebench.modeling.models import weight_matrix
 from prunebench.registry import Capabilities, register
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.engines.concrete import _LDFLAGS, _cflags
-from prunebench.engines.kernel_build import load_inline_locked
-
-log = logging.getLogger(__name__)
+from prunebench.engines.kernel_build import optional_extension
 
 GROUP = 4  # the regulariser is the 2:4 one: groups of 4, at most 2 non-zeros
 KEEP = 2
@@ -368,19 +364,10 @@ torch::Tensor prox_2to4(torch::Tensor z, double lam_d, int64_t iters, double tol
 
 @functools.lru_cache(maxsize=1)
 def _prox_extension():
-    """The compiled operator, or None (no compiler, or the build failed: prox_2to4_torch is used).
-    Built as prunebench.engines.concrete's pass is (same flags, same build lock)."""
-    if os.environ.get("PRUNEBENCH_NO_CPP_KERNELS"):
-        return None
-
-    digest = hashlib.sha256((_PROX_SOURCE + " ".join(_cflags())).encode()).hexdigest()[:12]
-    try:
-        return load_inline_locked(f"prunebench_prox24_{digest}", _PROX_SOURCE, ("prox_2to4",), _cflags(), _LDFLAGS)
-    except UserError:
-        raise
-    except Exception as exc:  # a missing compiler is not an error: the torch ops compute the same operator
-        log.warning("fused 2:4 proximal kernel unavailable (%s); using torch ops", str(exc).splitlines()[0][:200])
-        return None
+    """The compiled operator, or None (prox_2to4_torch is used).  Built as
+    prunebench.engines.concrete's pass is (same flags, same build lock, same fallback)."""
+    return optional_extension("prunebench_prox24", _PROX_SOURCE, ("prox_2to4",), _cflags(), _LDFLAGS,
+                              "fused 2:4 proximal")
 
 
 def frozen_deviation(relaxed: torch.Tensor, frozen: torch.Tensor, epsilon: float) -> torch.Tensor:

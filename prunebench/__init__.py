@@ -11,12 +11,14 @@ from prunebench.version import __version__  # noqa: F401
 _CONTRACT = "prunebench.registry"
 _PATTERNS = "prunebench.sparsity.patterns"
 _LEARNED = "prunebench.engines.masklearn"
+_LEARNED_CONFIG = "prunebench.engines.masklearn_config"
 PUBLIC = {
     **{name: _CONTRACT for name in (
         "Pruner", "LayerwisePruner", "Capabilities", "LayerStats", "LinearResult", "PruneContext", "PruneReport",
         "register", "combine_stats", "STATS_NONE", "STATS_INPUT_NORM", "STATS_HESSIAN", "STATS_INPUT_MOMENTS")},
     **{name: _PATTERNS for name in ("SparsitySpec", "mask_from_scores", "nm_mask", "measure_sparsity")},
-    **{name: _LEARNED for name in ("LearnedMaskPruner", "MaskTrainingConfig", "linear_schedule", "fading")},
+    "LearnedMaskPruner": _LEARNED,
+    **{name: _LEARNED_CONFIG for name in ("MaskTrainingConfig", "linear_schedule", "fading")},
 }
 __all__ = ["__version__", *PUBLIC]
 

@@ -53,7 +53,6 @@ ALLOWED_LOCAL = {
     ("prunebench.engines.allocation", "prunebench.registry"): _ALLOCATION,
     ("prunebench.engines.allocation", "prunebench.engines.layerwise"): _ALLOCATION,
     ("prunebench.engines.layerwise", "prunebench.engines.allocation"): _ALLOCATION,
-    ("prunebench.engines.masklearn", "prunebench.registry"): "a default used only when the context brings no registry; masklearn is not split this round",
     ("prunebench.run.runner", "prunebench.run.executors"): _RUN,
     ("prunebench.run.executors", "prunebench.run.runner"): _RUN,
     ("prunebench.run.executors", "prunebench.run.cell_worker"): _RUN,

@@ -8,8 +8,9 @@ import textwrap
 import pytest
 
 from prunebench.errors import UserError
+from prunebench.engines import kernel_build
 from prunebench.engines.kernel_build import (
-    LOCK_NAME, TORCH_BATON, build_folder, build_lock, load_inline_locked
+    LOCK_NAME, NO_CPP_KERNELS_ENV, TORCH_BATON, build_folder, build_lock, load_inline_locked, optional_extension
 )
 
 HOLDER = textwrap.dedent("""
@@ -119,3 +120,29 @@ def test_concrete_builds_after_a_builder_was_killed_holding_its_lock():
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["cpp", "same"]
     assert not (folder / TORCH_BATON).exists()
+
+
+def test_an_optional_extension_falls_back_to_torch_but_not_past_a_stuck_build(monkeypatch, caplog):
+    """The one fallback every kernel uses: the environment switch and a failed build give None (the
+    caller's torch path), the failure with a warning; a stuck build's UserError is raised."""
+    built = []
+    monkeypatch.setattr(kernel_build, "load_inline_locked", lambda name, *args: built.append(name) or "module")
+    args = ("prunebench_test", "int f();", ("f",), ["-O3"], [], "test")
+    assert optional_extension(*args) == "module"
+    assert built == [kernel_build.extension_name("prunebench_test", "int f();", ["-O3"])]
+    monkeypatch.setenv(NO_CPP_KERNELS_ENV, "1")
+    assert optional_extension(*args) is None and len(built) == 1
+    monkeypatch.delenv(NO_CPP_KERNELS_ENV)
+
+    def fail(error):
+        def load(*_):
+            raise error
+        return load
+
+    monkeypatch.setattr(kernel_build, "load_inline_locked", fail(RuntimeError("no compiler\ndetails")))
+    with caplog.at_level("WARNING", logger=kernel_build.__name__):
+        assert optional_extension(*args) is None
+    assert "test kernel unavailable (no compiler); using torch ops" in caplog.text
+    monkeypatch.setattr(kernel_build, "load_inline_locked", fail(UserError("build lock held")))
+    with pytest.raises(UserError, match="build lock held"):
+        optional_extension(*args)

@@ -11,7 +11,7 @@ from prunebench.registry import PruneContext
 from prunebench.sparsity.patterns import SparsitySpec
 
 leap = importlib.import_module("prunebench.methods.leap")
-from prunebench.engines import masklearn
+from prunebench.engines import masklearn_config, masklearn_gates, masklearn_loss
 
 
 def _ctx(loaded, calib, target="0.5", **kw):
@@ -37,11 +37,11 @@ def test_schedules_start_middle_end():
     assert end["tau"] == pytest.approx(0.05) and end["alpha"] == pytest.approx(350.0)
     assert end["lambda_weight"] == pytest.approx(0.0)
     # lr: linear warm-up over 5 steps, then cosine from the peak to 0
-    assert masklearn.lr_factor(0, T, 5) == pytest.approx(1 / 5)
-    assert masklearn.lr_factor(4, T, 5) == pytest.approx(1.0)
-    assert masklearn.lr_factor(5, T, 5) == pytest.approx(1.0)
-    assert masklearn.lr_factor(5 + (T - 5) // 2, T, 5) == pytest.approx(0.5, abs=1e-3)
-    assert masklearn.lr_factor(T, T, 5) == pytest.approx(0.0, abs=1e-9)
+    assert masklearn_config.lr_factor(0, T, 5) == pytest.approx(1 / 5)
+    assert masklearn_config.lr_factor(4, T, 5) == pytest.approx(1.0)
+    assert masklearn_config.lr_factor(5, T, 5) == pytest.approx(1.0)
+    assert masklearn_config.lr_factor(5 + (T - 5) // 2, T, 5) == pytest.approx(0.5, abs=1e-3)
+    assert masklearn_config.lr_factor(T, T, 5) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_config_presets_fill_and_override():
@@ -60,7 +60,7 @@ def test_masked_weight_matches_reference_and_gradient():
     weight = torch.randn(7, 5, generator=gen)
     alpha, tau, seed = 30.0, 0.7, 1234
     masked, msum, msq = leap.masked_weight(logits, weight, seed, alpha, tau)
-    noise = masklearn.logistic_noise((7, 5), torch.Generator().manual_seed(seed))
+    noise = masklearn_gates.logistic_noise((7, 5), torch.Generator().manual_seed(seed))
     ref_logits = logits.detach().clone().requires_grad_(True)
     m = leap.soft_mask(ref_logits, noise, alpha, tau)
     ref = m * weight
@@ -72,11 +72,11 @@ def test_masked_weight_matches_reference_and_gradient():
 
 
 def test_noise_is_fresh_per_forward_and_reproducible():
-    a = masklearn.noise_seed("leap", 0, 3, 0, 5)
-    assert a == masklearn.noise_seed("leap", 0, 3, 0, 5)
-    assert len({a, masklearn.noise_seed("leap", 0, 4, 0, 5), masklearn.noise_seed("leap", 0, 3, 1, 5), masklearn.noise_seed("leap", 0, 3, 0, 6),
-                masklearn.noise_seed("leap", 1, 3, 0, 5)}) == 5
-    n = masklearn.logistic_noise((200_000,), torch.Generator().manual_seed(a))
+    a = masklearn_gates.noise_seed("leap", 0, 3, 0, 5)
+    assert a == masklearn_gates.noise_seed("leap", 0, 3, 0, 5)
+    assert len({a, masklearn_gates.noise_seed("leap", 0, 4, 0, 5), masklearn_gates.noise_seed("leap", 0, 3, 1, 5), masklearn_gates.noise_seed("leap", 0, 3, 0, 6),
+                masklearn_gates.noise_seed("leap", 1, 3, 0, 5)}) == 5
+    n = masklearn_gates.logistic_noise((200_000,), torch.Generator().manual_seed(a))
     assert torch.isfinite(n).all()
     assert n.mean().item() == pytest.approx(0.0, abs=0.02)
     assert n.var().item() == pytest.approx(math.pi ** 2 / 3, rel=0.03)  # Logistic(0, 1) variance
@@ -109,7 +109,7 @@ def test_density_regulariser_pulls_density_to_target():
     target = 0.2
     for step in range(60):
         opt.zero_grad()
-        _, msum, _ = leap.masked_weight(logits, weight, masklearn.noise_seed("leap", 0, step, 0, 0), 25.0, 1.0)
+        _, msum, _ = leap.masked_weight(logits, weight, masklearn_gates.noise_seed("leap", 0, step, 0, 0), 25.0, 1.0)
         leap.density_penalty(msum, logits.numel(), target).backward()
         opt.step()
     assert (leap.sign_mask(logits.detach()).float().mean().item()) == pytest.approx(target, abs=0.05)
@@ -147,10 +147,10 @@ def test_logit_gradients_only(calib_windows):
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     params = {n: torch.nn.Parameter(torch.zeros_like(m.weight)) for n, m in modules.items()}
-    patch = masklearn.MaskedLinears(modules, {n: {"P": p} for n, p in params.items()}, registry.create("leap"))
+    patch = masklearn_gates.MaskedLinears(modules, {n: {"P": p} for n, p in params.items()}, registry.create("leap"))
     patch.mode, patch.sched = "soft", {"alpha": 25.0, "tau": 4.0}
     ids = calib_windows[:2, :32]
-    masklearn.lm_loss(loaded.model(input_ids=ids, use_cache=False).logits, ids).backward()
+    masklearn_loss.lm_loss(loaded.model(input_ids=ids, use_cache=False).logits, ids).backward()
     patch.remove()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
     assert all(p.grad is None for p in loaded.model.parameters())
@@ -168,13 +168,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(calib_windows, monkeypa
         for p in model.parameters():
             p.requires_grad_(False)
         params = {n: torch.nn.Parameter(torch.full_like(m.weight, 0.01)) for n, m in modules.items()}
-        patch = masklearn.MaskedLinears(modules, {n: {"P": p} for n, p in params.items()}, registry.create("leap"))
+        patch = masklearn_gates.MaskedLinears(modules, {n: {"P": p} for n, p in params.items()}, registry.create("leap"))
         patch.mode, patch.sched = "soft", {"alpha": 25.0, "tau": 1.0}
         if checkpointing:
-            assert masklearn.enable_checkpointing(model)
+            assert masklearn_loss.enable_checkpointing(model)
             model.train()
         ids = calib_windows[:2, :32]
-        ce = masklearn.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
+        ce = masklearn_loss.lm_loss(model(input_ids=ids, use_cache=False).logits, ids)
         msum = torch.stack([patch.stats[n]["mask_sum"] for n in modules]).sum()
         (ce + 7 * leap.density_penalty(msum, sum(p.numel() for p in params.values()), 0.5)).backward()
         patch.remove()
@@ -232,7 +232,7 @@ def test_leap_lowers_training_loss_below_its_wanda_prior(calib_windows):
 
     def loss(model):
         with torch.no_grad():
-            return masklearn.lm_loss(model(input_ids=seen, use_cache=False).logits, seen).item()
+            return masklearn_loss.lm_loss(model(input_ids=seen, use_cache=False).logits, seen).item()
 
     prior = load_tiny("llama")
     registry.create("wanda").prune(prior.model, ctx)

@@ -7,11 +7,12 @@ import math
 import pytest
 import torch
 
-from prunebench.engines import fused_masks, masklearn
+from prunebench.engines import fused_masks, masklearn, masklearn_config, masklearn_gates, masklearn_loss
 from prunebench import registry
 from prunebench.sparsity.checks import OutputCheckError, check_output
 from prunebench.errors import UserError
 from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
+from prunebench.modeling.output_head import OutputHead
 from prunebench.registry import PruneContext
 from prunebench.sparsity.patterns import (
     HYBRID_DENSE_MAX_ZEROS, SparsitySpec, hybrid_tiles, is_valid_mask, nm_mask
@@ -38,14 +39,14 @@ def _masks(model):
 
 def test_lr_schedule_decays_to_its_final_ratio():
     T = 100
-    assert masklearn.lr_factor(0, T, 0, "cosine", 0.1) == pytest.approx(1.0)
-    assert masklearn.lr_factor(T, T, 0, "cosine", 0.1) == pytest.approx(0.1)
-    assert masklearn.lr_factor(T // 2, T, 0, "cosine", 0.1) == pytest.approx(0.55)
-    assert masklearn.lr_factor(T, T, 5, "cosine") == pytest.approx(0.0, abs=1e-12)
+    assert masklearn_config.lr_factor(0, T, 0, "cosine", 0.1) == pytest.approx(1.0)
+    assert masklearn_config.lr_factor(T, T, 0, "cosine", 0.1) == pytest.approx(0.1)
+    assert masklearn_config.lr_factor(T // 2, T, 0, "cosine", 0.1) == pytest.approx(0.55)
+    assert masklearn_config.lr_factor(T, T, 5, "cosine") == pytest.approx(0.0, abs=1e-12)
 
 
 def test_gumbel_noise_is_gumbel():
-    g = masklearn.gumbel_noise((200_000,), torch.Generator().manual_seed(0))
+    g = masklearn_gates.gumbel_noise((200_000,), torch.Generator().manual_seed(0))
     assert torch.isfinite(g).all()
     assert g.mean().item() == pytest.approx(0.5772, abs=0.02)  # Euler-Mascheroni
     assert g.var().item() == pytest.approx(math.pi ** 2 / 6, rel=0.03)
@@ -295,12 +296,12 @@ def test_chunked_loss_equals_the_full_loss(calib_windows, family, softcap):
     if softcap:
         (getattr(model.config, "text_config", None) or model.config).final_logit_softcapping = softcap
     ids = calib_windows[:2, :40]
-    head = masklearn.OutputHead.of(model)
+    head = OutputHead.of(model)
     assert head.softcap == softcap
     grads = []
     for chunk in (0, 7, 512):
         model.zero_grad(set_to_none=True)
-        loss = masklearn.model_lm_loss(model, ids, head if chunk else None, chunk)
+        loss = masklearn_loss.model_lm_loss(model, ids, head if chunk else None, chunk)
         loss.backward()
         grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     full_loss, full_grads = grads[0]
@@ -332,4 +333,4 @@ def test_chunked_loss_refuses_a_head_it_cannot_reproduce():
     loaded = load_tiny("llama")
     loaded.model.config.logits_scaling = 4.0
     with pytest.raises(UserError, match="logits_scaling"):
-        masklearn.OutputHead.of(loaded.model)
+        OutputHead.of(loaded.model)

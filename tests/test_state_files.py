@@ -11,7 +11,7 @@ import struct
 import pytest
 import torch
 
-from prunebench.engines import masklearn
+from prunebench.engines import masklearn, masklearn_checkpoint
 from prunebench import registry
 from prunebench.engines.distributed import DataParallel
 from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
@@ -102,7 +102,7 @@ def test_a_planted_pickle_is_never_opened(calib_windows, learned, tmp_path):
 def test_a_planted_pickle_in_a_multi_process_checkpoint_is_never_opened(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "leap_state.safetensors"
-    shard_dir = masklearn._shard_dir(path, 2)
+    shard_dir = masklearn_checkpoint._shard_dir(path, 2)
     shard_dir.mkdir()
     for rank in range(2):
         for name in (f"rank{rank}.pt", f"rank{rank}.safetensors"):
@@ -110,8 +110,8 @@ def test_a_planted_pickle_in_a_multi_process_checkpoint_is_never_opened(tmp_path
     (shard_dir / ".metadata").write_bytes(pickle.dumps(Planted(marker)))  # what DCP would read
     pruner = registry.create("leap", CONFIG)
     for pointer in ({"run_key": "k", "step": 2, "world": 2, "dir": shard_dir.name},  # the old pointer
-                    {"format": masklearn.STATE_FORMAT, "run_key": "k", "step": 2, "world": 2, "dir": shard_dir.name}):
-        masklearn._pointer(path).write_text(json.dumps(pointer))
+                    {"format": masklearn_checkpoint.STATE_FORMAT, "run_key": "k", "step": 2, "world": 2, "dir": shard_dir.name}):
+        masklearn_checkpoint._pointer(path).write_text(json.dumps(pointer))
         with pytest.raises(StateFileError) as err:
             pruner._read_checkpoint(path, "k", DataParallel(rank=1, world=2), None)
         assert "\n" not in str(err.value)

@@ -264,21 +264,21 @@ def test_the_redpajama_sample_streams_unique_windows(data_dir, tiny_tokenizer):
 # -- the engine reading a stream (prunebench.engines.masklearn with streaming) ------------------------------
 
 def _learn_from_stream(corpus_file, eval_file, monkeypatch, **config):
-    from prunebench.engines import masklearn
+    from prunebench.engines import masklearn_data
     from prunebench import registry
     from prunebench.modeling.models import load_tiny
     from prunebench.registry import PruneContext
     from prunebench.sparsity.patterns import SparsitySpec
 
     served = []
-    original = masklearn.StreamedBatches.take
+    original = masklearn_data.StreamedBatches.take
 
     def spy(self, start, count):
         ids = original(self, start, count)
         served.append(ids)
         return ids
 
-    monkeypatch.setattr(masklearn.StreamedBatches, "take", spy)
+    monkeypatch.setattr(masklearn_data.StreamedBatches, "take", spy)
     loaded = load_tiny("llama")
     ctx = PruneContext(sparsity=SparsitySpec.parse("0.5"), seed=0, progress=False, registry=registry,
                        tokenizer=loaded.tokenizer, calibration_dataset="lee", eval_datasets=(str(eval_file),))

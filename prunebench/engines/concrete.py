@@ -19,17 +19,10 @@ bits, as torch.rand draws float32 uniforms, without the zero), L = log U - log(1
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
 import platform
 
 import torch
-from prunebench.errors import UserError
-from prunebench.engines.kernel_build import load_inline_locked
-from prunebench.engines.kernel_build import extension_folder
-
-log = logging.getLogger(__name__)
+from prunebench.engines.kernel_build import extension_folder, extension_name, optional_extension
 
 MASK_FLOOR = 1e-12  # gates below this are exactly 0: no denormal products or gradients
 GOLDEN32 = 0x9E3779B9
@@ -193,39 +186,26 @@ def _cflags() -> list:
     return flags
 
 
+_PREFIX = "prunebench_concrete"  # the module name, before the digest of source and flags
 _FUNCTIONS = ("concrete_forward", "concrete_backward")
 _LDFLAGS = ("-fopenmp",)
 
 
-def _module_name() -> str:
-    digest = hashlib.sha256((_SOURCE + " ".join(_cflags())).encode()).hexdigest()[:12]
-    return f"prunebench_concrete_{digest}"
-
-
 @functools.lru_cache(maxsize=1)
 def _extension():
-    """The compiled pass, or None (no compiler, or the build failed: the torch path is used).
+    """The compiled pass, or None (the torch path is used: prunebench.engines.kernel_build's
+    optional_extension).
 
     Built through prunebench.engines.kernel_build, not torch's load_inline in the shared
     ~/.cache/torch_extensions: there a builder killed while holding torch's lock file left every
     later build waiting forever; here the build folder is this torch build's own and its lock
-    dies with its holder.  A live holder stuck past the timeout is a UserError (one line naming
-    it), not a silent switch to the torch path, whose values differ by a few ulps."""
-    if os.environ.get("PRUNEBENCH_NO_CPP_KERNELS"):
-        return None
-
-    try:
-        return load_inline_locked(_module_name(), _SOURCE, _FUNCTIONS, _cflags(), _LDFLAGS)
-    except UserError:
-        raise
-    except Exception as exc:  # a missing compiler is not an error: the torch path computes the same gates
-        log.warning("fused concrete-gate kernel unavailable (%s); using torch ops", str(exc).splitlines()[0][:200])
-        return None
+    dies with its holder."""
+    return optional_extension(_PREFIX, _SOURCE, _FUNCTIONS, _cflags(), _LDFLAGS, "fused concrete-gate")
 
 
 def build_folder():
     """Where `_extension` builds (prunebench.engines.kernel_build's folder for this source and flags)."""
-    return extension_folder(_module_name(), _SOURCE, _cflags(), _LDFLAGS)
+    return extension_folder(extension_name(_PREFIX, _SOURCE, _cflags()), _SOURCE, _cflags(), _LDFLAGS)
 
 
 def backend(device) -> str:

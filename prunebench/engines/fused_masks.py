@@ -26,18 +26,12 @@ as torch ops on the same uniforms (values agree to a few float32 ulps).
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
-import os
 
 import torch
 
 from prunebench.engines.concrete import MATH_SOURCE, _LDFLAGS, _cflags, counter_uniform
-from prunebench.engines.kernel_build import load_inline_locked
-from prunebench.errors import UserError
+from prunebench.engines.kernel_build import optional_extension
 from prunebench.sparsity.patterns import expand_tiles, tile_sums
-
-log = logging.getLogger(__name__)
 
 GROUP_CHUNK = 1024  # groups per unit of work (fixed: the sums' order must not depend on threads)
 
@@ -269,26 +263,12 @@ std::vector<torch::Tensor> pattern_backward(torch::Tensor logits, torch::Tensor 
 _FUNCTIONS = ("pattern_forward", "pattern_backward")
 
 
-def _module_name() -> str:
-    digest = hashlib.sha256((_SOURCE + " ".join(_cflags())).encode()).hexdigest()[:12]
-    return f"prunebench_fused_masks_{digest}"
-
-
 @functools.lru_cache(maxsize=1)
 def _extension():
-    """The compiled passes, or None (no compiler, or the build failed: the torch path is used).
-    Built as concrete.py's pass is (prunebench.engines.kernel_build: a folder of its own, a lock that dies
+    """The compiled passes, or None (the torch path is used).  Built as concrete.py's pass is
+    (prunebench.engines.kernel_build's optional_extension: a folder of its own, a lock that dies
     with its holder; a stuck live holder is a one-line UserError)."""
-    if os.environ.get("PRUNEBENCH_NO_CPP_KERNELS"):
-        return None
-
-    try:
-        return load_inline_locked(_module_name(), _SOURCE, _FUNCTIONS, _cflags(), _LDFLAGS)
-    except UserError:
-        raise
-    except Exception as exc:  # a missing compiler is not an error: the torch path computes the same masks
-        log.warning("fused pattern-mask kernel unavailable (%s); using torch ops", str(exc).splitlines()[0][:200])
-        return None
+    return optional_extension("prunebench_fused_masks", _SOURCE, _FUNCTIONS, _cflags(), _LDFLAGS, "fused pattern-mask")
 
 
 def backend(device) -> str:

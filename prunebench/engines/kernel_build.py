@@ -12,6 +12,10 @@ The lock file records its holder (pid, host, start) for the message a waiter pri
 flock proves that no other prunebench process is building in the folder, so torch's own lock
 file found there is a dead build's and is removed. A wait beyond `timeout_s` (a live but stuck
 holder) ends in a one-line error naming the holder.
+
+`optional_extension` is how every kernel of the suite is built: where the build cannot run (no
+compiler) the caller's torch path is used instead, with a warning; the environment can ask for
+the torch path outright.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "prunebench-build.lock"
 TORCH_BATON = "lock"  # the file torch.utils.cpp_extension's FileBaton creates in the folder
 DEFAULT_TIMEOUT_S = 900.0  # a cold build of the concrete-gate pass takes about a minute
+# Set to anything non-empty: no kernel is built, every caller runs its torch path.
+NO_CPP_KERNELS_ENV = "PRUNEBENCH_NO_CPP_KERNELS"
 
 
 def kernels_root() -> Path:
@@ -79,7 +85,7 @@ def build_lock(folder: Path, timeout_s: float = DEFAULT_TIMEOUT_S, poll_s: float
                     raise UserError(
                         f"kernel build in {folder} still held by {describe_holder(lock_path)} after "
                         f"{timeout_s:.0f} s; if that process is stuck, stop it (or set "
-                        f"PRUNEBENCH_NO_CPP_KERNELS=1 to use the torch path)") from None
+                        f"{NO_CPP_KERNELS_ENV}=1 to use the torch path)") from None
                 if not announced:
                     log.info("waiting for the kernel build held by %s", describe_holder(lock_path))
                     announced = True
@@ -112,3 +118,26 @@ def load_inline_locked(name: str, source: str, functions: list[str], cflags: lis
         # lists and so the folder the next call names
         return load_inline(name=name, cpp_sources=source, functions=list(functions), extra_cflags=list(cflags),
                            extra_ldflags=list(ldflags), build_directory=str(folder), verbose=False)
+
+
+def extension_name(prefix: str, source: str, cflags: list[str]) -> str:
+    """A kernel's module name: its prefix and a digest of its source and compiler flags."""
+    digest = hashlib.sha256((source + " ".join(cflags)).encode()).hexdigest()[:12]
+    return f"{prefix}_{digest}"
+
+
+def optional_extension(prefix: str, source: str, functions, cflags: list[str], ldflags, what: str):
+    """The compiled kernel (module `extension_name(prefix, source, cflags)`), or None where the
+    caller's torch path runs instead: NO_CPP_KERNELS_ENV is set, or the build failed (no
+    compiler), which is logged as "<what> kernel unavailable".  A live build-lock holder stuck
+    past the timeout stays a UserError: a silent switch to the torch path, whose values differ by
+    a few ulps, would hide it."""
+    if os.environ.get(NO_CPP_KERNELS_ENV):
+        return None
+    try:
+        return load_inline_locked(extension_name(prefix, source, cflags), source, functions, cflags, ldflags)
+    except UserError:
+        raise
+    except Exception as exc:  # a missing compiler is not an error: the torch path computes the same values
+        log.warning("%s kernel unavailable (%s); using torch ops", what, str(exc).splitlines()[0][:200])
+        return None
