@@ -251,6 +251,7 @@ _COVERED_STATS = (STATS_NONE, STATS_INPUT_NORM, STATS_HESSIAN)
 @register
 class ADMM(LayerwisePruner):
     name = "admm"
+    engine_modules = ("prunebench.methods.sparsegpt",)  # imported (its Hessian factorisation's error)
     display = "ADMM"
     summary = "ADMM layer-wise reconstruction with gradual mask selection (Boza 2024)"
     cost_ratio = 5.24  # prune time over floor-1: results/benchmarks/layerwise_methods.json

@@ -156,7 +156,8 @@ class Patch(LearnedMaskPruner):
     summary = "learned dense-or-2:4 tiles with MaskLLM-style 2:4 inside, one global budget (PATCH 2025)"
     capabilities = Capabilities(patterns=("hybrid",), needs_calibration=True, needs_gradients=True)
     logged_schedule = ("tile_tau", "tile_kappa", "group_tau", "group_kappa")
-    engine_modules = ("prunebench.engines.fused_masks", "prunebench.engines.concrete")  # the fused pass decides the draws too
+    # The fused pass decides the draws; MaskLLM's pattern maths decides the tiles' 2:4 choices.
+    engine_modules = ("prunebench.engines.fused_masks", "prunebench.engines.concrete", "prunebench.methods.maskllm")
 
     @dataclass
     class Config(MaskTrainingConfig):

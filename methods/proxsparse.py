@@ -398,6 +398,7 @@ def check_2to4(spec: SparsitySpec, who: str = "ProxSparse") -> None:
 @register
 class ProxSparse(LearnedMaskPruner):
     name = "proxsparse"
+    engine_modules = ("prunebench.engines.concrete",)  # its kernel builds with concrete's flags
     display = "ProxSparse"
     summary = ("learned 2:4 masks, proximal gradient on a relaxed copy of the weights with the 2:4 regulariser "
                "(ProxSparse 2025)")

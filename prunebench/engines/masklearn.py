@@ -62,7 +62,9 @@ from prunebench.sparsity.patterns import SparsitySpec
 ENGINE_MODULES = ("prunebench.engines.masklearn", "prunebench.engines.masklearn_checkpoint",
                   "prunebench.engines.masklearn_config", "prunebench.engines.masklearn_data",
                   "prunebench.engines.masklearn_gates", "prunebench.engines.masklearn_loss",
-                  "prunebench.engines.masklearn_optim")
+                  "prunebench.engines.masklearn_optim",
+                  # the training batches and, across processes, the gradient reduction
+                  "prunebench.data.stream", "prunebench.engines.distributed")
 
 
 def mask_sparsity(masks: dict) -> float:

@@ -18,7 +18,7 @@ from prunebench.version import __version__
 
 # The framework code that decides what an evaluation computes: a change here is a new key for
 # every cell (and the committed records must be regenerated). It is every prunebench module the
-# evaluation imports, directly or not, except EVALUATION_INFRASTRUCTURE (tests/test_key_coverage.py
+# evaluation imports, directly or not, except KEY_INFRASTRUCTURE (tests/test_key_coverage.py
 # holds the two lists to that): the windows and their first token, the model as loaded, the block
 # pipeline streamed perplexity shares with the layer-wise engine, the output head's blocked scan,
 # the zero-shot documents (local files converted, the embedded tasks built).
@@ -26,10 +26,13 @@ EVALUATION_MODULES = ("prunebench.evaluate.perplexity", "prunebench.evaluate.den
                       "prunebench.evaluate.local_tasks", "prunebench.evaluate.embedded_tasks",
                       "prunebench.data.windows", "prunebench.modeling.sequence_start", "prunebench.modeling.output_head",
                       "prunebench.modeling.models", "prunebench.engines.layerwise")
-# Imported by the evaluation but deciding none of its numbers: errors, progress bars, caches of
-# content-addressed files, atomic writes, the method registry's bookkeeping.
-EVALUATION_INFRASTRUCTURE = ("prunebench.errors", "prunebench.progress", "prunebench.cache", "prunebench.hashing",
-                             "prunebench.typecheck", "prunebench.store.atomic", "prunebench.registry")
+# Imported by the evaluation or a method but deciding none of their numbers: errors, progress
+# bars, caches of content-addressed files, atomic writes and state files, the registry's
+# bookkeeping, the compiler driver (each kernel's source and flags live in, and are hashed with,
+# the module that owns it).
+KEY_INFRASTRUCTURE = ("prunebench.errors", "prunebench.progress", "prunebench.cache", "prunebench.hashing",
+                      "prunebench.typecheck", "prunebench.store.atomic", "prunebench.store.records",
+                      "prunebench.registry", "prunebench.engines.kernel_build", "prunebench.engines.state_files")
 # Shared by every method: mask selection and the sparsity arithmetic, with the patterns that read,
 # complete and check a spec (the base class, the registry and each built-in pattern's file).
 METHOD_FRAMEWORK_MODULES = ("prunebench.sparsity.patterns", "prunebench.sparsity.pattern_base",
@@ -57,6 +60,22 @@ def evaluation_code_sha256() -> str:
     return sha256_json(files)
 
 
+def method_modules(pruner) -> set:
+    """The modules a built-in method's key hashes: its own file, the shared sparsity code, the
+    engine modules its classes declare, the methods it calls and its allocation."""
+    cls = type(pruner)
+    modules = {cls.__module__, *METHOD_FRAMEWORK_MODULES}
+    for base in cls.__mro__:
+        for engine in getattr(base, "engine_modules", ()):
+            modules.add(engine)
+    for dep in pruner.uses_methods():
+        modules.add(registry.get(dep).__module__)
+    allocation = getattr(pruner, "allocation", None)
+    if allocation is not None:  # a per-block allocation decides the result as much as the method
+        modules.update({type(allocation).__module__, "prunebench.engines.allocation"})
+    return modules
+
+
 def method_identity(pruner) -> dict:
     """Built-in: prunebench's version and a hash of the method's source, the engine it runs on,
     the shared sparsity code and the methods it calls.  Plugin: a hash of its file."""
@@ -70,15 +89,7 @@ def method_identity(pruner) -> dict:
             ident["allocation_sha256"] = modules_sha256({type(allocation).__module__, "prunebench.engines.allocation",
                                                          "prunebench.engines.layerwise"})
         return ident
-    modules = {cls.__module__, *METHOD_FRAMEWORK_MODULES}
-    for base in cls.__mro__:
-        for engine in getattr(base, "engine_modules", ()):
-            modules.add(engine)
-    for dep in pruner.uses_methods():
-        modules.add(registry.get(dep).__module__)
-    if allocation is not None:  # a per-block allocation decides the result as much as the method
-        modules.update({type(allocation).__module__, "prunebench.engines.allocation"})
-    ident = {"kind": origin["kind"], "prunebench": __version__, "sha256": modules_sha256(modules)}
+    ident = {"kind": origin["kind"], "prunebench": __version__, "sha256": modules_sha256(method_modules(pruner))}
     if origin["kind"] == "entry_point":
         ident["package"] = origin.get("package")
         ident["package_version"] = origin.get("package_version")
