@@ -37,7 +37,8 @@ from prunebench.errors import UserError
 from prunebench.engines.masklearn import (
     LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, logistic_noise, lr_factor
 )
-from prunebench.registry import Capabilities, PruneReport, register
+from prunebench.contract import Capabilities, PruneReport
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, n_to_prune
 
 FINAL_MASK_RULES = ("sign", "topk")

@@ -35,7 +35,8 @@ from prunebench.engines.fused_masks import pattern_masked_weight as fused_patter
 from prunebench.engines.masklearn import (
     LearnedMaskPruner, MaskTrainingConfig, fading, linear_schedule, lr_factor
 )
-from prunebench.registry import Capabilities, register
+from prunebench.contract import Capabilities
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.modeling.models import weight_matrix
 

@@ -41,7 +41,8 @@ from prunebench.engines.masklearn import (
 from prunebench.methods.maskllm import (argmax_pattern_mask, check_widths, nm_patterns, pattern_prior_logits,
                                        prior_overlap)
 from prunebench.modeling.models import weight_matrix
-from prunebench.registry import Capabilities, register
+from prunebench.contract import Capabilities
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec, expand_tiles, tile_sums
 
 MODES = ("joint", "tile")

@@ -48,7 +48,8 @@ import torch
 from prunebench.errors import UserError
 from prunebench.engines.masklearn import LearnedMaskPruner, MaskTrainingConfig, lr_factor
 from prunebench.modeling.models import weight_matrix
-from prunebench.registry import Capabilities, register
+from prunebench.contract import Capabilities
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.engines.concrete import _LDFLAGS, _cflags
 from prunebench.engines.kernel_build import load_inline_locked

@@ -211,15 +211,15 @@ def main(argv=None) -> int:
     try:
         if getattr(args, "quiet", False):
             os.environ["PRUNEBENCH_NO_PROGRESS"] = "1"
-        from prunebench import registry
+        from prunebench import plugins, registry
 
         registry.allow_replacing(getattr(args, "replace", []) or [])
         for plugin in getattr(args, "plugin", []) or []:
-            added = registry.load_plugin(plugin)
+            added = plugins.load_plugin(plugin)
             args.plugin_methods = getattr(args, "plugin_methods", []) + added
             if not getattr(args, "quiet", False):
                 log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
-        registry.check_replacements(getattr(args, "replace", []) or [])
+        plugins.check_replacements(getattr(args, "replace", []) or [])
         return {"run": cmd_run, "check": cmd_check, "list": cmd_list, "report": cmd_report, "export": cmd_export,
                 "eval": cmd_eval, "reproduce": cmd_reproduce, "cost": cmd_cost,
                 "compare": cmd_compare}[args.command](args)

@@ -55,7 +55,7 @@ from prunebench.modeling.models import (
     all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
 )
 from prunebench.progress import progress_bar
-from prunebench.registry import Pruner, PruneReport
+from prunebench.contract import Pruner, PruneReport
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.data.windows import stream_windows
 from prunebench.modeling import sequence_start as starts

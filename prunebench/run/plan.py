@@ -31,7 +31,7 @@ from prunebench.modeling.models import tiny_config
 from prunebench import registry
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.evaluate.perplexity import score_chunk_tokens
-from prunebench.registry import STATS_HESSIAN
+from prunebench.contract import STATS_HESSIAN
 from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, resolve_tasks
 from prunebench.data.stream import STREAM_SOURCES
 from prunebench.modeling.models import _cached_hub_commit

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from prunebench import registry
+from prunebench.plugins import load_plugin
 from prunebench.version import __version__
 from prunebench.engines import distributed
 from prunebench.engines.masklearn import mask_sparsity
@@ -45,7 +46,7 @@ from prunebench.store.records import (
     SCHEMA_VERSION, atomic_write_json, attempt_path, cell_record_path, load_records, read_record,
     record_path, reject_record, sanitize_nonfinite, warn_skipped
 )
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext, declares_weight_updates
 from prunebench.sparsity.patterns import measure_sparsity, pack_mask
 from prunebench.run.validate import check_grid, check_results_dir
 from prunebench.store.artifacts import save_cell_masks
@@ -172,7 +173,7 @@ def run_cell_by_key(grid: GridSpec, results_dir, key: str, *, force: bool = Fals
     Returns {"key", "status": ok | failed | skipped | busy | follower, "error", "record"}.
     """
     for plugin in plugins or ():
-        registry.load_plugin(plugin)
+        load_plugin(plugin)
     matches = [c for c in grid.cells() if c.key == key]
     if not matches:
         raise UserError(f"no cell with key {key[:12]} in this grid", hint="the grid changed since it was submitted")
@@ -261,7 +262,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         scope = None if cell.method == DENSE else effective_scope(cell.sparsity, report.stats.get("scope"))
         if scope:
             record["sparsity"]["scope"] = scope  # the scope the method actually used (and was checked at)
-        updates = registry.declares_weight_updates(registry.get(cell.method).capabilities, report)
+        updates = declares_weight_updates(registry.get(cell.method).capabilities, report)
         found = check_output(named, cell.sparsity, scope, dense=cell.method == DENSE, layer_specs=report.layer_specs,
                              model=model, reference=session.reference, updates_weights=updates, masks=report.masks)
         if "allocation" in report.stats:  # per-block targets, scores and achieved values, plotted by the report
