@@ -41,7 +41,6 @@ LAZY_LAYERS = {"cli"}
 
 _RUN = ("runner, executors and cell_worker call each other; untangling them moves code in files being "
         "edited in parallel this round")
-_PLAN = "plan and dryrun share the hub checks both ways; untangling moves code in both"
 _REPORT = "report/* is being edited in parallel this round (tables / paper share formatting both ways)"
 
 # (importing module, imported module): a function-local import kept this round, and why.
@@ -51,8 +50,6 @@ ALLOWED_LOCAL = {
     ("prunebench.run.executors", "prunebench.run.runner"): _RUN,
     ("prunebench.run.executors", "prunebench.run.cell_worker"): _RUN,
     ("prunebench.run.cell_worker", "prunebench.run.runner"): _RUN,
-    ("prunebench.run.plan", "prunebench.run.dryrun"): _PLAN,
-    ("prunebench.run.dryrun", "prunebench.run.plan"): _PLAN,
     ("prunebench.report.paper", "prunebench.report.tables"): _REPORT,
     ("prunebench.report.tables", "prunebench.report.dense_relative"): (
         "the report writer and the comparisons in tables.py call the dense-relative report, which builds on "
