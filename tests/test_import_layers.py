@@ -39,17 +39,11 @@ LAYERS = [
 # lm-eval): cli/ may import lazily. It is the top layer, so its imports are never upward.
 LAZY_LAYERS = {"cli"}
 
-_RUN = ("runner, executors and cell_worker call each other; untangling them moves code in files being "
-        "edited in parallel this round")
 _REPORT = "report/* is being edited in parallel this round (tables / paper share formatting both ways)"
 
 # (importing module, imported module): a function-local import kept this round, and why.
 ALLOWED_LOCAL = {
     ("prunebench.engines.masklearn", "prunebench.registry"): "a default used only when the context brings no registry; masklearn is not split this round",
-    ("prunebench.run.runner", "prunebench.run.executors"): _RUN,
-    ("prunebench.run.executors", "prunebench.run.runner"): _RUN,
-    ("prunebench.run.executors", "prunebench.run.cell_worker"): _RUN,
-    ("prunebench.run.cell_worker", "prunebench.run.runner"): _RUN,
     ("prunebench.report.paper", "prunebench.report.tables"): _REPORT,
     ("prunebench.report.tables", "prunebench.report.dense_relative"): (
         "the report writer and the comparisons in tables.py call the dense-relative report, which builds on "
