@@ -40,7 +40,7 @@ from prunebench import registry
 from prunebench.modeling.models import all_prunable, restore_prunable, snapshot_prunable, weight_matrix
 from prunebench.run.plan import EMBEDDED_ARCHS
 from learned_step import dense_step_for  # noqa: E402
-from prunebench.registry import PruneContext, PruneReport  # noqa: E402
+from prunebench.contract import PruneContext, PruneReport  # noqa: E402
 from prunebench.sparsity.patterns import SparsitySpec
 
 ONESHOT = ("magnitude", "wanda", "sparsegpt", "admm")

@@ -54,7 +54,8 @@ def _run_entry(args):
     from prunebench import registry
     from prunebench.data.windows import WindowSpec, calibration_windows
     from prunebench.modeling.models import load_model
-    from prunebench.registry import LayerwisePruner, PruneContext
+    from prunebench.contract import PruneContext
+    from prunebench.engines.layerwise import LayerwisePruner
     from prunebench.sparsity.patterns import SparsitySpec
 
     if args.threads:

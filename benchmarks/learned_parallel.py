@@ -40,7 +40,7 @@ def worker(args) -> None:
     from prunebench import registry
     from prunebench.data.windows import WindowSpec, calibration_windows
     from prunebench.modeling.models import load_model
-    from prunebench.registry import PruneContext
+    from prunebench.contract import PruneContext
     from prunebench.sparsity.patterns import SparsitySpec
 
     distributed.init_from_environment(args.device)

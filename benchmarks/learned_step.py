@@ -24,7 +24,7 @@ import yaml
 from prunebench.engines import masklearn_gates, masklearn_loss, masklearn_optim
 from prunebench import registry
 from prunebench.modeling.models import all_prunable, load_model
-from prunebench.registry import PruneContext, PruneReport
+from prunebench.contract import PruneContext, PruneReport
 from prunebench.sparsity.patterns import SparsitySpec
 
 # The target of the issues that asked for this benchmark (a learned step, as a ratio to dense).

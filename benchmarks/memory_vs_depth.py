@@ -57,7 +57,7 @@ def run_one(args) -> dict:
     from prunebench.data.windows import WindowSpec, calibration_windows, eval_tokens
     from prunebench.evaluate.perplexity import perplexity_streamed
     from prunebench.modeling.models import tiny_tokenizer
-    from prunebench.registry import PruneContext
+    from prunebench.contract import PruneContext
     from prunebench.sparsity.patterns import SparsitySpec
 
     tok = tiny_tokenizer()

@@ -42,9 +42,9 @@ from typing import Optional
 import torch
 
 from prunebench.errors import UserError
-from prunebench.engines.layerwise import stack_rows
-from prunebench.registry import (Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, STATS_INPUT_NORM,
-                                 STATS_NONE, register)
+from prunebench.contract import Capabilities, LinearResult, STATS_HESSIAN, STATS_INPUT_NORM, STATS_NONE
+from prunebench.engines.layerwise import LayerwisePruner, stack_rows
+from prunebench.registry import register
 from prunebench.sparsity.patterns import (
     SparsitySpec, _keep_all_but_lowest, mask_from_scores, n_to_prune, nm_mask
 )

@@ -30,7 +30,7 @@ import torch
 
 from prunebench.engines.allocation import Allocation, clip_targets, register_allocation
 from prunebench.errors import UserError
-from prunebench.registry import STATS_NONE
+from prunebench.contract import STATS_NONE
 
 HIST_BINS = 100  # reference: bins of the log10 spectrum histogram
 PEAK_WINDOW = (0.95, 1.5)  # reference: x_min candidates around the histogram peak

@@ -61,8 +61,9 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.errors import UserError
-from prunebench.engines.layerwise import stack_rows
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
+from prunebench.contract import Capabilities, LinearResult, STATS_HESSIAN
+from prunebench.engines.layerwise import LayerwisePruner, stack_rows
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec
 
 from .admm import normalise_inputs, select_mask

@@ -1,7 +1,8 @@
 """The dense baseline: prunes nothing, so every grid has a reference row."""
 from dataclasses import dataclass
 
-from prunebench.registry import Capabilities, PruneReport, Pruner, register
+from prunebench.contract import Capabilities, PruneReport, Pruner
+from prunebench.registry import register
 
 
 @register

@@ -67,8 +67,9 @@ from dataclasses import dataclass, field
 import torch
 
 from prunebench.errors import UserError
-from prunebench.registry import (Capabilities, LayerwisePruner, LinearResult, STATS_INPUT_MOMENTS,
-                                 STATS_INPUT_NORM, combine_stats, register)
+from prunebench.contract import Capabilities, LinearResult, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, combine_stats
+from prunebench.engines.layerwise import LayerwisePruner
+from prunebench.registry import register
 
 from .wanda import wanda_scores
 from prunebench import registry

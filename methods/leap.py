@@ -25,7 +25,6 @@ it can be tested without a model; `Leap.prune` wires them to a model.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -37,7 +36,8 @@ from prunebench.errors import UserError
 from prunebench.engines.masklearn import LearnedMaskPruner
 from prunebench.engines.masklearn_config import MaskTrainingConfig, fading, linear_schedule, lr_factor
 from prunebench.engines.masklearn_gates import logistic_noise
-from prunebench.registry import Capabilities, PruneReport, register
+from prunebench.contract import Capabilities
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, n_to_prune
 
 FINAL_MASK_RULES = ("sign", "topk")

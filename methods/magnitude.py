@@ -5,7 +5,9 @@ default (scope "layer"); "0.5@row" compares within each output row; N:M along th
 """
 from dataclasses import dataclass
 
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
+from prunebench.contract import Capabilities, LinearResult, STATS_NONE
+from prunebench.engines.layerwise import LayerwisePruner
+from prunebench.registry import register
 from prunebench.sparsity.patterns import mask_from_scores
 
 

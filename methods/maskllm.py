@@ -34,7 +34,8 @@ from prunebench.errors import UserError
 from prunebench.engines.fused_masks import pattern_masked_weight as fused_pattern_masked_weight
 from prunebench.engines.masklearn import LearnedMaskPruner
 from prunebench.engines.masklearn_config import MaskTrainingConfig, fading, linear_schedule, lr_factor
-from prunebench.registry import Capabilities, register
+from prunebench.contract import Capabilities
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.modeling.models import weight_matrix
 

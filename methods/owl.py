@@ -30,7 +30,7 @@ import torch
 
 from prunebench.engines.allocation import Allocation, clip_targets, register_allocation
 from prunebench.errors import UserError
-from prunebench.registry import STATS_INPUT_NORM
+from prunebench.contract import STATS_INPUT_NORM
 
 NM_GROUP = 8  # the reference's structured variant is defined for N:8
 

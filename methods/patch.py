@@ -40,7 +40,8 @@ from prunebench.engines.masklearn_config import MaskTrainingConfig, fading, line
 from prunebench.methods.maskllm import (argmax_pattern_mask, check_widths, nm_patterns, pattern_prior_logits,
                                        prior_overlap)
 from prunebench.modeling.models import weight_matrix
-from prunebench.registry import Capabilities, register
+from prunebench.contract import Capabilities
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec, expand_tiles, tile_sums
 
 MODES = ("joint", "tile")

@@ -46,7 +46,8 @@ from prunebench.errors import UserError
 from prunebench.engines.masklearn import LearnedMaskPruner
 from prunebench.engines.masklearn_config import MaskTrainingConfig, lr_factor
 from prunebench.modeling.models import weight_matrix
-from prunebench.registry import Capabilities, register
+from prunebench.contract import Capabilities
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.engines.concrete import _LDFLAGS, _cflags
 from prunebench.engines.kernel_build import optional_extension

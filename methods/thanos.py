@@ -50,7 +50,9 @@ from dataclasses import dataclass
 import torch
 
 from prunebench.errors import UserError
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_HESSIAN, register
+from prunebench.contract import Capabilities, LinearResult, STATS_HESSIAN
+from prunebench.engines.layerwise import LayerwisePruner
+from prunebench.registry import register
 from prunebench.sparsity.patterns import SparsitySpec, _keep_all_but_lowest, n_to_prune, nm_mask
 
 from .sparsegpt import block_keep_mask, factorised_group, split_results

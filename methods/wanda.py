@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_INPUT_NORM, register
+from prunebench.contract import Capabilities, LinearResult, STATS_INPUT_NORM
+from prunebench.engines.layerwise import LayerwisePruner
+from prunebench.registry import register
 from prunebench.sparsity.patterns import mask_from_scores
 
 

@@ -8,14 +8,17 @@ import importlib
 
 from prunebench.version import __version__  # noqa: F401
 
-_CONTRACT = "prunebench.registry"
+_CONTRACT = "prunebench.contract"
 _PATTERNS = "prunebench.sparsity.patterns"
+_LAYERWISE = "prunebench.engines.layerwise"
 _LEARNED = "prunebench.engines.masklearn"
 _LEARNED_CONFIG = "prunebench.engines.masklearn_config"
 PUBLIC = {
     **{name: _CONTRACT for name in (
-        "Pruner", "LayerwisePruner", "Capabilities", "LayerStats", "LinearResult", "PruneContext", "PruneReport",
-        "register", "combine_stats", "STATS_NONE", "STATS_INPUT_NORM", "STATS_HESSIAN", "STATS_INPUT_MOMENTS")},
+        "Pruner", "Capabilities", "LayerStats", "LinearResult", "PruneContext", "PruneReport",
+        "combine_stats", "STATS_NONE", "STATS_INPUT_NORM", "STATS_HESSIAN", "STATS_INPUT_MOMENTS")},
+    "register": "prunebench.registry",
+    "LayerwisePruner": _LAYERWISE,
     **{name: _PATTERNS for name in ("SparsitySpec", "mask_from_scores", "nm_mask", "measure_sparsity")},
     "LearnedMaskPruner": _LEARNED,
     **{name: _LEARNED_CONFIG for name in ("MaskTrainingConfig", "linear_schedule", "fading")},

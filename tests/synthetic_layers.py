@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.registry import LayerStats, PruneContext
+from prunebench.contract import LayerStats, PruneContext
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from prunebench.methods.alphapruning import alpha_peak, alpha_sparsities, hill_a
 from prunebench.methods.owl import outlier_ratio, owl_nm_pruned, owl_sparsities
 from prunebench.methods.sparsegpt import damped_inverse_cholesky, prepare_hessian, sparsegpt_prune
 from prunebench.modeling.models import all_prunable, load_model, weight_matrix
-from prunebench.registry import LayerStats, PruneContext
+from prunebench.contract import LayerStats, PruneContext
 from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, n_to_prune
 
 

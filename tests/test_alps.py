@@ -7,7 +7,7 @@ import torch
 
 from prunebench import registry
 from prunebench.errors import UserError
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext
 from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, mask_from_scores
 
 from prunebench.methods.admm import normalise_inputs

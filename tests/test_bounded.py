@@ -24,7 +24,7 @@ TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "
 SLEEPER = '''
 import os, time
 from dataclasses import dataclass
-from prunebench.registry import Capabilities, Pruner, PruneReport, register
+from prunebench import Capabilities, Pruner, PruneReport, register
 
 @register
 class {cls}(Pruner):
@@ -183,14 +183,14 @@ def test_a_full_disk_is_one_line_and_keeps_every_record(tmp_path, monkeypatch, c
 # A per-cell timeout for the local executor
 
 def test_a_cell_past_its_timeout_is_a_failed_record_and_the_grid_goes_on(tmp_path, monkeypatch):
-    from prunebench import registry
+    from prunebench.plugins import load_plugin
     from prunebench.run.grid import grid_from_dict
     from prunebench.run.executors import LocalExecutor
     from prunebench.run.runner import run_grid
 
     plugin = sleeper_plugin(tmp_path, "sleeper_timeout_test")
     monkeypatch.setenv("PB_TEST_PIDS", str(tmp_path / "pids"))
-    registry.load_plugin(plugin)
+    load_plugin(plugin)
     grid = grid_from_dict({"models": ["tiny:llama"], "methods": ["sleeper_timeout_test", "magnitude"],
                            "include_dense": False, "calibration": {"n_samples": 4, "seqlen": 64},
                            "eval": {"perplexity": ["lee"], "seqlen": 64, "max_ppl_windows": 4}})
@@ -297,7 +297,7 @@ def test_the_worker_spec_carries_replace_so_a_replacing_plugin_loads_in_the_work
     would refuse the plugin's name."""
     plugin = tmp_path / "my_magnitude.py"
     plugin.write_text(textwrap.dedent('''
-        from prunebench.registry import register
+        from prunebench import register
         from prunebench.methods.magnitude import Magnitude
 
         @register(name="magnitude")

@@ -26,7 +26,7 @@ def test_conformance(method, family, calib_windows):
 
 
 def test_every_config_default_passes_its_own_type_check():
-    from prunebench.registry import make_config
+    from prunebench.contract import make_config
 
     for name in registry.available():
         make_config(registry.get(name).Config, {})
@@ -38,7 +38,7 @@ def test_the_check_command_runs_the_suite_on_a_plugin(tmp_path, capsys):
     good = tmp_path / "keep_large.py"
     good.write_text(
         "from dataclasses import dataclass\n"
-        "from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register\n"
+        "from prunebench import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register\n"
         "from prunebench.sparsity.patterns import mask_from_scores\n\n"
         "@register\nclass KeepLarge(LayerwisePruner):\n    name = 'keep_large_test'\n"
         "    capabilities = Capabilities(patterns=('unstructured', 'nm'), needs_calibration=False, statistics=STATS_NONE)\n"

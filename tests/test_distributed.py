@@ -16,7 +16,7 @@ from prunebench.data.windows import WindowSpec, calibration_windows
 from prunebench.engines.distributed import DataParallel
 from prunebench.errors import UserError
 from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.engines.state_files import read_state
 

@@ -238,7 +238,7 @@ def test_plan_options_need_a_dry_run(tmp_path, capsys):
 
 
 def test_every_embedded_model_is_local_not_a_hub_id():
-    from prunebench.run.dryrun import is_hub_model
+    from prunebench.run.hub_models import is_hub_model
     from prunebench.modeling.models import EMBEDDED_MODELS
 
     assert EMBEDDED_MODELS and not any(is_hub_model(name) for name in EMBEDDED_MODELS)

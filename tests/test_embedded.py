@@ -7,7 +7,7 @@ from prunebench import registry
 from prunebench.data.windows import WindowSpec, calibration_windows, eval_tokens
 from prunebench.evaluate.perplexity import perplexity
 from prunebench.modeling.models import EMBEDDED_MODEL, load_model, restore_prunable, snapshot_prunable
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext
 from prunebench.sparsity.patterns import SparsitySpec
 
 pytestmark = pytest.mark.slow

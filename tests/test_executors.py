@@ -139,7 +139,7 @@ def test_job_array_through_sbatch_reads_no_pickle(tmp_path, fake_slurm, capsys):
 HANGING_PLUGIN = """
 import time
 from dataclasses import dataclass
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
+from prunebench import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
 
 
 @register

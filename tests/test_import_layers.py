@@ -39,26 +39,8 @@ LAYERS = [
 # lm-eval): cli/ may import lazily. It is the top layer, so its imports are never upward.
 LAZY_LAYERS = {"cli"}
 
-_REGISTRY = ("registry.py still holds LayerwisePruner.prune and the method+allocation composition, "
-             "which call up into the engine; the contract / generic-registry split is the next step")
-_ALLOCATION = "allocation.py's own registry and its statistics pass: folds into the generic registry with the split above"
-_RUN = ("runner, executors and cell_worker call each other; untangling them moves code in files being "
-        "edited in parallel this round")
-_PLAN = "plan and dryrun share the hub checks both ways; untangling moves code in both"
-
-# (importing module, imported module): a function-local import kept this round, and why.
+# (importing module, imported module): a function-local import kept for now, and why.
 ALLOWED_LOCAL = {
-    ("prunebench.registry", "prunebench.engines.layerwise"): _REGISTRY,
-    ("prunebench.registry", "prunebench.engines.allocation"): _REGISTRY,
-    ("prunebench.engines.allocation", "prunebench.registry"): _ALLOCATION,
-    ("prunebench.engines.allocation", "prunebench.engines.layerwise"): _ALLOCATION,
-    ("prunebench.engines.layerwise", "prunebench.engines.allocation"): _ALLOCATION,
-    ("prunebench.run.runner", "prunebench.run.executors"): _RUN,
-    ("prunebench.run.executors", "prunebench.run.runner"): _RUN,
-    ("prunebench.run.executors", "prunebench.run.cell_worker"): _RUN,
-    ("prunebench.run.cell_worker", "prunebench.run.runner"): _RUN,
-    ("prunebench.run.plan", "prunebench.run.dryrun"): _PLAN,
-    ("prunebench.run.dryrun", "prunebench.run.plan"): _PLAN,
 }
 
 

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
-from prunebench import registry
-from prunebench.engines.layerwise import StatsAccumulator, capture_block_inputs, run_block
+from prunebench.engines.layerwise import LayerwisePruner, StatsAccumulator, capture_block_inputs, run_block
 from prunebench.modeling.models import find_blocks, load_tiny, prunable_linears
-from prunebench.registry import (STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, STATS_NONE, LayerStats,
-                                 LinearResult, PruneContext, combine_stats)
+from prunebench.contract import (STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, STATS_NONE, Capabilities,
+                                 LayerStats, LinearResult, PruneContext, combine_stats)
 from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores
 
 from conftest import TINY_FAMILIES
@@ -65,9 +64,9 @@ def test_input_moments_give_the_mean_and_variance_and_combine_with_the_hessian()
 def _one_off(prune_linear, statistics=STATS_NONE):
     from dataclasses import dataclass
 
-    class OneOff(registry.LayerwisePruner):
+    class OneOff(LayerwisePruner):
         name = "one_off_test"
-        capabilities = registry.Capabilities(statistics=statistics, needs_calibration=statistics != STATS_NONE)
+        capabilities = Capabilities(statistics=statistics, needs_calibration=statistics != STATS_NONE)
 
         @dataclass
         class Config:
@@ -106,9 +105,9 @@ def test_engine_feeds_each_block_the_pruned_outputs_of_the_previous(calib_window
     """The statistics seen by block 1 come from block 0 *after* pruning (sequential protocol)."""
     seen = []  # input statistics in call order: block 0's seven linears, then block 1's
 
-    class Recorder(registry.LayerwisePruner):
+    class Recorder(LayerwisePruner):
         name = "recorder_test"
-        capabilities = registry.Capabilities(statistics=STATS_INPUT_NORM)
+        capabilities = Capabilities(statistics=STATS_INPUT_NORM)
 
         from dataclasses import dataclass
 

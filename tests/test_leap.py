@@ -7,7 +7,7 @@ import torch
 
 from prunebench import registry
 from prunebench.modeling.models import all_prunable, load_tiny
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext
 from prunebench.sparsity.patterns import SparsitySpec
 
 leap = importlib.import_module("prunebench.methods.leap")

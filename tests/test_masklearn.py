@@ -13,7 +13,7 @@ from prunebench.sparsity.checks import OutputCheckError, check_output
 from prunebench.errors import UserError
 from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
 from prunebench.modeling.output_head import OutputHead
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext
 from prunebench.sparsity.patterns import (
     HYBRID_DENSE_MAX_ZEROS, SparsitySpec, hybrid_tiles, is_valid_mask, nm_mask
 )

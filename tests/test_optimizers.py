@@ -11,7 +11,7 @@ from prunebench import registry
 from prunebench.data.windows import WindowSpec, calibration_windows
 from prunebench.errors import UserError
 from prunebench.modeling.models import LoadedModel, all_prunable, tiny_config, tiny_tokenizer, weight_matrix
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext
 from prunebench.sparsity.patterns import SparsitySpec
 
 CONFIG = {"preset": "tiny", "steps": 4, "batch_size": 4, "grad_accum": 4, "seqlen": 32, "final_mask": "topk"}

@@ -26,7 +26,7 @@ PLUGIN = '''
 from dataclasses import dataclass
 import torch
 from prunebench.modeling.models import all_prunable
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
+from prunebench import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
 from prunebench.sparsity.patterns import mask_from_scores
 
 MASK_ONLY = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)
@@ -146,11 +146,11 @@ TAMPERED = [  # method, family, the first offending parameter the one-line reaso
 
 @pytest.fixture(scope="module")
 def plugin(tmp_path_factory):
-    from prunebench import registry
+    from prunebench.plugins import load_plugin
 
     path = tmp_path_factory.mktemp("plugin") / "tamper.py"
     path.write_text(textwrap.dedent(PLUGIN))
-    registry.load_plugin(path)
+    load_plugin(path)
     return path
 
 
@@ -293,16 +293,17 @@ def test_a_masks_file_without_a_fingerprint(masks_file, tmp_path, capsys, caplog
 # linears hold 4.5% exact zeros: MaskLLM at 2:4 and PATCH at hybrid:0.35/64 failed on them)
 
 from prunebench import registry  # noqa: E402
+from prunebench.plugins import load_plugin  # noqa: E402
 from prunebench.sparsity.checks import check_output, effective_scope
 from prunebench.modeling.models import weight_matrix
-from prunebench.registry import PruneContext, declares_weight_updates  # noqa: E402
+from prunebench.contract import PruneContext, declares_weight_updates  # noqa: E402
 from prunebench.sparsity.patterns import SparsitySpec
 
 MASKS_PLUGIN = '''
 from dataclasses import dataclass
 import torch
 from prunebench.modeling.models import all_prunable, weight_matrix
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, Pruner, PruneReport, STATS_NONE, register
+from prunebench import Capabilities, LayerwisePruner, LinearResult, Pruner, PruneReport, STATS_NONE, register
 from prunebench.sparsity.patterns import mask_from_scores
 
 CAPS = Capabilities(patterns=("unstructured", "nm"), needs_calibration=False, statistics=STATS_NONE)
@@ -388,7 +389,7 @@ class WrongShape(OwnMasks):
 def masks_plugin(tmp_path_factory):
     path = tmp_path_factory.mktemp("plugin") / "masks.py"
     path.write_text(textwrap.dedent(MASKS_PLUGIN))
-    registry.load_plugin(path)
+    load_plugin(path)
     return path
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prunebench import registry
-from prunebench.registry import LayerStats
+from prunebench.contract import LayerStats
 from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, mask_from_scores, n_to_prune, nm_mask
 
 from prunebench.methods.admm import _early_two_of_four, _pair_bounds, admm_prune, cubic_sparsity, select_mask, two_of_four

@@ -4,7 +4,9 @@ import textwrap
 import pytest
 
 from prunebench import registry
+from prunebench.contract import config_to_dict
 from prunebench.errors import UserError
+from prunebench.plugins import load_plugin
 
 
 def test_builtins_are_registered_with_capabilities_and_defaults():
@@ -31,7 +33,7 @@ def test_plugin_file_registers_a_method(tmp_path):
     plugin = tmp_path / "my_method.py"
     plugin.write_text(textwrap.dedent('''
         from dataclasses import dataclass
-        from prunebench.registry import LayerwisePruner, LinearResult, register
+        from prunebench import LayerwisePruner, LinearResult, register
         from prunebench.sparsity.patterns import mask_from_scores
 
         @register
@@ -46,17 +48,17 @@ def test_plugin_file_registers_a_method(tmp_path):
             def prune_linear(self, weight, stats, spec, ctx):
                 return LinearResult(mask=mask_from_scores(-weight.abs(), spec))
     '''))
-    added = registry.load_plugin(plugin)
+    added = load_plugin(plugin)
     assert added == ["plugin_smallest"]
     assert registry.create("plugin_smallest").config.strength == 1.0
     with pytest.raises(UserError):
-        registry.load_plugin(tmp_path / "missing.py")
+        load_plugin(tmp_path / "missing.py")
 
 
 def test_entry_point_methods_are_loaded(monkeypatch):
     from dataclasses import dataclass
 
-    from prunebench.registry import Pruner, PruneReport
+    from prunebench.contract import Pruner, PruneReport
 
     class FromEntryPoint(Pruner):
         name = "ep_method"
@@ -77,7 +79,7 @@ def test_entry_point_methods_are_loaded(monkeypatch):
     import importlib.metadata as md
 
     monkeypatch.setattr(md, "entry_points", lambda group=None: [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else [])
-    monkeypatch.setitem(registry._loaded, "entry_points", False)
+    monkeypatch.setitem(registry.METHODS._loaded, "entry_points", False)
     assert "ep_method" in registry.available()
 
 
@@ -114,7 +116,7 @@ def test_list_shows_each_presets_values(capsys):
         cls = registry.get(name)
         assert set(entries[name]["presets"]) == set(cls.Config.PRESETS)
         for preset, values in entries[name]["presets"].items():
-            resolved = registry.config_to_dict(cls.Config(preset=preset))
+            resolved = config_to_dict(cls.Config(preset=preset))
             resolved.pop("preset")
             assert values == json.loads(json.dumps(resolved, default=str)), (name, preset)
     assert entries["leap"]["presets"]["paper"]["steps"] == 2000 and registry.get("leap").Config().steps == 2000

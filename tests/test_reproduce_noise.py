@@ -31,7 +31,7 @@ eval: {perplexity: [lee], seqlen: 128, max_ppl_windows: 16, tasks: []}
 PLUGIN = """\
 from dataclasses import dataclass
 import torch
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_INPUT_NORM, register
+from prunebench import Capabilities, LayerwisePruner, LinearResult, STATS_INPUT_NORM, register
 from prunebench.sparsity.patterns import mask_from_scores
 
 @register

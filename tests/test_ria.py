@@ -9,7 +9,7 @@ import torch
 from prunebench import registry
 from prunebench.run.conformance import prune_tiny
 from prunebench.errors import UserError
-from prunebench.registry import LayerStats
+from prunebench.contract import LayerStats
 from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, nm_mask
 
 registry.available()  # registers the built-ins, so prunebench.methods.ria is importable

@@ -54,7 +54,7 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
     plugin = tmp_path / "broken.py"
     plugin.write_text(textwrap.dedent('''
         from dataclasses import dataclass
-        from prunebench.registry import Capabilities, Pruner, register
+        from prunebench import Capabilities, Pruner, register
 
         @register
         class Broken(Pruner):

@@ -257,7 +257,7 @@ def test_lm_eval_puts_the_start_before_every_context(bos_tok):
 def test_learned_mask_windows_start_with_bos_and_a_longer_start_is_refused(bos_tok, monkeypatch, fresh_cache):
     from prunebench import registry
     from prunebench.modeling import sequence_start
-    from prunebench.registry import PruneContext
+    from prunebench.contract import PruneContext
     from prunebench.sparsity.patterns import SparsitySpec
 
     pruner = registry.create("leap", {"preset": "tiny", "seqlen": 32, "heldout_windows": 2})

@@ -15,7 +15,7 @@ from prunebench.engines import masklearn, masklearn_checkpoint
 from prunebench import registry
 from prunebench.engines.distributed import DataParallel
 from prunebench.modeling.models import all_prunable, load_tiny, weight_matrix
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.engines.state_files import (
     StateFileError, decode_optimizer, encode_optimizer, read_state, strict_json, write_state

@@ -267,7 +267,7 @@ def _learn_from_stream(corpus_file, eval_file, monkeypatch, **config):
     from prunebench.engines import masklearn_data
     from prunebench import registry
     from prunebench.modeling.models import load_tiny
-    from prunebench.registry import PruneContext
+    from prunebench.contract import PruneContext
     from prunebench.sparsity.patterns import SparsitySpec
 
     served = []

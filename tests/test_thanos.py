@@ -5,7 +5,7 @@ import torch
 
 from prunebench import registry
 from prunebench.errors import UserError
-from prunebench.registry import LayerStats, PruneContext
+from prunebench.contract import LayerStats, PruneContext
 from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask, n_to_prune
 
 from prunebench.methods.sparsegpt import damped_inverse_cholesky

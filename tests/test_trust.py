@@ -35,7 +35,7 @@ def write_plugin(path: Path, body: str) -> Path:
 LAYERWISE_PLUGIN = '''
 from dataclasses import dataclass
 import torch
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
+from prunebench import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
 from prunebench.sparsity.patterns import mask_from_scores, SparsitySpec
 
 @register
@@ -175,7 +175,7 @@ def test_pattern_checks_are_a_hook(tmp_path):
 HIJACK = '''
 from dataclasses import dataclass
 import torch
-from prunebench.registry import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
+from prunebench import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
 from prunebench.sparsity.patterns import mask_from_scores
 
 @register
@@ -233,7 +233,7 @@ DIVERGE = '''
 from dataclasses import dataclass
 import torch
 from prunebench.modeling.models import all_prunable, weight_matrix, set_weight_matrix
-from prunebench.registry import Capabilities, Pruner, PruneReport, register
+from prunebench import Capabilities, Pruner, PruneReport, register
 from prunebench.sparsity.patterns import mask_from_scores
 
 @register
@@ -352,9 +352,9 @@ def test_any_text_file_or_folder_as_evaluation_data(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # 6. Bad input: one line, a non-zero exit, nothing written or changed
 
-SYNTAX_ERROR_PLUGIN = "from prunebench.registry import register\n\ndef broken(:\n    pass\n"
+SYNTAX_ERROR_PLUGIN = "from prunebench import register\n\ndef broken(:\n    pass\n"
 IMPORT_ERROR_PLUGIN = "import os\nimport no_such_module_for_prunebench\n"
-EMPTY_PLUGIN = "from prunebench.registry import Pruner\n\nclass Forgotten(Pruner):  # no @register\n    name = 'forgotten'\n"
+EMPTY_PLUGIN = "from prunebench import Pruner\n\nclass Forgotten(Pruner):  # no @register\n    name = 'forgotten'\n"
 
 
 def alias_bomb(levels: int, indent: str) -> str:

@@ -134,7 +134,7 @@ def main(argv=None) -> int:
 
     from prunebench.engines.layerwise import StatsAccumulator
     from prunebench.methods.alps import alps_prune
-    from prunebench.registry import STATS_HESSIAN
+    from prunebench.contract import STATS_HESSIAN
     from prunebench.sparsity.patterns import SparsitySpec
 
     torch.set_num_threads(args.threads)

@@ -67,7 +67,7 @@ def layer_inputs(model_spec, block_index, names, n_samples, seqlen):
 def our_stats(xs):
     """The engine's statistics of one linear's inputs: mean, mean square, Hessian (float32)."""
     from prunebench.engines.layerwise import StatsAccumulator
-    from prunebench.registry import STATS_HESSIAN, STATS_INPUT_MOMENTS, combine_stats
+    from prunebench.contract import STATS_HESSIAN, STATS_INPUT_MOMENTS, combine_stats
 
     acc = StatsAccumulator(xs[0].shape[1], combine_stats(STATS_HESSIAN, STATS_INPUT_MOMENTS), "cpu")
     for x in xs:

@@ -146,7 +146,7 @@ def main():
     from prunebench.data.windows import WindowSpec, calibration_windows
     from prunebench.engines.layerwise import StatsAccumulator
     from prunebench.modeling.models import find_blocks, load_model
-    from prunebench.registry import STATS_INPUT_NORM
+    from prunebench.contract import STATS_INPUT_NORM
     from prunebench.sparsity.patterns import SparsitySpec
 
     registry.available()

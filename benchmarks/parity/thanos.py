@@ -44,7 +44,7 @@ def layer_hessians(model_spec, block_index, names, n_samples, seqlen):
     """{name: (weight [out, in] float32, H = X^T X / n)} for linears of one decoder block."""
     from prunebench.engines.layerwise import collect_block_stats
     from prunebench.modeling.models import weight_matrix
-    from prunebench.registry import STATS_HESSIAN
+    from prunebench.contract import STATS_HESSIAN
 
     from block_inputs import block_at
 

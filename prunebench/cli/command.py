@@ -211,15 +211,15 @@ def main(argv=None) -> int:
     try:
         if getattr(args, "quiet", False):
             os.environ["PRUNEBENCH_NO_PROGRESS"] = "1"
-        from prunebench import registry
+        from prunebench import plugins, registry
 
         registry.allow_replacing(getattr(args, "replace", []) or [])
         for plugin in getattr(args, "plugin", []) or []:
-            added = registry.load_plugin(plugin)
+            added = plugins.load_plugin(plugin)
             args.plugin_methods = getattr(args, "plugin_methods", []) + added
             if not getattr(args, "quiet", False):
                 log.info("plugin %s registered: %s", plugin, ", ".join(added) or "(nothing new)")
-        registry.check_replacements(getattr(args, "replace", []) or [])
+        plugins.check_replacements(getattr(args, "replace", []) or [])
         return {"run": cmd_run, "check": cmd_check, "list": cmd_list, "report": cmd_report, "export": cmd_export,
                 "eval": cmd_eval, "reproduce": cmd_reproduce, "cost": cmd_cost,
                 "compare": cmd_compare}[args.command](args)
@@ -515,7 +515,7 @@ def cmd_cost(args) -> int:
     print(f"{source}: {len(linears)} linears, kept {total['kept_fraction']:.4f} of their weights")
     print(f"  linears {total['linear_bytes'] / 1e6:.1f} MB ({total['linear_ratio']:.3f}x dense), whole model "
           f"{total['model_bytes'] / 1e6:.1f} MB ({total['model_ratio']:.3f}x), values in {args.value_dtype}")
-    print(f"  formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(total["formats"].items())))
+    print("  formats: " + ", ".join(f"{k} x{v}" for k, v in sorted(total["formats"].items())))
     print(f"  {total['flops_per_token'] / 1e9:.3f} GFLOP per token at context {args.context} "
           f"({total['flops_ratio']:.3f}x dense)")
     return 0

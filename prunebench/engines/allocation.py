@@ -5,27 +5,29 @@ An allocation composes with any layer-wise method ("wanda+owl", "sparsegpt+alpha
 the methods, it supplies only the mathematics: a score per block from the block's weights (and,
 if it asks for them, the dense model's input statistics), and the per-block specs from those
 scores.  The data pipeline (one dense pass over the calibration batches, block by block, when
-the allocation needs activations) lives here; the engine hands each block its spec and records
-targets and achieved values.
+the allocation needs activations, on the engine's own block pass) lives here, in
+`Allocation.allocate`: the engine calls it before pruning any block, hands each block its spec
+and records targets and achieved values.
 
-Allocations are registered by name with `register_allocation`, the built-in ones from modules in
-prunebench.methods (they are methods in all but name).  The default is uniform: every block the
-cell's spec, no extra pass.
+Allocations are registered by name with `register_allocation` in prunebench.registry.ALLOCATIONS,
+the built-in ones from modules in prunebench.methods (they are methods in all but name); the
+registry composes "method+allocation" names.  The default is uniform: every block the cell's
+spec, no extra pass.
 """
 from __future__ import annotations
 
 from typing import ClassVar
 
-import torch
-
+from prunebench.contract import STATS_NONE, LayerStats, config_to_dict, make_config
+from prunebench.engines.layerwise import _module_device, collect_block_stats
 from prunebench.errors import UserError
 from prunebench.modeling.models import weight_matrix, prunable_linears
 from prunebench.progress import progress_bar
-from prunebench.registry import STATS_NONE, LayerStats, config_to_dict, make_config
+from prunebench.registry import ALLOCATIONS
 from prunebench.sparsity.patterns import SparsitySpec
 
-_ALLOCATIONS: dict = {}
-_ALIASES: dict = {}
+register_allocation = ALLOCATIONS.register
+available = ALLOCATIONS.available
 
 
 class Allocation:
@@ -57,57 +59,38 @@ class Allocation:
         """The per-block specs (one per block, in order) that spend the cell's budget."""
         raise NotImplementedError
 
-
-def register_allocation(cls):
-    key = cls.name.lower()
-    if not key:
-        raise UserError(f"{cls.__name__} needs a name")
-    existing = _ALLOCATIONS.get(key)
-    if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
-        raise UserError(f"allocation name {key!r} is already taken by {existing.__module__}.{existing.__qualname__}")
-    _ALLOCATIONS[key] = cls
-    for alias in cls.aliases:
-        _ALIASES[alias.lower()] = key
-    return cls
-
-
-def available() -> list:
-    from prunebench import registry
-
-    registry.available()  # imports the built-in method modules, which register allocations too
-    return sorted(_ALLOCATIONS)
-
-
-def resolve(name: str) -> str:
-    key = str(name).strip().lower()
-    names = available()
-    key = _ALIASES.get(key, key)
-    if key not in _ALLOCATIONS:
-        raise UserError(f"unknown sparsity allocation {name!r}", hint=f"known allocations: {', '.join(names)}")
-    return key
-
-
-def create(name: str, config=None) -> Allocation:
-    if config is not None and not isinstance(config, dict):
-        raise UserError(f"allocation {name!r}: its config must be a mapping, got {config!r}"[:200])
-    return _ALLOCATIONS[resolve(name)](config or {})
+    def allocate(self, blocks, spec: SparsitySpec, hidden, args, kwargs, device, activation_device="cpu",
+                 progress=False):
+        """Per-block specs for the cell's `spec`, and what to record about them: what the layer-wise
+        engine asks before it prunes any block (hidden, args, kwargs: block 0's dense inputs)."""
+        self.check_spec(spec)
+        per_block = _block_inputs_stats(blocks, self, hidden, args, kwargs, device, activation_device, progress)
+        scores = [float(self.block_score(linears, spec)) for linears in per_block]
+        sizes = [sum(w.numel() for w, _ in linears.values()) for linears in per_block]
+        del per_block
+        specs = self.block_specs(scores, sizes, spec)
+        if len(specs) != len(blocks):
+            raise RuntimeError(f"allocation {self.name!r} returned {len(specs)} specs for {len(blocks)} blocks")
+        planned = sum(s.target * n for s, n in zip(specs, sizes)) / max(sum(sizes), 1)
+        info = {"name": self.name, "config": config_to_dict(self.config), "block_scores": [round(x, 6) for x in scores],
+                "block_targets": [round(s.target, 6) for s in specs], "block_labels": [s.label for s in specs],
+                "block_sizes": sizes, "planned_sparsity": round(planned, 6)}
+        return specs, info
 
 
 def display_name(name: str) -> str:
-    cls = _ALLOCATIONS[resolve(name)]
+    cls = ALLOCATIONS.get(name)
     return cls.display_name or cls.name
 
 
 def describe() -> list:
     return [{"name": k, "summary": c.summary, "statistics": c.statistics, "patterns": list(c.patterns),
-             "defaults": config_to_dict(c.Config())} for k, c in sorted(_ALLOCATIONS.items())]
+             "defaults": config_to_dict(c.Config())} for k, c in sorted(ALLOCATIONS.classes().items())]
 
 
 def _block_inputs_stats(blocks, allocation, hidden, args, kwargs, device, activation_device, progress):
     """Per block: {name: (weight, LayerStats)} of the *dense* model, with the statistics the
     allocation asks for from one dense pass (no block is pruned yet)."""
-    from prunebench.engines.layerwise import collect_block_stats, _module_device
-
     per_block = []
     bar = progress_bar(total=len(blocks), desc=f"{allocation.name} statistics", enabled=progress, unit="block")
     for index, block in enumerate(blocks):
@@ -126,24 +109,6 @@ def _block_inputs_stats(blocks, allocation, hidden, args, kwargs, device, activa
         bar.update(1)
     bar.close()
     return per_block
-
-
-def allocate(allocation: Allocation, blocks, spec: SparsitySpec, hidden, args, kwargs, device,
-             activation_device="cpu", progress=False):
-    """Per-block specs for the cell's `spec`, and what to record about them."""
-    allocation.check_spec(spec)
-    per_block = _block_inputs_stats(blocks, allocation, hidden, args, kwargs, device, activation_device, progress)
-    scores = [float(allocation.block_score(linears, spec)) for linears in per_block]
-    sizes = [sum(w.numel() for w, _ in linears.values()) for linears in per_block]
-    del per_block
-    specs = allocation.block_specs(scores, sizes, spec)
-    if len(specs) != len(blocks):
-        raise RuntimeError(f"allocation {allocation.name!r} returned {len(specs)} specs for {len(blocks)} blocks")
-    planned = sum(s.target * n for s, n in zip(specs, sizes)) / max(sum(sizes), 1)
-    info = {"name": allocation.name, "config": config_to_dict(allocation.config), "block_scores": [round(x, 6) for x in scores],
-            "block_targets": [round(s.target, 6) for s in specs], "block_labels": [s.label for s in specs],
-            "block_sizes": sizes, "planned_sparsity": round(planned, 6)}
-    return specs, info
 
 
 def clip_targets(targets, low: float = 0.0, high: float = 0.99) -> list:

@@ -1,6 +1,7 @@
 """The sequential block-by-block engine that every layer-wise method shares.
 
-Data pipeline only; the math belongs to the methods.  For each decoder block:
+Data pipeline only; the math belongs to the methods, which subclass `LayerwisePruner` (at the
+end of this file) and supply one matrix's mask.  For each decoder block:
   1. hook its prunable linears and run the calibration inputs through it, accumulating the
      statistics the method asked for (float32, in one place: `StatsAccumulator`);
   2. ask the method for each linear's mask (and repaired weights) and write them back;
@@ -14,16 +15,18 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from prunebench.contract import (
+    STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, STATS_NONE, LayerStats, LinearResult, PruneContext, Pruner,
+    PruneReport, stats_kinds
+)
 from prunebench.modeling.models import find_blocks, prunable_linears, set_weight_matrix, weight_matrix
 from prunebench.progress import progress_bar
-from prunebench.registry import (
-    STATS_HESSIAN, STATS_INPUT_MOMENTS, STATS_INPUT_NORM, STATS_NONE, LayerStats, PruneContext, PruneReport,
-    stats_kinds
-)
+from prunebench.sparsity.patterns import SparsitySpec
 
 
 class _StopForward(Exception):
@@ -306,11 +309,9 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
     """Prune every decoder linear with `pruner.prune_group`, block by block, sequentially.
 
     With a per-layer allocation attached to the pruner (`pruner.allocation`, e.g. OWL), each
-    block gets its own target from `prunebench.engines.allocation.allocate` before any block is pruned;
-    the default is the same spec for every block.
+    block gets its own target from the allocation (prunebench.engines.allocation.Allocation.allocate)
+    before any block is pruned; the default is the same spec for every block.
     """
-    from prunebench.engines.allocation import allocate
-
     spec = ctx.sparsity.resolved(pruner.default_scope)
     kind = pruner.capabilities.statistics
     allocation = getattr(pruner, "allocation", None)
@@ -335,8 +336,8 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
     block_specs = [spec] * len(blocks)
     if allocation is not None:
         ta = time.perf_counter()
-        block_specs, info = allocate(allocation, blocks, spec, hidden, args, kwargs, device, activation_device,
-                                     progress=ctx.progress)
+        block_specs, info = allocation.allocate(blocks, spec, hidden, args, kwargs, device, activation_device,
+                                                progress=ctx.progress)
         info["seconds"] = round(time.perf_counter() - ta, 3)
         report.stats["allocation"] = info
         report.layer_specs = {}
@@ -385,3 +386,34 @@ def prune_layerwise(model: nn.Module, pruner, ctx: PruneContext) -> PruneReport:
     if allocation is not None:
         report.stats["allocation"]["block_achieved"] = block_achieved
     return report
+
+
+class LayerwisePruner(Pruner):
+    """A method that prunes one linear at a time from statistics of its inputs.
+
+    This engine owns the block loop, the hooks and the statistics (prune_layerwise); the method
+    supplies only `prune_linear`.
+    """
+
+    kind: ClassVar[str] = "layer-wise"
+    default_scope: ClassVar[str] = "row"  # for unstructured specs that do not name a scope
+    engine_modules: ClassVar[tuple] = ("prunebench.engines.layerwise",)
+    accepts_allocation: ClassVar[bool] = True  # prune_layerwise spends a per-block allocation
+
+    def prune_linear(self, weight: torch.Tensor, stats: LayerStats, spec: SparsitySpec,
+                     ctx: PruneContext) -> LinearResult:
+        """weight: float32 [out, in] copy. Return the keep-mask and optionally new weights."""
+        raise NotImplementedError
+
+    def prune_group(self, weights: dict, stats: LayerStats, spec: SparsitySpec, ctx: PruneContext) -> dict:
+        """Linears of one block that read the same input (q/k/v, gate/up) and so share `stats`.
+
+        weights: name -> float32 [out, in] copy.  Returns name -> LinearResult.  The default
+        prunes them one by one; a method that can share work across the group (one Hessian
+        factorisation) overrides it.
+        """
+        return {name: self.prune_linear(w, stats, spec, ctx) for name, w in weights.items()}
+
+    def prune(self, model, ctx: PruneContext) -> PruneReport:
+        self.check_spec(ctx.sparsity)
+        return prune_layerwise(model, self, ctx)  # it also reports whether new weights were returned

@@ -53,7 +53,7 @@ from prunebench.errors import UserError
 from prunebench.modeling.models import all_prunable, resolve_dtype, restore_prunable, snapshot_prunable, weight_matrix
 from prunebench.modeling.output_head import OutputHead
 from prunebench.progress import progress_bar
-from prunebench.registry import Pruner, PruneReport
+from prunebench.contract import Pruner, PruneReport
 from prunebench.sparsity.patterns import SparsitySpec
 
 

@@ -34,8 +34,9 @@ KEY_INFRASTRUCTURE = ("prunebench.errors", "prunebench.progress", "prunebench.ca
                       "prunebench.typecheck", "prunebench.store.atomic", "prunebench.store.records",
                       "prunebench.registry", "prunebench.engines.kernel_build", "prunebench.engines.state_files")
 # Shared by every method: mask selection and the sparsity arithmetic, with the patterns that read,
-# complete and check a spec (the base class, the registry and each built-in pattern's file).
-METHOD_FRAMEWORK_MODULES = ("prunebench.sparsity.patterns", "prunebench.sparsity.pattern_base",
+# complete and check a spec (the base class, the registry and each built-in pattern's file), and
+# the contract (a layer's statistics as the engine hands them to a method, config building).
+METHOD_FRAMEWORK_MODULES = ("prunebench.contract", "prunebench.sparsity.patterns", "prunebench.sparsity.pattern_base",
                             "prunebench.sparsity.pattern_registry", *builtin_pattern_modules())
 
 

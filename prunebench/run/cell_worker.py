@@ -13,7 +13,8 @@ A spec is read as strict JSON; nothing is unpickled.
 
 A worker never outlives the runner that started it, even one killed with SIGKILL: on Linux it
 asks the kernel for SIGKILL when its parent dies (PR_SET_PDEATHSIG), then checks that the parent
-the runner named is still its parent (it may have died before the request took effect).
+the runner named is still its parent (it may have died before the request took effect, while
+this module and the runner it runs cells with were being imported).
 """
 from __future__ import annotations
 
@@ -23,13 +24,12 @@ import signal
 import sys
 from pathlib import Path
 from prunebench import registry
+from prunebench.run.executors import PARENT_PID_ENV
 from prunebench.run.grid import grid_from_dict
+from prunebench.run.runner import run_cell_by_key
 from prunebench.errors import UserError
 from prunebench.store.records import atomic_write_json, strict_json_hooks
 
-# The pid of the process that started this one, set by it in the environment: the parent whose
-# death must end this process.
-PARENT_PID_ENV = "PRUNEBENCH_PARENT_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -116,8 +116,6 @@ def main(argv=None) -> int:
     if len(argv) != (3 if slurm else 1):
         print("usage: python -m prunebench.run.cell_worker SPEC.json | --slurm ARRAY.json SHA256", file=sys.stderr)
         return 2
-
-    from prunebench.run.runner import run_cell_by_key
 
     try:
         spec = _read_spec(argv[1], argv[2]) if slurm else _read_spec(argv[0])

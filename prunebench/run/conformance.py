@@ -17,7 +17,7 @@ import torch
 from prunebench.errors import UserError
 from prunebench.sparsity.checks import DenseReference, OutputCheckError, check_output, effective_scope
 from prunebench.modeling.models import TINY_FAMILIES, all_prunable, load_tiny, weight_matrix
-from prunebench.registry import PruneContext, declares_weight_updates
+from prunebench.contract import PruneContext, declares_weight_updates
 from prunebench.sparsity.pattern_registry import example_specs
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench import registry

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prunebench.errors import UserError
-from prunebench.modeling.models import EMBEDDED_MODELS
 from prunebench.evaluate.local_tasks import LOCAL_TASKS, stock_root
 from prunebench.store.records import load_records
 from prunebench.data.stream import check_grid_supply
+from prunebench.run.hub_models import GATED_PREFIXES, hub_cache, is_hub_model, snapshot_complete
+from prunebench.run.plan import plan_grid
 from prunebench.run.validate import check_grid, check_results_dir
 from prunebench.modeling.models import _cached_hub_commit
 from prunebench.data.windows import text_fingerprint
@@ -31,9 +32,6 @@ from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, resolve_tasks
 from prunebench.data.stream import STREAM_SOURCES, open_documents
 from prunebench import registry
 
-# Hub models that are gated (a token and an accepted licence) as of 2025: a planning hint only,
-# since whether a repo is gated cannot be asked offline.
-GATED_PREFIXES = ("meta-llama/", "google/gemma")
 LOCAL_HOSTS = (None, "", "localhost", "127.0.0.1", "::1")
 NO_KEY = "(no key yet)"  # as wide as the 12 key characters the other lines show
 
@@ -190,35 +188,6 @@ def _first_line(exc: Exception, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def is_hub_model(spec: str) -> bool:
-    return not (spec in EMBEDDED_MODELS or spec.startswith("tiny:") or spec.endswith(".gguf") or Path(spec).is_dir())
-
-
-def _hub_cache() -> Path:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return Path(HF_HUB_CACHE)
-
-
-def _snapshot_complete(repo_id: str, commit: str) -> bool:
-    """config, tokenizer and every weight file of a cached model snapshot are on disk."""
-    import json
-
-    snap = _hub_cache() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / commit
-    if not (snap / "config.json").is_file():
-        return False
-    if not any((snap / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        return False
-    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        if (snap / index).is_file():
-            try:
-                shards = set(json.loads((snap / index).read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, TypeError):
-                return False
-            return all((snap / shard).is_file() for shard in shards)
-    return any(p.is_file() for pattern in ("*.safetensors", "pytorch_model*.bin") for p in snap.glob(pattern))
-
-
 def _gated_note(spec: str) -> str:
     if not spec.startswith(GATED_PREFIXES):
         return ""
@@ -268,7 +237,7 @@ def _dataset_cached(dataset_path: str) -> bool:
         from datasets.config import HF_DATASETS_CACHE
     except ImportError:
         HF_DATASETS_CACHE = Path.home() / ".cache" / "huggingface" / "datasets"
-    return (_hub_cache() / f"datasets--{dataset_path.replace('/', '--')}").is_dir() or \
+    return (hub_cache() / f"datasets--{dataset_path.replace('/', '--')}").is_dir() or \
         (Path(HF_DATASETS_CACHE) / dataset_path.replace("/", "___")).is_dir()
 
 
@@ -298,7 +267,7 @@ class Probe:
         if commit is None:
             return [Missing(f"model {spec}", f"not in the local Hugging Face cache, so the revision every key holds is "
                                              f"unknown{_gated_note(spec)} ({_download_hint(spec)})", True)]
-        if not _snapshot_complete(spec, commit):
+        if not snapshot_complete(spec, commit):
             return [Missing(f"model {spec}", f"revision {commit[:12]} is known here but its weights or tokenizer are not "
                                              f"in the local cache{_gated_note(spec)} ({_download_hint(spec)})", False)]
         return []
@@ -418,9 +387,5 @@ def dry_run(grid, results_dir, plan: dict | None = None) -> DryRun:
             else:
                 state = "pending" if missing else "todo"
             out.append(CellStatus(cell, state, key, missing))
-        planned = None
-        if plan is not None:
-            from prunebench.run.plan import plan_grid
-
-            planned = plan_grid(grid, cells, **plan)
+        planned = plan_grid(grid, cells, **plan) if plan is not None else None
         return DryRun(out, list(BLOCKED), planned)

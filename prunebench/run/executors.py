@@ -19,6 +19,9 @@ Another runner skips a claimed cell.  A claim is stale, and may be taken over, w
 process is gone (same host, pid dead; or the same SLURM array task requeued) or its file has not
 been touched for `stale_after_s` (a live holder touches it every few seconds, so only dead
 holders on other hosts age).  The claim is removed after the record is written.
+
+An executor never imports the runner: run_grid hands it a CellRunner, the two things it needs
+from the runner (run cells in this process; record a cell stopped from outside).
 """
 from __future__ import annotations
 
@@ -33,19 +36,23 @@ import subprocess
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from prunebench.errors import UserError
 from prunebench import registry
 from prunebench.store.records import (RECORDS_DIR, atomic_write_json, atomic_write_text, cell_record_path, read_record,
                                       strict_json_hooks)
-from prunebench.run.grid import grid_from_dict
 
 log = logging.getLogger("prunebench")
 
 LOCKS_DIR = ".locks"
 DEFAULT_STALE_S = 600.0  # a claim whose file is this old (no heartbeat) is abandoned
 EMPTY_LOCK_GRACE_S = 30.0  # a claim file with no content yet: its writer is between open and write
+# The pid of the process that started a cell worker, set by it in the worker's environment: the
+# parent whose death must end the worker (prunebench.run.cell_worker.die_with_parent).
+PARENT_PID_ENV = "PRUNEBENCH_PARENT_PID"
 
 
 def _job_id() -> str | None:
@@ -197,6 +204,17 @@ def _describe(path: Path) -> str:
 # Executors
 
 
+@dataclass(frozen=True)
+class CellRunner:
+    """What an executor needs from the runner, handed over by it (prunebench.run.runner.run_grid)."""
+
+    # (grid, cells, results_dir, summary, **options): run cells here, counting them into summary
+    run_in_process: Callable
+    # (grid, cell, results_dir, error, lock_stale_s) -> outcome: the failed record of a cell that
+    # was stopped from outside (its worker past the timeout, a SLURM task at its time limit)
+    record_stopped: Callable
+
+
 class LocalExecutor:
     """Cells run in this process, one model load per model.  With a per-cell timeout each cell
     runs in a worker process of its own instead (its model loaded per cell), so a cell that never
@@ -207,14 +225,12 @@ class LocalExecutor:
     def __init__(self, timeout_s: float | None = None):
         self.timeout_s = check_timeout(timeout_s)
 
-    def run(self, grid, cells, results_dir, summary, **options) -> None:
-        from prunebench.run.runner import run_cells_in_process
-
+    def run(self, grid, cells, results_dir, summary, runner: CellRunner, **options) -> None:
         if self.timeout_s is None:
-            run_cells_in_process(grid, cells, results_dir, summary, **options)
+            runner.run_in_process(grid, cells, results_dir, summary, **options)
             return
         for cell in cells:
-            _count(summary, run_cell_in_worker(grid, cell, results_dir, timeout_s=self.timeout_s, **options), cell)
+            _count(summary, run_cell_in_worker(grid, cell, results_dir, runner, timeout_s=self.timeout_s, **options), cell)
 
 
 class TorchrunExecutor:
@@ -229,14 +245,14 @@ class TorchrunExecutor:
         self.nproc_per_node = nproc_per_node
         self.timeout_s = check_timeout(timeout_s)
 
-    def run(self, grid, cells, results_dir, summary, **options) -> None:
+    def run(self, grid, cells, results_dir, summary, runner: CellRunner, **options) -> None:
         learned = [c for c in cells if getattr(registry.get(c.method), "kind", None) == "learned"]
         others = [c for c in cells if c not in learned]
         if others:
-            LocalExecutor(self.timeout_s).run(grid, others, results_dir, summary, **options)
+            LocalExecutor(self.timeout_s).run(grid, others, results_dir, summary, runner, **options)
         for cell in learned:
             log.info("cell %s: %d processes (torchrun)", cell.label, self.nproc_per_node)
-            outcome = run_cell_in_worker(grid, cell, results_dir, timeout_s=self.timeout_s,
+            outcome = run_cell_in_worker(grid, cell, results_dir, runner, timeout_s=self.timeout_s,
                                          nproc=self.nproc_per_node, **options)
             _count(summary, outcome, cell)
 
@@ -253,16 +269,14 @@ def check_timeout(timeout_s):
 STOP_GRACE_S = 10.0  # after SIGTERM, before SIGKILL: time to leave a checkpoint
 
 
-def run_cell_in_worker(grid, cell, results_dir, *, timeout_s=None, nproc: int = 1, plugins=(), progress=True,
-                       **options) -> dict:
+def run_cell_in_worker(grid, cell, results_dir, runner: CellRunner, *, timeout_s=None, nproc: int = 1, plugins=(),
+                       progress=True, **options) -> dict:
     """Run one cell in a child process (`python -m prunebench.run.cell_worker`; with nproc > 1 under
     torchrun) and return its outcome.  The child is in a process group of its own and dies with
     this process (cell_worker.die_with_parent); after `timeout_s` seconds the group is stopped
     and the cell gets a failed record that says so."""
     import dataclasses
     import sys
-
-    from prunebench.run.cell_worker import PARENT_PID_ENV
 
     results_dir = Path(results_dir).resolve()
     work = results_dir / "work" / cell.key[:16]
@@ -288,7 +302,7 @@ def run_cell_in_worker(grid, cell, results_dir, *, timeout_s=None, nproc: int = 
         if proc.poll() is None:
             _stop_group(proc)
     if timed_out:
-        return _timed_out(grid, cell, results_dir, timeout_s, options.get("lock_stale_s"))
+        return _timed_out(runner, grid, cell, results_dir, timeout_s, options.get("lock_stale_s"))
     try:
         outcome = json.loads(outcome_path.read_text())
     except (OSError, ValueError):
@@ -313,28 +327,11 @@ def _stop_group(proc) -> None:
             continue
 
 
-def _timed_out(grid, cell, results_dir, timeout_s: float, lock_stale_s) -> dict:
-    """The failed record of a cell stopped at its timeout, written as any runner writes one (a
-    previous ok record stays).  The stopped worker's claim is stale now (its process is gone)."""
-    import datetime as dt
-
-    from prunebench.run.runner import _record_skeleton, unwritable, write_cell_record
-
+def _timed_out(runner: CellRunner, grid, cell, results_dir, timeout_s: float, lock_stale_s) -> dict:
+    """The outcome of a cell stopped at its timeout: a failed record that says so."""
     error = (f"timed out: the cell exceeded the per-cell timeout of {timeout_s / 60:g} min (--timeout); "
              "its worker processes were stopped")
-    record = _record_skeleton(cell, grid)
-    record.update(status="failed", error=error,
-                  created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
-    claim = CellLock.claim(results_dir, cell.key, lock_stale_s)
-    if claim is None:  # another runner took the cell over meanwhile: its record, not ours
-        return {"key": cell.key, "status": "failed", "error": error}
-    try:
-        write_cell_record(results_dir, record)
-    except OSError as exc:
-        raise unwritable(exc, results_dir, record) from None
-    finally:
-        claim.release()
-    return {"key": cell.key, "status": "failed", "error": error, "record": record}
+    return runner.record_stopped(grid, cell, results_dir, error, lock_stale_s)
 
 
 SLURM_POLL_ENV = "PRUNEBENCH_SLURM_POLL_S"  # seconds between looks at the queue (tests: a fraction)
@@ -398,7 +395,8 @@ class SlurmExecutor:
             args.append(f"--mem={self.mem_gb}G")
         return args
 
-    def run(self, grid, cells, results_dir, summary, *, plugins=(), progress=False, **options) -> None:
+    def run(self, grid, cells, results_dir, summary, runner: CellRunner, *, plugins=(), progress=False,
+            **options) -> None:
         import dataclasses
         import hashlib
         import shlex
@@ -428,10 +426,10 @@ class SlurmExecutor:
         if not self.wait:
             summary.submitted = len(cells)
             return
-        for cell, outcome in zip(cells, self._wait(job, cells, work, grid, results_dir, options)):
+        for cell, outcome in zip(cells, self._wait(job, cells, work, grid, results_dir, options, runner)):
             _count(summary, outcome, cell)
 
-    def _wait(self, job: str, cells, work: Path, grid, results_dir: Path, options) -> list:
+    def _wait(self, job: str, cells, work: Path, grid, results_dir: Path, options, runner: CellRunner) -> list:
         outcomes, unseen = {}, {}
         while len(outcomes) < len(cells):
             queued = {_task_index(t) for t in _slurm(["squeue", "-h", "-r", "-j", job, "-o", "%i"]).split()}
@@ -450,7 +448,7 @@ class SlurmExecutor:
                     states = _sacct_states(job)
                 state = states.get(index)
                 if state in SLURM_DONE_STATES:
-                    outcomes[index] = self._ended(f"{job}_{index}", state, cell, grid, results_dir, options)
+                    outcomes[index] = self._ended(f"{job}_{index}", state, cell, grid, results_dir, options, runner)
                 elif state is None:  # accounting may lag the queue by a moment
                     unseen[index] = unseen.get(index, 0) + 1
                     if unseen[index] >= SLURM_UNSEEN_POLLS:
@@ -461,9 +459,9 @@ class SlurmExecutor:
                 time.sleep(self.poll_s)
         return [outcomes[i] for i in range(len(cells))]
 
-    def _ended(self, task: str, state: str, cell, grid, results_dir: Path, options) -> dict:
+    def _ended(self, task: str, state: str, cell, grid, results_dir: Path, options, runner: CellRunner) -> dict:
         if state == "TIMEOUT":
-            return _timed_out(grid, cell, results_dir, self.timeout_min * 60.0, options.get("lock_stale_s"))
+            return _timed_out(runner, grid, cell, results_dir, self.timeout_min * 60.0, options.get("lock_stale_s"))
         return {"key": cell.key, "status": "failed",
                 "error": f"job {task} ended {state} without an outcome (see {results_dir / 'slurm_logs' / task}.err)"}
 

@@ -14,12 +14,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Dict, Optional, Union
 
-import yaml
 
 from prunebench import registry
 from prunebench.bounded_yaml import MAX_YAML_BYTES, load_yaml
 from prunebench.errors import UserError
-from prunebench.registry import config_to_dict
 from prunebench.typecheck import check_fields
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.evaluate import local_tasks, zeroshot

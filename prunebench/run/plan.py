@@ -31,10 +31,11 @@ from prunebench.modeling.models import tiny_config
 from prunebench import registry
 from prunebench.sparsity.patterns import SparsitySpec
 from prunebench.evaluate.perplexity import score_chunk_tokens
-from prunebench.registry import STATS_HESSIAN
+from prunebench.contract import STATS_HESSIAN
 from prunebench.evaluate.zeroshot import EMBEDDED_TASKS, resolve_tasks
 from prunebench.data.stream import STREAM_SOURCES
 from prunebench.modeling.models import _cached_hub_commit
+from prunebench.run.hub_models import GATED_PREFIXES, is_hub_model, snapshot_complete
 
 GB = 1e9
 
@@ -334,8 +335,6 @@ def _eval_tokens(ev) -> tuple[int, int, list]:
 
 def _access(grid, cell, learned_config) -> list:
     """What the cell must reach or be granted: the model (gated: a token), hub texts, the stream."""
-    from prunebench.run.dryrun import GATED_PREFIXES, is_hub_model
-
     out = []
     if is_hub_model(cell.model):
         out.append(f"token+licence {cell.model}" if cell.model.startswith(GATED_PREFIXES) else f"hub {cell.model}")
@@ -521,13 +520,11 @@ def check_gpu_count(device: str, executor: str, nproc: int, gpus_per_cell, *, av
 def check_model_access(grid) -> None:
     """A gated hub model not already complete in the local cache cannot be read without a token:
     refuse before anything runs (a dry run lists it as missing instead)."""
-    from prunebench.run.dryrun import GATED_PREFIXES, _snapshot_complete, is_hub_model
-
     for spec in grid.models:
         if not (is_hub_model(spec) and spec.startswith(GATED_PREFIXES)):
             continue
         commit = _cached_hub_commit(spec, "main")
-        if commit is not None and _snapshot_complete(spec, commit):
+        if commit is not None and snapshot_complete(spec, commit):
             continue
         try:
             from huggingface_hub import get_token

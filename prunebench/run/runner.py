@@ -24,9 +24,11 @@ from pathlib import Path
 import torch
 
 from prunebench import registry
+from prunebench.plugins import load_plugin
 from prunebench.version import __version__
 from prunebench.engines import distributed
 from prunebench.engines.masklearn import mask_sparsity
+from prunebench.run.executors import CellLock, CellRunner, LocalExecutor
 from prunebench.run.grid import DENSE, CellSpec, GridSpec
 from prunebench.data.windows import WindowSpec, calibration_windows, eval_tokens, text_fingerprint
 from prunebench.provenance.environment_lock import lock_fingerprint
@@ -45,7 +47,7 @@ from prunebench.store.records import (
     SCHEMA_VERSION, atomic_write_json, attempt_path, cell_record_path, load_records, read_record,
     record_path, reject_record, sanitize_nonfinite, warn_skipped
 )
-from prunebench.registry import PruneContext
+from prunebench.contract import PruneContext, declares_weight_updates
 from prunebench.sparsity.patterns import measure_sparsity, pack_mask
 from prunebench.run.validate import check_grid, check_results_dir
 from prunebench.store.artifacts import save_cell_masks
@@ -78,9 +80,6 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
              only_keys: set | None = None, executor=None, save_masks: bool = False,
              lock_stale_s: float | None = None, plugins=()) -> RunSummary:
     """Run every cell without an ok record, through `executor` (default: in this process)."""
-    from prunebench.run.executors import LocalExecutor
-
-
     results_dir = Path(results_dir)
     cells = check_grid(grid)  # everything checkable before a model loads; nothing written yet
     check_results_dir(results_dir, create=True)
@@ -95,7 +94,8 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
     if summary.skipped:
         log.info("%d of %d cells already have ok records: skipped (--force redoes them)", summary.skipped, len(cells))
     executor = executor or LocalExecutor()
-    executor.run(grid, todo, results_dir, summary, force=force, progress=progress, save_masks=save_masks,
+    runner = CellRunner(run_in_process=run_cells_in_process, record_stopped=record_stopped_cell)
+    executor.run(grid, todo, results_dir, summary, runner, force=force, progress=progress, save_masks=save_masks,
                  lock_stale_s=lock_stale_s, plugins=plugins)
     return summary
 
@@ -103,8 +103,6 @@ def run_grid(grid: GridSpec, results_dir, *, force: bool = False, progress: bool
 def _claim_cell(cell: CellSpec, results_dir: Path, force: bool, lock_stale_s):
     """("run", claim) | ("busy", None) | ("skipped", None): claim the cell unless someone else has it
     or it was finished (by another runner) since the records were read."""
-    from prunebench.run.executors import CellLock
-
     claim = CellLock.claim(results_dir, cell.key, lock_stale_s)
     if claim is None:
         return "busy", None
@@ -161,6 +159,25 @@ def run_cells_in_process(grid: GridSpec, cells: list, results_dir, summary: RunS
     bar.close()
 
 
+def record_stopped_cell(grid: GridSpec, cell: CellSpec, results_dir, error: str, lock_stale_s) -> dict:
+    """The failed record of a cell an executor stopped from outside (its worker past the timeout),
+    written as any runner writes one (a previous ok record stays); the stopped worker's claim is
+    stale now (its process is gone).  Returns the executor's outcome."""
+    record = _record_skeleton(cell, grid)
+    record.update(status="failed", error=error,
+                  created_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds"))
+    claim = CellLock.claim(results_dir, cell.key, lock_stale_s)
+    if claim is None:  # another runner took the cell over meanwhile: its record, not ours
+        return {"key": cell.key, "status": "failed", "error": error}
+    try:
+        write_cell_record(results_dir, record)
+    except OSError as exc:
+        raise unwritable(exc, results_dir, record) from None
+    finally:
+        claim.release()
+    return {"key": cell.key, "status": "failed", "error": error, "record": record}
+
+
 def run_cell_by_key(grid: GridSpec, results_dir, key: str, *, force: bool = False, progress: bool = False,
                     save_masks: bool = False, lock_stale_s: float | None = None, plugins=()) -> dict:
     """Run one cell of `grid` in this (fresh) process: what each array task does.
@@ -172,7 +189,7 @@ def run_cell_by_key(grid: GridSpec, results_dir, key: str, *, force: bool = Fals
     Returns {"key", "status": ok | failed | skipped | busy | follower, "error", "record"}.
     """
     for plugin in plugins or ():
-        registry.load_plugin(plugin)
+        load_plugin(plugin)
     matches = [c for c in grid.cells() if c.key == key]
     if not matches:
         raise UserError(f"no cell with key {key[:12]} in this grid", hint="the grid changed since it was submitted")
@@ -261,7 +278,7 @@ def run_cell(cell: CellSpec, session: ModelSession, grid: GridSpec, results_dir:
         scope = None if cell.method == DENSE else effective_scope(cell.sparsity, report.stats.get("scope"))
         if scope:
             record["sparsity"]["scope"] = scope  # the scope the method actually used (and was checked at)
-        updates = registry.declares_weight_updates(registry.get(cell.method).capabilities, report)
+        updates = declares_weight_updates(registry.get(cell.method).capabilities, report)
         found = check_output(named, cell.sparsity, scope, dense=cell.method == DENSE, layer_specs=report.layer_specs,
                              model=model, reference=session.reference, updates_weights=updates, masks=report.masks)
         if "allocation" in report.stats:  # per-block targets, scores and achieved values, plotted by the report

@@ -116,7 +116,7 @@ def check_output(named_weights, spec: SparsitySpec, scope: str | None, *, dense:
 
     With `model` and the `reference` taken before pruning, the pruned model is compared with the
     dense one too (check_against_dense; `updates_weights`: what the method declares, see
-    prunebench.registry.declares_weight_updates), and what that found is returned, with "mask":
+    prunebench.contract.declares_weight_updates), and what that found is returned, with "mask":
     "reported" or "zeros" (where the checked pattern came from; None for a dense cell).
     """
     named = [(n, w.detach()) for n, w in named_weights]
