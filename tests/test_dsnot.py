@@ -159,7 +159,7 @@ def test_attention_and_mlp_names():
 
 
 def test_defaults_statistics_scope_and_identity():
-    from prunebench.provenance.identity import method_identity, modules_sha256
+    from prunebench.provenance.identity import METHOD_FRAMEWORK_MODULES, method_identity, modules_sha256
 
     pruner = registry.create("dsnot")
     cfg = dataclasses.asdict(pruner.config)
@@ -176,7 +176,7 @@ def test_defaults_statistics_scope_and_identity():
     assert len(set(ids.values())) == 3
     assert ids["magnitude"] == modules_sha256({"prunebench.methods.dsnot", "prunebench.methods.magnitude",
                                                "prunebench.methods.wanda", "prunebench.engines.layerwise",
-                                               "prunebench.sparsity.patterns"})
+                                               *METHOD_FRAMEWORK_MODULES})
     nested = registry.create("dsnot", {"initial": "dsnot", "initial_config": {"initial": "sparsegpt"}})
     assert nested.uses_methods() == ("dsnot", "sparsegpt")
 
