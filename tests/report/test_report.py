@@ -28,12 +28,14 @@ from prunebench.report.format import AVG_INCONSISTENT, AVG_PARTIAL, AVG_ROUNDING
 from prunebench.report.plots import plot_accuracy_vs_sparsity, plot_perplexity_vs_sparsity
 from prunebench.report.tables.perplexity import render_perplexity_markdown
 
+from conftest import REPO
+
 # The LEAP paper's data files (prunebench/report/published/).
 PAPER_TASKS = reference_paper().tasks
 PAPER_MODEL_IDS = reference_paper().model_ids
 PAPER_HEADLINE_GAIN = reference_paper().headline_gain
 
-LEAP_MD = Path(__file__).resolve().parents[1].parent / "shared" / "LEAP.md"
+LEAP_MD = REPO.parent / "shared" / "LEAP.md"
 MARKER_SYMBOLS = "*°†‡§"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 BLOCK_TITLES = {"50% sparsity": "0.5", "60% sparsity": "0.6"}

@@ -17,6 +17,8 @@ import pytest
 from prunebench.cli.command import main
 from prunebench.store.records import load_records
 
+from conftest import REPO
+
 TINY = ["--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none",
         "--max-ppl-windows", "16", "-q"]
 
@@ -82,7 +84,7 @@ def test_every_shipped_grid_loads_as_before():
 
     from prunebench.run.grid import load_yaml
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     files = sorted((repo / "prunebench" / "presets").glob("*.yaml")) + sorted((repo / "benchmarks" / "grids").glob("*.yaml"))
     assert files
     for path in files:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from conftest import REPO  # noqa: E402
+
+sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 sys.path.pop(0)

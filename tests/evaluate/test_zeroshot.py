@@ -18,7 +18,7 @@ from prunebench.evaluate import embedded_tasks as et  # noqa: E402
 from prunebench.evaluate import zeroshot as zs  # noqa: E402
 from prunebench.evaluate import local_tasks as lt  # noqa: E402
 
-DATA_DIR = Path(os.environ.get("PRUNEBENCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from conftest import SHARED_DATA as DATA_DIR  # noqa: E402
 needs_data = pytest.mark.skipif(not (DATA_DIR / "tasks").is_dir(), reason=f"no task data at {DATA_DIR}")
 
 # Rows exactly as the HF datasets lm-eval loads hold them (the first rows of each eval split),
