@@ -2,12 +2,11 @@
 need a GPU run on a tiny model (issue 35)."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO  # noqa: E402
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402

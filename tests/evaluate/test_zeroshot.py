@@ -323,23 +323,3 @@ def test_chance_is_the_mean_odds_of_each_items_choices():
     assert zs.chance_accuracy(results, ["a"]) == pytest.approx((1 / 2 + 1 / 4) / 2)
     assert zs.chance_accuracy(results, ["g"]) is None  # not multiple choice: no chance level
     assert zs.chance_accuracy(results, ["a", "g"]) is None
-
-
-@pytest.mark.parametrize("limit, message", [
-    ("piqa=0", "limit of piqa must be a positive number"),
-    ("piqa=5", "limit names task(s) the grid does not evaluate: piqa"),
-    ("five", "not a number of documents or task=number list"),
-])
-def test_bad_per_task_limits_are_one_line_errors(tmp_path, capsys, limit, message):
-    from prunebench.cli.command import main
-
-    argv = ["run", "--models", "tiny:llama", "--methods", "magnitude", "--tasks", "embedded", "--limit", limit,
-            "--results", str(tmp_path), "-q", "--dry-run"]
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own refusal (a value its type cannot read)
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not any(tmp_path.iterdir())

@@ -194,21 +194,6 @@ def test_without_sbatch_the_slurm_executor_says_so_in_one_line(tmp_path, capsys,
     assert "the slurm executor needs 'sbatch', which is not on PATH" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--timeout", "0"], "--timeout must be a positive"),  # a per-cell timeout for the local executor too
-    (["--gpus-per-cell", "1"], "only apply to --executor slurm"),
-    (["--executor", "slurm", "--timeout", "0"], "--timeout must be a positive"),
-    (["--executor", "slurm", "--array-parallelism", "0"], "--array-parallelism must be 1 or more"),
-    (["--lock-timeout", "-1"], "--lock-timeout must be positive"),
-    (["--nproc-per-node", "0"], "--nproc-per-node must be 1 or more"),
-])
-def test_bad_executor_flags_are_one_line_errors(tmp_path, capsys, argv, message):
-    code = main(["run", "--models", "tiny:llama", "--methods", "magnitude", "--results", str(tmp_path), "-q", *argv])
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-
-
 def test_executor_rejects_bad_options():
     from prunebench.errors import UserError
 
