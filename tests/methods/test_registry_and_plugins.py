@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from prunebench import registry
-from prunebench.contract import config_to_dict
+from prunebench.contract import config_to_dict, make_config
 from prunebench.errors import UserError
 from prunebench.plugins import load_plugin
 
@@ -89,11 +89,20 @@ def test_entry_point_methods_are_loaded(monkeypatch):
     assert "ep_method" in registry.available()
 
 
-def test_every_config_is_a_dataclass_with_defaults():
+class NoDeclaredType:
+    """A value no config field declares."""
+
+
+def test_every_config_is_a_dataclass_whose_defaults_pass_their_own_type_checks():
     for name in registry.available():
         cls = registry.get(name)
         assert dataclasses.is_dataclass(cls.Config), name
-        cls()  # constructible with paper defaults alone
+        defaults = cls().config  # constructible with paper defaults alone
+        # every default, given explicitly, passes its field's declared type and comes back the same
+        assert make_config(cls.Config, dataclasses.asdict(defaults)) == defaults, name
+        for field in dataclasses.fields(cls.Config):  # and that check is there for every field
+            with pytest.raises(UserError, match=f"{field.name} must be"):
+                make_config(cls.Config, {field.name: NoDeclaredType()})
 
 
 def test_list_shows_each_presets_values(capsys):
