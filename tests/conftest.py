@@ -10,6 +10,7 @@ os.environ.setdefault("PRUNEBENCH_NO_PROGRESS", "1")
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+SLOW_TESTS = Path(__file__).resolve().parent / "slow"  # the tests that load the embedded models
 SHARED_DATA = Path(os.environ.get("PRUNEBENCH_DATA_DIR", REPO.parent / "shared" / "data"))
 
 TINY_FAMILIES = ("llama", "qwen2", "gemma3", "mistral", "opt", "gpt2")
@@ -22,6 +23,14 @@ sparsities: ["0.5"]
 calibration: {dataset: lee, n_samples: 4, seqlen: 64}
 eval: {perplexity: [lee], seqlen: 64, tasks: [], max_ppl_windows: 16}
 """
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the marks
+def pytest_collection_modifyitems(items):
+    """Every test under tests/slow/ is marked slow, whether or not its file says so."""
+    for item in items:
+        if SLOW_TESTS in item.path.parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

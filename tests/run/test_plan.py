@@ -12,6 +12,8 @@ from prunebench.cli.command import build_parser, grid_from_args, main
 from prunebench.errors import UserError
 from prunebench.data.stream import HUB_TOKENS, WindowStream, check_supply, open_documents, stream_supply
 
+from conftest import REPO
+
 # Parameter counts the model cards publish (billions).
 PUBLISHED_PARAMS = {"Qwen/Qwen2.5-0.5B": 0.49, "google/gemma-3-1b-pt": 1.0, "meta-llama/Llama-3.2-1B": 1.24,
                     "meta-llama/Llama-3.2-3B": 3.21, "meta-llama/Llama-3.1-8B": 8.03}
@@ -102,7 +104,7 @@ def registry_spec(text):
 
 
 def test_the_memory_benchmark_prints_the_library_arithmetic():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         import learned_memory_plan as bench
     finally:

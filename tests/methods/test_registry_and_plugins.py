@@ -1,12 +1,18 @@
+"""The method registry and plugins: built-ins with their capabilities and defaults, plugin files and
+entry points, a plugin that takes a built-in's name only when asked (--replace), and its identity
+in the cell's key then."""
 import dataclasses
+import os
 import textwrap
 
 import pytest
 
 from prunebench import registry
-from prunebench.contract import config_to_dict
+from prunebench.contract import config_to_dict, make_config
 from prunebench.errors import UserError
 from prunebench.plugins import load_plugin
+
+from tiny_runs import TINY, by_method, run, write_plugin
 
 
 def test_builtins_are_registered_with_capabilities_and_defaults():
@@ -83,11 +89,20 @@ def test_entry_point_methods_are_loaded(monkeypatch):
     assert "ep_method" in registry.available()
 
 
-def test_every_config_is_a_dataclass_with_defaults():
+class NoDeclaredType:
+    """A value no config field declares."""
+
+
+def test_every_config_is_a_dataclass_whose_defaults_pass_their_own_type_checks():
     for name in registry.available():
         cls = registry.get(name)
         assert dataclasses.is_dataclass(cls.Config), name
-        cls()  # constructible with paper defaults alone
+        defaults = cls().config  # constructible with paper defaults alone
+        # every default, given explicitly, passes its field's declared type and comes back the same
+        assert make_config(cls.Config, dataclasses.asdict(defaults)) == defaults, name
+        for field in dataclasses.fields(cls.Config):  # and that check is there for every field
+            with pytest.raises(UserError, match=f"{field.name} must be"):
+                make_config(cls.Config, {field.name: NoDeclaredType()})
 
 
 def test_list_shows_each_presets_values(capsys):
@@ -121,3 +136,60 @@ def test_list_shows_each_presets_values(capsys):
             assert values == json.loads(json.dumps(resolved, default=str)), (name, preset)
     assert entries["leap"]["presets"]["paper"]["steps"] == 2000 and registry.get("leap").Config().steps == 2000
     assert "presets" not in entries["wanda"] and "presets" not in entries["sparsegpt"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A plugin may not take a built-in's name unless asked
+
+HIJACK = '''
+from dataclasses import dataclass
+import torch
+from prunebench import Capabilities, LayerwisePruner, LinearResult, STATS_NONE, register
+from prunebench.sparsity.patterns import mask_from_scores
+
+@register
+class Wanda(LayerwisePruner):
+    name = "wanda"
+    capabilities = Capabilities(patterns=("unstructured",), needs_calibration=False, statistics=STATS_NONE)
+    default_scope = "row"
+
+    @dataclass
+    class Config:
+        pass
+
+    def prune_linear(self, weight, stats, spec, ctx):
+        return LinearResult(mask=mask_from_scores(-weight.abs(), spec))
+'''
+
+
+def test_a_plugin_that_takes_a_builtin_name_is_refused(tmp_path, capsys):
+    plugin = write_plugin(tmp_path / "hijack.py", HIJACK)
+    results = tmp_path / "results"
+    base = ["--models", "tiny:llama", "--methods", "wanda", "--sparsities", "0.5", "--no-dense", "--results", str(results), *TINY]
+    assert run("--plugin", str(plugin), *base) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already taken" in err[0] and "--replace wanda" in err[0]
+    assert not results.exists()
+    from prunebench import registry
+
+    assert registry.origin("wanda")["kind"] == "builtin"
+
+
+def test_an_explicit_replace_carries_the_plugins_identity(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    plugin = write_plugin(tmp_path / "hijack.py", HIJACK)
+    results = tmp_path / "results"
+    base = ["--models", "tiny:llama", "--methods", "wanda", "--sparsities", "0.5", "--no-dense", "--results", str(results), *TINY]
+    # A fresh process: --replace changes the registry for the rest of the process.
+    code = subprocess.run([sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--replace", "wanda", *base],
+                          capture_output=True, text=True, env={**os.environ, "PRUNEBENCH_NO_PROGRESS": "1"})
+    assert code.returncode == 0, code.stderr
+    rec = by_method(results)[("wanda", "0.5")]
+    ident = rec["spec"]["method_identity"]
+    assert ident["kind"] == "plugin" and ident["replaces_builtin"] and ident["file"] == str(plugin.resolve())
+    # Without the plugin, the built-in Wanda's cell is a different cell: not "already done".
+    capsys.readouterr()
+    assert run(*base, "--dry-run") == 0
+    assert capsys.readouterr().out.startswith("todo")

@@ -1,9 +1,9 @@
 """CI executes notebooks/paper_tables.ipynb: it must rebuild the tables from results/ through the public API."""
-from pathlib import Path
-
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "paper_tables.ipynb"
+from conftest import REPO
+
+NOTEBOOK = REPO / "notebooks" / "paper_tables.ipynb"
 
 
 def test_paper_tables_notebook_executes(tmp_path, monkeypatch):

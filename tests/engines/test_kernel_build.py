@@ -10,7 +10,7 @@ import pytest
 from prunebench.errors import UserError
 from prunebench.engines import kernel_build
 from prunebench.engines.kernel_build import (
-    LOCK_NAME, NO_CPP_KERNELS_ENV, TORCH_BATON, build_folder, build_lock, load_inline_locked, optional_extension
+    LOCK_NAME, NO_CPP_KERNELS_ENV, TORCH_BATON, build_folder, build_lock, optional_extension
 )
 
 HOLDER = textwrap.dedent("""
@@ -63,19 +63,6 @@ def test_each_build_has_its_own_folder(tmp_path):
     assert a != build_folder("k", "int g();", ["-O3"], tmp_path)
 
 
-SOURCE = "int64_t twice(int64_t x) { return 2 * x; }"
-
-
-@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
-def test_a_build_after_a_killed_build_does_not_wait(tmp_path):
-    folder = build_folder("prunebench_test_twice", SOURCE, ["-O1", "|"], tmp_path)
-    holder = _start_holder(folder)
-    holder.kill()
-    holder.wait()
-    module = load_inline_locked("prunebench_test_twice", SOURCE, ["twice"], ["-O1"], [], timeout_s=5, root=tmp_path)
-    assert module.twice(21) == 42
-
-
 CONCRETE_HOLDER = textwrap.dedent("""
     import time
     from prunebench.engines import concrete
@@ -103,7 +90,10 @@ CONCRETE_BUILD = textwrap.dedent("""
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
 def test_concrete_builds_after_a_builder_was_killed_holding_its_lock():
     """The issue's hang: a process killed while it held the fused gate kernel's build lock.
-    concrete.py's own entry point, in a fresh process, then builds (or loads) without waiting."""
+    concrete.py's own entry point, in a fresh process, then builds (or loads) without waiting:
+    torch's load_inline takes its lock file even for a build that is up to date, so a stale one
+    would make it wait forever.  (The lock itself after a killed holder:
+    test_a_builder_killed_mid_build_leaves_nothing_that_blocks.)"""
     from prunebench.engines import concrete
 
     folder = concrete.build_folder()

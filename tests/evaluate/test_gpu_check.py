@@ -2,12 +2,13 @@
 need a GPU run on a tiny model (issue 35)."""
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_check  # noqa: E402
 
 sys.path.pop(0)

@@ -1,9 +1,12 @@
 """Mask learning across processes (prunebench.engines.distributed, the engine in prunebench.engines.masklearn):
 two gloo processes on a CPU compute what one process with the same global gradient
-accumulation computes, and a preempted two-process run resumes to the mask of an uninterrupted one.
+accumulation computes, and a preempted two-process run resumes to the mask of an uninterrupted one;
+likewise with the optimizer state or the logits sharded over the processes.  Every two-process
+run of the module runs in one pair of processes (the `runs` fixture).
 """
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -45,54 +48,78 @@ def _train(config, work_dir=None):
     return masks, report
 
 
-def _worker(rank, world, store_file, out_dir, config, preempt_at, work_dir):
+# Each setting (plain data parallel, sharded optimizer state, sharded logits) three times: trained
+# through, cut at step 2 (a preemption after the checkpoint), then resumed from the cut's state.
+# SETTINGS: name -> config.
+SETTINGS = {"plain": CONFIG, "zero": dict(CONFIG, shard_optimizer_state=True), "fsdp": dict(CONFIG, shard_logits=True)}
+CUT_AT = 2
+
+
+def _jobs(root):
+    """What the two processes run, in order: for each setting the full run, the cut (its state
+    copied aside for the tests to read) and the resumed run, each checkpointing into a folder."""
+    jobs = []
+    for name, config in SETTINGS.items():
+        jobs += [{"name": f"{name}_full", "config": config, "work_dir": str(root / f"{name}_full_work")},
+                 {"name": f"{name}_cut", "config": config, "work_dir": str(root / f"{name}_cut_work"), "preempt_at": CUT_AT,
+                  "copy_state_to": str(root / f"{name}_state_at_cut")},
+                 {"name": f"{name}_resumed", "config": config, "work_dir": str(root / f"{name}_cut_work")}]
+    return jobs
+
+
+def _worker(rank, world, store_file, out_dir, jobs):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
-        if preempt_at is not None:
-            original = masklearn.LearnedMaskPruner._checkpoint
-
-            def preempt(self, dp, path, run_key, logits, optimizer, scheduler, step, curves):
-                original(self, dp, path, run_key, logits, optimizer, scheduler, step, curves)
-                if step == preempt_at:
-                    raise KeyboardInterrupt("preempted")
-
-            masklearn.LearnedMaskPruner._checkpoint = preempt
-        try:
-            masks, report = _train(config, work_dir)
-        except KeyboardInterrupt:
-            return
-        torch.save({"masks": masks, "warnings": report.warnings, "stats": {k: report.stats.get(k) for k in
-                                              ("processes", "micro_batches_per_process", "heldout_loss",
-                                               "resumed_from_step", "curves", "logits_bytes",
-                                               "logits_bytes_per_process")}},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        for job in jobs:
+            _run_job(rank, out_dir, **job)
     finally:
         dist.destroy_process_group()
 
 
-def _run_two(tmp_path, name, config, preempt_at=None, work_dir=None):
-    """Spawn two gloo processes training `config`; their saved results (None if preempted)."""
-    out = tmp_path / name
-    out.mkdir()
-    store = tmp_path / f"{name}.store"
-    mp.spawn(_worker, args=(2, str(store), str(out), config, preempt_at, str(work_dir) if work_dir else None),
-             nprocs=2, join=True)
-    # (this test's own result files: tensors and plain values, read without unpickling code)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)] if (out / "rank0.pt").exists() else None
+def _run_job(rank, out_dir, name, config, work_dir, preempt_at=None, copy_state_to=None):
+    original = masklearn.LearnedMaskPruner._checkpoint
+    if preempt_at is not None:
+        def preempt(self, dp, path, run_key, logits, optimizer, scheduler, step, curves):
+            original(self, dp, path, run_key, logits, optimizer, scheduler, step, curves)
+            if step == preempt_at:
+                raise KeyboardInterrupt("preempted")
+
+        masklearn.LearnedMaskPruner._checkpoint = preempt
+    try:
+        masks, report = _train(config, work_dir)
+    except KeyboardInterrupt:  # both processes stop at the same step, their shards written
+        dist.barrier()
+        if rank == 0:
+            shutil.copytree(work_dir, copy_state_to)
+        dist.barrier()
+        return
+    finally:
+        masklearn.LearnedMaskPruner._checkpoint = original
+    os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+    torch.save({"masks": masks, "warnings": report.warnings, "stats": {k: report.stats.get(k) for k in
+                                          ("processes", "micro_batches_per_process", "heldout_loss",
+                                           "resumed_from_step", "curves", "logits_bytes",
+                                           "logits_bytes_per_process")}},
+               os.path.join(out_dir, name, f"rank{rank}.pt"))
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    """One uninterrupted two-process run (checkpointing, which changes nothing it computes), shared
-    by the tests: spawning processes is the slow part."""
-    tmp = tmp_path_factory.mktemp("two")
-    return _run_two(tmp, "full", CONFIG, work_dir=tmp / "work")
+def runs(tmp_path_factory):
+    """Every job of _jobs in one pair of gloo processes (spawning them is the slow part): the
+    saved results by job name (a cut job has none) and the folder that holds the work folders."""
+    root = tmp_path_factory.mktemp("two")
+    jobs = _jobs(root)
+    mp.spawn(_worker, args=(2, str(root / "store"), str(root / "out"), jobs), nprocs=2, join=True)
+    # (this test's own result files: tensors and plain values, read without unpickling code)
+    results = {job["name"]: [torch.load(root / "out" / job["name"] / f"rank{r}.pt", weights_only=True) for r in range(2)]
+               for job in jobs if (root / "out" / job["name"] / "rank0.pt").exists()}
+    return results, root
 
 
-def test_two_processes_learn_what_one_process_learns(tmp_path, two_process_run):
+def test_two_processes_learn_what_one_process_learns(tmp_path, runs):
     one_masks, one_report = _train(CONFIG, tmp_path / "one")
-    two = two_process_run
+    two = runs[0]["plain_full"]
     assert two[0]["stats"]["processes"] == 2 and two[0]["stats"]["micro_batches_per_process"] == 2
     for name, mask in one_masks.items():
         assert torch.equal(two[0]["masks"][name], two[1]["masks"][name]), f"{name}: the processes disagree"
@@ -118,45 +145,44 @@ def _shards_at_cut(work_dir, step):
     return shards
 
 
-def _resume_and_compare(tmp_path, config, uninterrupted, work_dir):
-    resumed = _run_two(tmp_path, "resumed", config, work_dir=work_dir)
-    assert resumed[0]["stats"]["resumed_from_step"] == 2, resumed[0]["warnings"]
+def _cut_and_resumed(runs, setting):
+    """The state the cut run left (as it was at the cut), after checking the cut ended the run;
+    and whether the resumed run ended with the uninterrupted mask and left no state."""
+    results, root = runs
+    assert f"{setting}_cut" not in results  # preempted: neither process finished
+    shards = _shards_at_cut(root / f"{setting}_state_at_cut", CUT_AT)
+    resumed, uninterrupted = results[f"{setting}_resumed"], results[f"{setting}_full"]
+    assert resumed[0]["stats"]["resumed_from_step"] == CUT_AT, resumed[0]["warnings"]
     for name, mask in uninterrupted[0]["masks"].items():
         assert torch.equal(resumed[0]["masks"][name], mask), name
-    assert not any(work_dir.iterdir())  # a finished run leaves no state to resume from
+    assert not any((root / f"{setting}_cut_work").iterdir())  # a finished run leaves no state to resume from
+    return shards
 
 
-def test_a_resumed_two_process_run_ends_with_the_uninterrupted_mask(tmp_path, two_process_run):
-    uninterrupted = two_process_run
-    assert _run_two(tmp_path, "cut", CONFIG, preempt_at=2, work_dir=tmp_path / "w_cut") is None
-    (meta0, _), (meta1, tensors1) = _shards_at_cut(tmp_path / "w_cut", 2)
+def test_a_resumed_two_process_run_ends_with_the_uninterrupted_mask(runs):
+    (meta0, _), (meta1, tensors1) = _cut_and_resumed(runs, "plain")
     assert meta0["logits"] and meta0["optimizer"]["state"]  # replicated: rank 0 writes it once
     assert "logits" not in meta1 and "optimizer" not in meta1 and not tensors1
-    _resume_and_compare(tmp_path, CONFIG, uninterrupted, tmp_path / "w_cut")
 
 
-def test_sharded_optimizer_state_is_saved_by_each_process_and_resumes(tmp_path):
+def test_sharded_optimizer_state_is_saved_by_each_process_and_resumes(runs):
     """shard_optimizer_state: each process writes only its own AdamW moments (together they are
     every logit's, once), and the resumed run ends where the uninterrupted one does."""
-    config = dict(CONFIG, shard_optimizer_state=True)
-    uninterrupted = _run_two(tmp_path, "full", config, work_dir=tmp_path / "w_full")
-    assert _run_two(tmp_path, "cut", config, preempt_at=2, work_dir=tmp_path / "w_cut") is None
-    shards = _shards_at_cut(tmp_path / "w_cut", 2)
+    shards = _cut_and_resumed(runs, "zero")
     assert [meta["mode"] for meta, _ in shards] == ["zero", "zero"] and "logits" not in shards[1][0]
     moments = [len(meta["optimizer"]["state"]) for meta, _ in shards]  # each process: its own moments
     n_logits = sum(len(keys) for _, keys in shards[0][0]["logits"])
     assert min(moments) > 0 and sum(moments) == n_logits, (moments, n_logits)
-    _resume_and_compare(tmp_path, config, uninterrupted, tmp_path / "w_cut")
 
 
-def test_sharded_logits_learn_what_one_process_learns_and_resume(tmp_path):
+def test_sharded_logits_learn_what_one_process_learns_and_resume(tmp_path, runs):
     """shard_logits (FSDP2): each process holds half the logits, the two learn the mask one
     process learns (the gradients are reduce-scattered every micro-batch, so summed in another
     order: the same tolerance), each writes only its shards, and a preempted run resumes to the
     uninterrupted mask."""
-    config = dict(CONFIG, shard_logits=True)
+    config = SETTINGS["fsdp"]
     one_masks, one_report = _train(dict(config), tmp_path / "one")  # one process: nothing to shard
-    two = _run_two(tmp_path, "full", config, work_dir=tmp_path / "w_full")
+    two = runs[0]["fsdp_full"]
     stats = two[0]["stats"]
     assert stats["logits_bytes"] == one_report.stats["logits_bytes"]
     assert stats["logits_bytes_per_process"] == pytest.approx(stats["logits_bytes"] / 2, rel=0.05)
@@ -166,9 +192,7 @@ def test_sharded_logits_learn_what_one_process_learns_and_resume(tmp_path):
     assert agree / sum(m.numel() for m in one_masks.values()) >= MASK_AGREEMENT
     assert stats["curves"]["loss"] == pytest.approx(one_report.stats["curves"]["loss"], rel=1e-4, abs=1e-5)
 
-    assert _run_two(tmp_path, "cut", config, preempt_at=2, work_dir=tmp_path / "w_cut") is None
-    work_dir = tmp_path / "w_cut"
-    shards = _shards_at_cut(work_dir, 2)
+    shards = _cut_and_resumed(runs, "fsdp")
     layout = shards[0][0]["layout"]
     for name, keys in layout.items():  # each process holds its own shard of every logit: no gathered copy
         for key, (shape, _) in keys.items():
@@ -176,7 +200,6 @@ def test_sharded_logits_learn_what_one_process_learns_and_resume(tmp_path):
             assert sum(r[0] for r in rows) == shape[0] and all(list(r[1:]) == shape[1:] for r in rows)
             assert all(r[0] < shape[0] for r in rows)
     assert all(meta["optimizer"]["state"] for meta, _ in shards)  # and of its moments
-    _resume_and_compare(tmp_path, config, two, work_dir)
 
 
 def test_sharding_the_logits_and_the_moments_twice_is_refused():

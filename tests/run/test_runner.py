@@ -1,5 +1,6 @@
-"""The runner and CLI end to end on tiny models: records, resume, failures, bad input, report."""
-import json
+"""The runner and CLI end to end on tiny models: records, resume, a failing cell, the report, grid
+files and presets, --require-clean, trust_remote_code.  Bad input to the command line: test_cli_bad_input.py."""
+import logging
 import textwrap
 
 import pytest
@@ -78,31 +79,6 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path):
     assert status["magnitude"]["status"] == "ok" and status["dense"]["status"] == "ok"
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--methods", "nosuch"], "known methods"),
-    (["--models", "nosuchmodel"], "unknown model"),
-    (["--models", "tiny:nosuch"], "tiny model family"),
-    (["--sparsities", "1.0"], "outside [0, 1)"),
-    (["--sparsities", "4:4"], "N must be smaller than M"),
-    (["--sparsities", "0.5@diagonal"], "scope"),
-    (["--data-dir", "/nonexistent/dir"], "not a readable directory"),
-])
-def test_bad_input_is_one_clear_line_and_nonzero(tmp_path, capsys, args, needle):
-    results = tmp_path / "r"
-    base = {"--models": "tiny:llama", "--methods": "magnitude", "--sparsities": "0.5"}
-    for i in range(0, len(args), 2):
-        base[args[i]] = args[i + 1]
-    flat = [x for kv in base.items() for x in kv]
-    code = run(*flat, "--results", str(results), *TINY)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2
-    assert any(needle in line for line in err), err
-    assert not any(p.suffix == ".tmp" for p in results.rglob("*")) if results.exists() else True
-    # a bad model is only discovered when loading; nothing else may be half-written
-    for p in (results / "records").glob("*.json") if results.exists() else []:
-        json.loads(p.read_text())
-
-
 def test_report_skips_corrupt_records_and_prints_csv(tmp_path, capsys, caplog):
     results = tmp_path / "results"
     assert run("--models", "tiny:gpt2", "--methods", "magnitude,wanda", "--sparsities", "0.5", "--results", str(results), *TINY) == 0
@@ -168,3 +144,34 @@ def test_require_clean_refuses_uncommitted_code(tmp_path, capsys, monkeypatch):
                str(tmp_path / "r"), "--require-clean", "-q") == 2
     assert "uncommitted changes (methods/wanda.py)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+# trust_remote_code: warned about, and in the key only when true
+
+def test_trust_remote_code_is_warned_about_and_in_the_key_only_when_true(monkeypatch, caplog):
+    from prunebench.run import validate
+    from prunebench.run.grid import grid_from_dict
+
+    base = {"models": ["tiny:llama"], "methods": ["magnitude"], "include_dense": False,
+            "calibration": {"n_samples": 4, "seqlen": 64}, "eval": {"perplexity": ["lee"], "seqlen": 64}}
+    plain = grid_from_dict(dict(base)).cells()[0]
+    said_false = grid_from_dict({**base, "trust_remote_code": False}).cells()[0]
+    trusted = grid_from_dict({**base, "trust_remote_code": True}).cells()[0]
+    assert "trust_remote_code" not in plain.identity() and said_false.key == plain.key
+    assert trusted.identity()["trust_remote_code"] is True and trusted.key != plain.key
+    monkeypatch.setattr(validate, "_WARNED_REMOTE_CODE", set())
+    with caplog.at_level(logging.WARNING, logger="prunebench"):
+        validate.check_grid(grid_from_dict({**base, "trust_remote_code": True}))
+    assert any("trust_remote_code is true" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="prunebench"):
+        validate.check_grid(grid_from_dict(dict(base)))
+    assert not any("trust_remote_code" in r.getMessage() for r in caplog.records)
+
+
+def test_trust_remote_code_is_written_into_the_record(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("models: [tiny:llama]\nmethods: [magnitude]\ninclude_dense: false\ntrust_remote_code: true\n")
+    results = tmp_path / "results"
+    assert main(["run", "--grid", str(grid), "--results", str(results), *TINY]) == 0
+    assert {r["method"]["name"]: r for r in _records(results)[0]}["magnitude"]["spec"]["trust_remote_code"] is True

@@ -1,8 +1,11 @@
 """Output checks cover every parameter (issue 29): whatever a method was not asked to change
 (embeddings, norms, biases, the output head) must be the dense model's, and the weights it kept
 must be what it says it did to them (unchanged unless it declares weight updates; then bounded,
-and the change recorded).  The runner and `prunebench check --plugin` run the same checks; saved
-masks are refused for a model other than the one they were made for."""
+and the change recorded).  The runner and `prunebench check --plugin` run the same checks; an output
+that breaks its cell (pattern, target, mask type, finiteness) is a failed record whose reason is
+one line, and the grid goes on; saved masks are refused for a model other than the one they were
+made for."""
+import hashlib
 import json
 import logging
 import textwrap
@@ -17,6 +20,8 @@ from prunebench.cli.command import main
 from prunebench.run.conformance import check_method
 from prunebench.modeling.models import all_prunable, load_tiny
 from prunebench.store.records import load_records
+
+from tiny_runs import TINY as TINY_FLAGS, by_method, layerwise_plugin, run
 
 TINY = ["--seeds", "0", "--calibration", "lee", "--n-samples", "4", "--seqlen", "64", "--ppl", "lee", "--tasks", "none",
         "--max-ppl-windows", "4", "-q"]
@@ -476,3 +481,35 @@ def test_zeroing_weights_the_mask_keeps_fails_even_inside_the_tolerance(masks_pl
     # the same check through the runner
     [outcome] = check_method("oc_zero_extra", families=("llama",), specs=("2:4",), calibration=calib_windows)
     assert not outcome.ok and "the method zeroed more than its mask says" in outcome.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# A method's output that breaks its cell (pattern, target, type, finiteness) is a failed record, in one line
+
+@pytest.mark.parametrize("body,sparsity,needle", [
+    # keeps 3 of every 4: a 2:4 cell that breaks the pattern in every layer
+    ("m = torch.ones_like(weight, dtype=torch.bool); m[:, ::4] = False; return LinearResult(mask=m)", "2:4", "keep more than 2"),
+    # a "50%" cell that prunes nothing
+    ("return LinearResult(mask=torch.ones_like(weight, dtype=torch.bool))", "0.5", "sparsity 0.0000"),
+    # a mask of the wrong type
+    ("return LinearResult(mask=(weight.abs() > weight.abs().median()).float())", "0.5", "bool keep-mask"),
+    # NaN weights
+    ("w = weight.clone(); w[0, 0] = float('nan'); return LinearResult(mask=mask_from_scores(weight.abs(), spec), weight=w)",
+     "0.5", "non-finite"),
+    # 60% asked, 50% delivered
+    ("return LinearResult(mask=mask_from_scores(weight.abs(), SparsitySpec(0.5, scope='layer')))", "0.6", "target 0.6000"),
+])
+def test_a_bad_method_output_is_a_failed_record(tmp_path, body, sparsity, needle):
+    name = "bad_test_" + hashlib.sha256(body.encode()).hexdigest()[:8]  # one registry per process: unique names
+    plugin = layerwise_plugin(tmp_path, name, body)
+    results = tmp_path / "results"
+    code = run("--plugin", str(plugin), "--models", "tiny:qwen2", "--methods", f"{name},magnitude", "--sparsities",
+               sparsity, "--results", str(results), *TINY_FLAGS)
+    assert code == 1
+    recs = by_method(results)
+    bad = recs[(name, sparsity)]
+    assert bad["status"] == "failed" and needle in bad["error"], bad["error"]
+    assert "\n" not in bad["error"]
+    assert recs[("magnitude", sparsity)]["status"] == "ok"  # the grid went on
+    ok = recs[("magnitude", sparsity)]
+    assert ok["sparsity"]["checked"]["finite"] and len(ok["sparsity"]["mask_sha256"]) == 64

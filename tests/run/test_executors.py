@@ -13,7 +13,16 @@ from prunebench.cli.command import main
 from prunebench.run.executors import SlurmExecutor, locks_dir
 from prunebench.store.records import load_records
 
-from conftest import SIX_CELL_GRID_YAML as GRID_YAML  # noqa: E402
+# Two quick cells (each an array task, a process of its own): enough for a task to run after
+# the hostile files were planted again, and for the array range and its throttle to show.
+GRID_YAML = """\
+models: [tiny:llama, tiny:qwen2]
+methods: [wanda]
+sparsities: ["0.5"]
+include_dense: false
+calibration: {dataset: lee, n_samples: 4, seqlen: 64}
+eval: {perplexity: [lee], seqlen: 64, tasks: [], max_ppl_windows: 16}
+"""
 
 
 def _env():
@@ -109,31 +118,30 @@ def test_job_array_through_sbatch_reads_no_pickle(tmp_path, fake_slurm, capsys):
     env = dict(fake_slurm, FAKE_SLURM_AFTER=f"for d in {logs} {logs}/*/; do cp {bad} $d/1000_0_0_result.pkl; "
                                             f"cp {bad} $d/1000_0_submitted.pkl; done")
     cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--grid", str(grid), "--results", str(results), "-q",
-           "--executor", "slurm", "--timeout", "10", "--array-parallelism", "6"]
+           "--executor", "slurm", "--timeout", "10", "--array-parallelism", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "6 cells: 6 ran ok" in done.stdout
+    assert "2 cells: 2 ran ok" in done.stdout
     assert not marker.exists()  # nothing in the results directory was unpickled, by the runner or a task
 
     calls = (tmp_path / "fake_slurm" / "calls").read_text().splitlines()
     [sbatch] = [c for c in calls if c.startswith("sbatch ")]
-    assert "--array=0-5%6" in sbatch and "--time=10" in sbatch and "--requeue" in sbatch
+    assert "--array=0-1%1" in sbatch and "--time=10" in sbatch and "--requeue" in sbatch
     assert any(c.startswith("squeue ") for c in calls)
     script = next(logs.glob("array-*/array.sbatch")).read_text()
     assert "-m prunebench.run.cell_worker --slurm" in script and "pickle" not in script
 
     records, skipped = load_records(results)
     assert not skipped
-    assert len(records) == 6 and len({r["key"] for r in records}) == 6
+    assert len(records) == 2 and len({r["key"] for r in records}) == 2
     assert all(r["status"] == "ok" for r in records)
-    assert {(r["model"]["id"], r["method"]["name"]) for r in records} == {
-        (m, k) for m in ("tiny:llama", "tiny:qwen2") for k in ("dense", "magnitude", "wanda")}
-    assert len(list(logs.glob("1000_*.out"))) == 6  # one array task (its own process) per cell
+    assert {(r["model"]["id"], r["method"]["name"]) for r in records} == {("tiny:llama", "wanda"), ("tiny:qwen2", "wanda")}
+    assert len(list(logs.glob("1000_*.out"))) == 2  # one array task (its own process) per cell
     assert not list(locks_dir(results).glob("*.lock"))
 
     # resume stays keyed on the records: nothing is submitted again
     assert main(["run", "--grid", str(grid), "--results", str(results), "-q", "--executor", "slurm"]) == 0
-    assert "0 ran ok, 6 skipped" in capsys.readouterr().out
+    assert "0 ran ok, 2 skipped" in capsys.readouterr().out
 
 
 HANGING_PLUGIN = """
@@ -163,7 +171,7 @@ def test_a_task_past_its_time_is_a_failed_record_that_says_so(tmp_path, fake_slu
     cmd = [sys.executable, "-m", "prunebench.cli.command", "run", "--plugin", str(plugin), "--models", "tiny:llama",
            "--methods", "hang", "--no-dense", "--sparsities", "0.5", "--ppl", "lee", "--tasks", "none",
            "--results", str(results), "-q", "--executor", "slurm", "--timeout", "1"]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(fake_slurm, FAKE_SLURM_MINUTE_S="8"),
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(fake_slurm, FAKE_SLURM_MINUTE_S="3"),
                           timeout=200)
     assert done.returncode == 1, done.stderr[-3000:]
     [record] = load_records(results)[0]
@@ -192,21 +200,6 @@ def test_without_sbatch_the_slurm_executor_says_so_in_one_line(tmp_path, capsys,
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert "the slurm executor needs 'sbatch', which is not on PATH" in err and len(err.splitlines()) == 1
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["--timeout", "0"], "--timeout must be a positive"),  # a per-cell timeout for the local executor too
-    (["--gpus-per-cell", "1"], "only apply to --executor slurm"),
-    (["--executor", "slurm", "--timeout", "0"], "--timeout must be a positive"),
-    (["--executor", "slurm", "--array-parallelism", "0"], "--array-parallelism must be 1 or more"),
-    (["--lock-timeout", "-1"], "--lock-timeout must be positive"),
-    (["--nproc-per-node", "0"], "--nproc-per-node must be 1 or more"),
-])
-def test_bad_executor_flags_are_one_line_errors(tmp_path, capsys, argv, message):
-    code = main(["run", "--models", "tiny:llama", "--methods", "magnitude", "--results", str(tmp_path), "-q", *argv])
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
 
 
 def test_executor_rejects_bad_options():

@@ -25,13 +25,6 @@ def test_conformance(method, family, calib_windows):
     assert not failures, "\n".join(failures)
 
 
-def test_every_config_default_passes_its_own_type_check():
-    from prunebench.contract import make_config
-
-    for name in registry.available():
-        make_config(registry.get(name).Config, {})
-
-
 def test_the_check_command_runs_the_suite_on_a_plugin(tmp_path, capsys):
     from prunebench.cli.command import main
 

@@ -6,8 +6,11 @@ import math
 import re
 from pathlib import Path
 
+import matplotlib.image
+
 import pandas as pd
 import pytest
+from matplotlib.container import BarContainer, ErrorbarContainer
 
 from prunebench.report import (
     BEST_LAYERWISE,
@@ -25,17 +28,22 @@ from prunebench.report import (
     write_plots,
 )
 from prunebench.report.format import AVG_INCONSISTENT, AVG_PARTIAL, AVG_ROUNDING, round_printed, sparsity_label_order
+from prunebench.report import plots
 from prunebench.report.plots import plot_accuracy_vs_sparsity, plot_perplexity_vs_sparsity
 from prunebench.report.tables.perplexity import render_perplexity_markdown
+
+from conftest import REPO
 
 # The LEAP paper's data files (prunebench/report/published/).
 PAPER_TASKS = reference_paper().tasks
 PAPER_MODEL_IDS = reference_paper().model_ids
 PAPER_HEADLINE_GAIN = reference_paper().headline_gain
 
-LEAP_MD = Path(__file__).resolve().parents[1].parent / "shared" / "LEAP.md"
+LEAP_MD = REPO.parent / "shared" / "LEAP.md"
 MARKER_SYMBOLS = "*°†‡§"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NEAR_WHITE = 0.9  # a channel below this (of 1) is ink, not background
+MIN_DRAWN_FRACTION = 0.01  # a plot's axes, labels and data cover a few per cent of its pixels
 BLOCK_TITLES = {"50% sparsity": "0.5", "60% sparsity": "0.6"}
 
 
@@ -378,26 +386,84 @@ def test_empty_and_dense_only_records():
 
 # ----------------------------------------------------------------------------- plots
 
-def test_plots_written_as_png(records, tmp_path):
+def _drawn(figure) -> dict:
+    """What a figure shows, by legend label: a line's or points' (x, y), a bar group's heights; the
+    dense reference line by its y alone."""
+    shown = {}
+    for handle, label in zip(*figure.axes[0].get_legend_handles_labels()):
+        if isinstance(handle, BarContainer):
+            shown[label] = [bar.get_height() for bar in handle]
+        elif isinstance(handle, ErrorbarContainer):
+            line = handle.lines[0]
+            shown[label] = (list(line.get_xdata()), list(line.get_ydata()))
+        else:  # axhline: x runs over the axes (0 to 1), not over sparsities
+            shown[label] = list(handle.get_ydata())
+    return shown
+
+
+def assert_png_shows(path, figure):
+    """The file is the figure at its size, and not blank: more than 1% of its pixels drawn."""
+    assert path.read_bytes()[:len(PNG_SIGNATURE)] == PNG_SIGNATURE
+    pixels = matplotlib.image.imread(path)
+    width, height = figure.get_size_inches() * plots.DPI
+    assert pixels.shape[:2] == (round(height), round(width)), path.name
+    drawn = (pixels[..., :3] < NEAR_WHITE).any(axis=-1).mean()
+    assert drawn > MIN_DRAWN_FRACTION, (path.name, drawn)
+
+
+@pytest.fixture
+def figures(monkeypatch) -> dict:
+    """Every figure the plots save from here on, by file name without its image suffix."""
+    kept = {}
+    save = plots._save
+
+    def keep(figure, path, formats):
+        path = Path(path)
+        kept[path.stem if path.suffix in plots.IMAGE_SUFFIXES else path.name] = figure
+        return save(figure, path, formats)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    return kept
+
+
+def test_plots_written_as_png(records, tmp_path, figures):
     written = write_plots(records, tmp_path)
     names = {path.name for path in written}
     assert "accuracy_vs_sparsity__smollm2-135m.png" in names
     assert "perplexity_vs_sparsity__wikitext2__Qwen-Qwen2.5-0.5B.png" in names
     assert "task_accuracy__smollm2-135m__0.6.png" in names
     for path in written:
-        assert path.read_bytes()[:len(PNG_SIGNATURE)] == PNG_SIGNATURE
+        assert_png_shows(path, figures[path.stem])
     assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+    # the records' numbers, where the records put them: perplexity against sparsity (%) per method,
+    # a 2:4 cell as one point at 50%, the failed SparseGPT cell left out
+    assert _drawn(figures["perplexity_vs_sparsity__wikitext2__smollm2-135m"]) == {
+        "Dense": [20.0, 20.0], "Magnitude": ([50.0], [40.0]), "Wanda": ([50.0, 60.0], [30.0, 60.0]),
+        "Wanda (2:4)": ([50.0], [99.0]), "LEAP": ([50.0, 60.0], [25.0, 45.0])}
+    assert _drawn(figures["perplexity_vs_sparsity__wikitext2__Qwen-Qwen2.5-0.5B"]) == {
+        "Dense": [13.5, 13.5], "ADMM": ([50.0], [20.0])}
+    # per-task bars (%) and the average last; LEAP's missing task is no bar, its average the other five's
+    bars = _drawn(figures["task_accuracy__smollm2-135m__0.6"])
+    assert list(bars) == ["Dense", "Wanda", "LEAP"]
+    assert bars["Wanda"] == pytest.approx([25.0, 65.0, 55.0, 25.0, 50.0, 20.0, 40.0])
+    assert math.isnan(bars["LEAP"][5]) and bars["LEAP"][:5] + bars["LEAP"][6:] == pytest.approx([25.0, 65.0, 55.0, 25.0, 50.0, 44.0])
 
 
-def test_paper_plots_with_pdf(tmp_path):
+def test_paper_plots_with_pdf(tmp_path, figures):
     reference = paper_reference_frame()
     eight_b = "meta-llama/Llama-3.1-8B"     # published as PPL / Avg only
     written = plot_accuracy_vs_sparsity(reference, eight_b, tmp_path / "accuracy.png",
                                         formats=("png", "pdf"))
     written += plot_perplexity_vs_sparsity(reference, eight_b, tmp_path / "perplexity")
     assert [path.name for path in written] == ["accuracy.png", "accuracy.pdf", "perplexity.png"]
-    assert all(path.stat().st_size > 0 for path in written)
+    assert_png_shows(written[0], figures["accuracy"])
+    assert_png_shows(written[2], figures["perplexity"])
     assert written[1].read_bytes().startswith(b"%PDF")
+    # the published averages (%) and perplexities, LEAP's at 50% and 60%
+    accuracy, perplexity = _drawn(figures["accuracy"]), _drawn(figures["perplexity"])
+    assert accuracy["Dense"] == pytest.approx([63.89, 63.89]) and perplexity["Dense"] == [5.84, 5.84]
+    assert accuracy["LEAP"][0] == [50.0, 60.0] and accuracy["LEAP"][1] == pytest.approx([57.71, 54.47])
+    assert perplexity["LEAP"] == ([50.0, 60.0], [7.66, 8.82])
 
 
 def test_the_report_takes_kinds_and_names_from_the_registry():

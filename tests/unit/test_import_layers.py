@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO
 
 # Lowest first. A module belongs to the longest prefix that names it.
 LAYERS = [

@@ -14,7 +14,8 @@ from prunebench.provenance import identity
 from prunebench.report.format import format_sparsity_label, sparsity_label_order
 from prunebench.report.frame import ok_rows
 from prunebench.sparsity import pattern_registry
-from prunebench.sparsity.checks import OutputCheckError, check_output, effective_scope
+from prunebench.sparsity.checks import OutputCheckError, check_output, check_pattern, effective_scope
+from prunebench.sparsity.n_of_m import NOfM
 from prunebench.sparsity.pattern_base import Pattern
 from prunebench.sparsity.patterns import SparsitySpec, is_valid_mask
 
@@ -153,3 +154,24 @@ def test_every_builtin_patterns_file_is_in_every_cells_key():
         assert type(pattern).__module__ in identity.METHOD_FRAMEWORK_MODULES
     assert {"prunebench.sparsity.pattern_base", "prunebench.sparsity.pattern_registry"} <= set(
         identity.METHOD_FRAMEWORK_MODULES)
+
+
+def test_a_replacement_pattern_decides_the_pattern_check():
+    spec = SparsitySpec.parse("2:4")
+    good = torch.tensor([[1.0, 0, 2, 0, 0, 3, 0, 4]])
+    check_pattern([("w", good)], spec)
+    with pytest.raises(OutputCheckError, match="keep more than 2"):
+        check_pattern([("w", torch.ones(1, 8))], spec)
+    calls = []
+
+    class Lenient(NOfM):
+        def check(self, name, kept, spec):
+            calls.append(name)
+            return None
+
+    builtin = pattern_registry.register_pattern(Lenient())
+    try:
+        check_pattern([("w", torch.ones(1, 8))], spec)  # the replacement pattern's check decides now
+        assert calls == ["w"]
+    finally:
+        pattern_registry.register_pattern(builtin)
