@@ -5,9 +5,10 @@ has no timeout: a process killed while it builds (kill -9, out of memory, a test
 the file behind, and every later build on the machine waits on it at ~1% CPU, silently.
 Two virtual environments sharing ~/.cache/torch_extensions also rebuild one another's module.
 
-Here each build gets a folder of its own, named by the torch build, the Python ABI, the source
-and the compiler flags, so environments never share one; builders take an flock on a file in
-it, which the kernel releases however the holder dies, so a dead holder's lock is simply free.
+Here each build gets a folder of its own, named by the torch build, the Python ABI, the
+environment's prefix, the source and the compiler flags, so environments never share one;
+builders take an flock on a file in it, which the kernel releases however the holder dies, so a
+dead holder's lock is simply free.
 The lock file records its holder (pid, host, start) for the message a waiter prints. Holding the
 flock proves that no other prunebench process is building in the folder, so torch's own lock
 file found there is a dead build's and is removed. A wait beyond `timeout_s` (a live but stuck
@@ -50,9 +51,11 @@ def kernels_root() -> Path:
 
 
 def build_folder(name: str, source: str, flags: list[str], root: Path | None = None) -> Path:
-    """The folder of one build: everything that makes a different binary is in its name."""
+    """The folder of one build: everything that makes a different binary is in its name, and the
+    environment too: torch's build.ninja names the interpreter's include and library paths, so two
+    virtual environments sharing a folder would each see the other's build as stale and rebuild."""
     torch_build = f"{torch.__version__}|{getattr(torch.version, 'git_version', '')}|{sys.implementation.cache_tag}"
-    digest = hashlib.sha256("\0".join([torch_build, source, *flags]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256("\0".join([torch_build, sys.prefix, source, *flags]).encode()).hexdigest()[:16]
     return (root or kernels_root()) / f"{name}-{digest}"
 
 

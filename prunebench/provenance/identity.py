@@ -18,7 +18,7 @@ from prunebench.version import __version__
 
 # The framework code that decides what an evaluation computes: a change here is a new key for
 # every cell (and the committed records must be regenerated). It is every prunebench module the
-# evaluation imports, directly or not, except KEY_INFRASTRUCTURE (tests/test_key_coverage.py
+# evaluation imports, directly or not, except KEY_INFRASTRUCTURE (tests/unit/test_key_coverage.py
 # holds the two lists to that): the windows and their first token, the model as loaded, the block
 # pipeline streamed perplexity shares with the layer-wise engine, the output head's blocked scan,
 # the zero-shot documents (local files converted, the embedded tasks built).

@@ -48,7 +48,7 @@ ACC_ABS_TOL = 1e-9
 # A calibrated cell's figures move with the calibration draw by far more than rounding: the
 # committed 3-seed reference shows seed SDs of 0.5-3% in perplexity (results/report/seeds.md).
 # 3 SD: a fresh seed on another CPU lies inside it; a changed method (Wanda's score exponent
-# 1 -> 2, tests/test_reproduce_noise.py) lies far outside.
+# 1 -> 2, tests/slow/test_fresh_within_seed_noise.py) lies far outside.
 SD_MULTIPLE = 3.0
 
 

@@ -5,7 +5,7 @@ Pattern.examples): the output passes the runner's own checks (finite weights, va
 achieved sparsity within tolerance at the scope the method reports; every other parameter the
 dense model's, and the kept weights unchanged unless the method declares weight updates, then
 bounded), and a second run with the same seed gives the same masks.
-tests/test_conformance.py runs this for every built-in; `prunebench check --plugin FILE` runs it
+tests/methods/test_conformance.py runs this for every built-in; `prunebench check --plugin FILE` runs it
 for a plugin's methods.
 """
 from __future__ import annotations

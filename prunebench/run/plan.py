@@ -185,7 +185,7 @@ def arch_for(spec: str) -> Arch | None:
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                # `optimizer: adamw-8bit` (torchao's AdamW8bit): a 1-byte code per value and a float32
-               # scale per block of 256 values, as tests/test_optimizers.py measures
+               # scale per block of 256 values, as tests/engines/test_optimizers.py measures
                "8bit": 1 + 4 / 256}
 LOSS_BYTES_PER_LOGIT = 2 + 4 + 4  # the bf16 output, its float32 copy and the cross-entropy's gradient
 # perplexity (evaluate/perplexity.py) scores a chunk of tokens at a time from the last hidden

@@ -63,6 +63,13 @@ def test_each_build_has_its_own_folder(tmp_path):
     assert a != build_folder("k", "int g();", ["-O3"], tmp_path)
 
 
+def test_two_environments_never_share_a_build_folder(tmp_path, monkeypatch):
+    # torch's build.ninja names the interpreter's paths: a shared folder is rebuilt by each in turn
+    a = build_folder("k", "int f();", ["-O3"], tmp_path)
+    monkeypatch.setattr(sys, "prefix", "/another/venv")
+    assert a != build_folder("k", "int f();", ["-O3"], tmp_path)
+
+
 CONCRETE_HOLDER = textwrap.dedent("""
     import time
     from prunebench.engines import concrete
