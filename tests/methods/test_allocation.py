@@ -21,6 +21,16 @@ from prunebench.sparsity.patterns import SparsitySpec, mask_from_scores, n_to_pr
 
 # --- the counting convention ------------------------------------------------------------------
 
+
+def assert_group_prunes_each_as_alone(pruner, weights, stats, ctx, *, specs, atol):
+    """A linear pruned with its group (shared statistics) gets the mask and weights it gets alone."""
+    for spec in specs:
+        together = pruner.prune_group({k: w.clone() for k, w in weights.items()}, stats, spec, ctx)
+        for name, w in weights.items():
+            alone = pruner.prune_linear(w.clone(), stats, spec, ctx)
+            assert torch.equal(together[name].mask, alone.mask), (name, spec)
+            assert torch.allclose(together[name].weight, alone.weight, atol=atol), (name, spec)
+
 def test_counting_is_the_reference_truncation():
     assert n_to_prune(576, 0.6) == 345  # int(0.6 * 576), the reference code's count
     assert n_to_prune(1536, 0.7) == int(1536 * 0.7)
@@ -101,12 +111,9 @@ def test_sparsegpt_group_of_layers_sharing_a_hessian_equals_one_at_a_time():
     weights = {"q": torch.randn(16, 48), "k": torch.randn(8, 48), "v": torch.randn(8, 48)}
     pruner = registry.create("sparsegpt", blocksize=16)
     ctx = PruneContext(sparsity=SparsitySpec(0.6))
-    for spec in (SparsitySpec(0.6, scope="layer"), SparsitySpec(0.6, scope="row"), SparsitySpec.parse("2:4")):
-        together = pruner.prune_group({k: w.clone() for k, w in weights.items()}, stats, spec, ctx)
-        for name, w in weights.items():
-            alone = pruner.prune_linear(w.clone(), stats, spec, ctx)
-            assert torch.equal(together[name].mask, alone.mask), (name, spec)
-            assert torch.allclose(together[name].weight, alone.weight, atol=1e-5), (name, spec)
+    assert_group_prunes_each_as_alone(pruner, weights, stats, ctx, atol=1e-5,
+                                      specs=(SparsitySpec(0.6, scope="layer"), SparsitySpec(0.6, scope="row"),
+                                             SparsitySpec.parse("2:4")))
 
 
 def test_engine_shares_statistics_between_linears_that_read_the_same_input():
@@ -283,12 +290,8 @@ def test_admm_group_of_layers_sharing_a_hessian_equals_one_at_a_time():
     weights = {"gate": torch.randn(12, 32), "up": torch.randn(12, 32)}
     ctx = PruneContext(sparsity=SparsitySpec(0.6))
     for pruner in (registry.create("admm"), registry.create("admm", mask_from="wanda")):
-        for spec in (SparsitySpec(0.6, scope="layer"), SparsitySpec.parse("2:4")):
-            together = pruner.prune_group({k: w.clone() for k, w in weights.items()}, stats, spec, ctx)
-            for name, w in weights.items():
-                alone = pruner.prune_linear(w.clone(), stats, spec, ctx)
-                assert torch.equal(together[name].mask, alone.mask), (name, spec)
-                assert torch.allclose(together[name].weight, alone.weight, atol=1e-4), (name, spec)
+        assert_group_prunes_each_as_alone(pruner, weights, stats, ctx, atol=1e-4,
+                                          specs=(SparsitySpec(0.6, scope="layer"), SparsitySpec.parse("2:4")))
 
 
 def test_stopping_the_statistics_pass_early_changes_no_statistic():
