@@ -28,6 +28,7 @@ from prunebench.report.tables.main_table_text import layout_frame, render_latex,
 from prunebench.report.tables.perplexity import perplexity_long_frame, perplexity_tables, render_perplexity_markdown
 from prunebench.report.tables.published import published_tables_markdown
 from prunebench.report.tables.seeds import render_seeds_markdown, seeds_frame
+from prunebench.report.tables.summary import render_summary_markdown
 from prunebench.store.records import load_records, records_frame, warn_skipped
 from prunebench.store.regeneration import pending_regeneration
 from prunebench.store.atomic import write_text_atomic
@@ -47,6 +48,7 @@ DENSE_RELATIVE_CSV = "dense_relative.csv"
 DENSE_RELATIVE_MD = "dense_relative.md"
 SEEDS_CSV = "seeds.csv"
 SEEDS_MD = "seeds.md"
+SUMMARY_MD = "summary.md"
 
 
 def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLike | None = None,
@@ -60,7 +62,7 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
     numbers beside every matching cell. `baseline` defaults to the one of the paper's headline
     claim. With `out_dir`, also writes report.md, main_table.md / .tex / .csv, gains.csv / .tex,
     perplexity.csv, cells.csv, comparisons.csv (every difference with its 95% interval, see
-    tables/comparisons.py), dense_relative.csv / .md and seeds.csv / .md there, each atomically.
+    tables/comparisons.py), dense_relative.csv / .md, seeds.csv / .md and summary.md (the README's table) there, each atomically.
     """
     paper = reference_paper()
     paper_only = df is None
@@ -111,6 +113,7 @@ def build_paper_report(df: pd.DataFrame | None = None, out_dir: str | os.PathLik
         seeds = seeds_frame(frame)
         write_text_atomic(out / SEEDS_CSV, csv_text(seeds))
         write_text_atomic(out / SEEDS_MD, render_seeds_markdown(seeds))
+        write_text_atomic(out / SUMMARY_MD, render_summary_markdown(frame))
     return text
 
 
