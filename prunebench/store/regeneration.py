@@ -8,6 +8,11 @@ is there the committed-records test accepts the folder's old keys, and every rep
 opens with the notice, so no table passes for the current code's.  The file goes when the last
 cell is regenerated (the test fails if it stays once every record is current).
 
+The records the current code has made so far wait in `regenerated/records/` beside the old ones
+(REGENERATED_DIR), committed at the end of each working session so that the next resumes from
+them, and read by no report: a folder's tables come from one code.  When the last cell is done
+they replace `records/` and both the file and the folder go.
+
     # results/semistructured/REGENERATING.yaml
     since: 1a2b3c4            # the first commit whose code re-keys these records
     reason: the sequence-start rule in data.py and fused MaskLLM / PATCH gates
@@ -22,6 +27,7 @@ from prunebench.errors import UserError
 from prunebench.bounded_yaml import load_yaml
 
 PENDING_FILE = "REGENERATING.yaml"
+REGENERATED_DIR = "regenerated"  # under the folder: the current code's records so far
 _COMMIT = re.compile(r"[0-9a-f]{7,40}")
 MAX_REASON = 300
 

@@ -11,7 +11,7 @@ import pytest
 
 from prunebench.run.grid import load_grid, preset
 from prunebench.store.records import load_records
-from prunebench.store.regeneration import PENDING_FILE, pending_regeneration
+from prunebench.store.regeneration import PENDING_FILE, REGENERATED_DIR, pending_regeneration
 
 from conftest import REPO, SHARED_DATA
 
@@ -52,14 +52,21 @@ def test_committed_records_are_the_current_codes(folder, build):
     ok = {r["key"] for r in records if r["status"] == "ok"}
     missing = [label for key, label in keys.items() if key not in ok]
     pending = pending_regeneration(REPO / folder)
+    staged = REPO / folder / REGENERATED_DIR
     if pending is not None:
         assert missing, f"{folder}: every cell is the current code's: remove {folder}/{PENDING_FILE}"
+        done, bad = load_records(staged) if staged.is_dir() else ([], [])
+        assert not bad, f"{staged}: unreadable records {bad}"
+        stale = [Path(r["_path"]).name for r in done if r["key"] not in keys or r["status"] != "ok"]
+        assert not stale, f"{staged}: records that are not ok cells of the current code: {stale}"
         if (REPO / ".git").exists():
             found = subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{pending.since}^{{commit}}"],
                                    capture_output=True)
             assert found.returncode == 0, f"{folder}/{PENDING_FILE}: since {pending.since} is no commit of this repository"
-        pytest.skip(f"{folder}: {len(missing)} of {len(keys)} cells to regenerate. {pending.notice()}")
+        pytest.skip(f"{folder}: {len(missing)} of {len(keys)} cells to regenerate ({len(done)} done in "
+                    f"{REGENERATED_DIR}/). {pending.notice()}")
     assert not missing, f"{folder}: cells whose committed record is not the current code's (regenerate them): {missing}"
+    assert not staged.exists(), f"{staged}: nothing is being regenerated; its records belong in {folder}/records"
 
 
 def test_no_committed_record_is_left_from_another_key():
