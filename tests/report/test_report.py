@@ -358,7 +358,8 @@ def test_report_files_written_atomically(records, tmp_path):
     assert markdown.startswith("# prunebench results")
     names = sorted(path.name for path in tmp_path.iterdir())
     assert names == ["cells.csv", "comparisons.csv", "gains.csv", "gains.tex", "main_table.csv",
-                     "main_table.md", "main_table.tex", "perplexity.csv", "report.md", "seeds.csv", "seeds.md"]
+                     "main_table.md", "main_table.tex", "perplexity.csv", "report.md", "seeds.csv", "seeds.md",
+                     "summary.md"]
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == markdown
     main_csv = pd.read_csv(tmp_path / "main_table.csv")
     assert {"paper_Avg", "paper_PPL", "avg_flags"} <= set(main_csv.columns)
