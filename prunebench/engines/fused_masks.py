@@ -414,33 +414,34 @@ class PatternMaskedWeight(torch.autograd.Function):
     def forward(ctx, logits, gate, weight, table, seed, kappa, tau, tile):
         ext = _extension() if logits.device.type == "cpu" else None
         ctx.fused = ext is not None and weight.dtype == torch.float32
-        ctx.probs = None
+        ctx.spent = False  # set once a backward has written the gradient over the probabilities
+        probs = None
         if ctx.fused:
             masked, mask_sum, masked_sq, probs = ext.pattern_forward(*_fused_inputs(logits, gate, weight, table, tile),
                                                                      int(seed), float(kappa), float(tau))
             mask_sum, masked_sq = mask_sum.float(), masked_sq.float()
-            ctx.probs = probs
         else:
             mask = pattern_mask_torch(logits.detach(), table, weight.shape, seed, kappa, tau,
                                       None if gate is None else gate.detach(), tile)
             masked = mask.to(weight.dtype) * weight
             mask_sum = mask.sum()
             masked_sq = torch.linalg.vector_norm(masked, dtype=torch.float32).square()
-        ctx.save_for_backward(logits, gate, weight, table)
+        # saved, not kept on ctx: activation checkpointing then drops and recomputes y as well
+        ctx.save_for_backward(logits, gate, weight, table, probs)
         ctx.args = (int(seed), float(kappa), float(tau), int(tile))
         return masked, mask_sum, masked_sq
 
     @staticmethod
     def backward(ctx, grad_masked, grad_sum, grad_sq):
-        logits, gate, weight, table = ctx.saved_tensors
+        logits, gate, weight, table, probs = ctx.saved_tensors
         seed, kappa, tau, tile = ctx.args
         g_sum = 0.0 if grad_sum is None else float(grad_sum)
         g_sq = 0.0 if grad_sq is None else float(grad_sq)
         if ctx.fused:
             inputs = _fused_inputs(logits, gate, weight, table, tile)
-            probs, ctx.probs = ctx.probs, None  # spent below: the gradient overwrites it
-            if probs is None:  # a second backward through a retained graph: draw y again (same values)
+            if ctx.spent:  # a second backward through a retained graph: draw y again (same values)
                 probs = _extension().pattern_forward(*inputs, seed, kappa, tau)[3]
+            ctx.spent = True  # the gradient is written over probs below
             gw = grad_masked.float().contiguous() if grad_masked is not None else torch.empty(0)
             dp, dgate = _extension().pattern_backward(probs, *inputs[1:], kappa / tau, gw, g_sum, g_sq, True)
             dgate = dgate if gate is not None else None

@@ -190,3 +190,22 @@ def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients():
     lg.grad, gt.grad = None, None
     loss.backward()
     assert torch.equal(lg.grad, first[0]) and torch.equal(gt.grad, first[1])
+
+
+@needs_cpp
+def test_activation_checkpointing_recomputes_the_saved_probabilities():
+    """Non-reentrant checkpointing (the engine's) drops what backward saved and recomputes it."""
+    table, weight, logits, gate = _case((40, 72), 2, 4, 16)
+    grads = []
+    for checkpointed in (False, True):
+        lg, gt = logits.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+
+        def loss_of(lg, gt):
+            masked, msum, msq = fused_masks.pattern_masked_weight(lg, weight, table, 3, 100.0, 0.5, gt, 16)
+            return masked.square().sum() + 0.3 * msum + 0.7 * msq
+
+        loss = torch.utils.checkpoint.checkpoint(loss_of, lg, gt, use_reentrant=False) if checkpointed \
+            else loss_of(lg, gt)
+        loss.backward()
+        grads.append((lg.grad, gt.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
