@@ -1,6 +1,7 @@
 """The fused pattern-mask pass (prunebench.engines.fused_masks): the same masks and gradients as the torch
 fallback and as autograd through the plain formula, on the counter noise; one result for any
 thread count; the C++ path in use wherever a compiler is."""
+import hashlib
 import itertools
 import math
 import shutil
@@ -135,3 +136,76 @@ def test_a_tile_that_splits_a_group_is_refused():
     table, weight, logits, gate = _case((16, 16), 2, 4, 8)
     with pytest.raises(ValueError, match="multiple of the group size"):
         fused_masks.pattern_masked_weight(logits, weight, table, 1, 1.0, 1.0, gate, 6)
+
+
+def _exact_case(shape, n, m, tile):
+    """Inputs that are exact float32 values whatever the platform (no generator, no libm)."""
+    table = _table(n, m)
+    count = shape[0] * shape[1]
+    i = torch.arange(count, dtype=torch.float64)
+    weight = (((i * 7919) % 1001 - 500) / 256).float().view(shape)
+    logits = (((torch.arange(count // m * table.shape[0], dtype=torch.float64) * 104729) % 997 - 498) / 8192)
+    logits = logits.float().view(-1, table.shape[0])
+    grad = (((i * 15485863) % 499 - 249) / 128).float().view(shape)
+    gate = None
+    if tile:
+        tiles = math.ceil(shape[0] / tile) * math.ceil(shape[1] / tile)
+        gate = ((torch.arange(tiles, dtype=torch.float64) * 37 % 64 + 0.5) / 64).float().view(
+            math.ceil(shape[0] / tile), -1)
+    return table, weight, logits, gate, grad
+
+
+# sha256 (first 16 hex digits) of the C++ path's masked weight, mask sum, squared norm and the two
+# gradients, recorded with the per-group loops this pass had before its loops ran across groups:
+# any rewrite must keep each value's operations and their order, so these stay bit for bit.
+RECORDED = {((37, 4100), 2, 4, 0): "f2fad4244353bc02", ((40, 72), 2, 4, 16): "70557581ba5543d1",
+            ((33, 200), 2, 4, 8): "88896c243cc85ebe", ((12, 16), 1, 4, 0): "920780d7b026518a",
+            ((20, 48), 3, 6, 12): "1e23a3eb556cde3a"}
+
+
+@needs_cpp
+@pytest.mark.parametrize("shape,n,m,tile", list(RECORDED))
+def test_the_fused_pass_keeps_its_recorded_values(shape, n, m, tile):
+    table, weight, logits, gate, grad = _exact_case(shape, n, m, tile)
+    lg = logits.clone().requires_grad_(True)
+    gt = None if gate is None else gate.clone().requires_grad_(True)
+    masked, msum, msq = fused_masks.pattern_masked_weight(lg, weight, table, 2 ** 40 + 77, 30.0, 0.7, gt, tile)
+    ((masked * grad).sum() + 0.3 * msum + 0.7 * msq).backward()
+    digest = hashlib.sha256()
+    for t in [masked, msum, msq, lg.grad] + ([] if gt is None else [gt.grad]):
+        digest.update(t.detach().contiguous().numpy().tobytes())
+    assert digest.hexdigest()[:16] == RECORDED[(shape, n, m, tile)]
+
+
+@needs_cpp
+def test_a_second_backward_through_a_retained_graph_gives_the_same_gradients():
+    """The first backward writes the logits' gradient over the saved probabilities; a second one
+    draws them again."""
+    table, weight, logits, gate = _case((40, 72), 2, 4, 16)
+    lg, gt = logits.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+    masked, msum, msq = fused_masks.pattern_masked_weight(lg, weight, table, 3, 100.0, 0.5, gt, 16)
+    loss = masked.square().sum() + 0.3 * msum + 0.7 * msq
+    loss.backward(retain_graph=True)
+    first = lg.grad.clone(), gt.grad.clone()
+    lg.grad, gt.grad = None, None
+    loss.backward()
+    assert torch.equal(lg.grad, first[0]) and torch.equal(gt.grad, first[1])
+
+
+@needs_cpp
+def test_activation_checkpointing_recomputes_the_saved_probabilities():
+    """Non-reentrant checkpointing (the engine's) drops what backward saved and recomputes it."""
+    table, weight, logits, gate = _case((40, 72), 2, 4, 16)
+    grads = []
+    for checkpointed in (False, True):
+        lg, gt = logits.clone().requires_grad_(True), gate.clone().requires_grad_(True)
+
+        def loss_of(lg, gt):
+            masked, msum, msq = fused_masks.pattern_masked_weight(lg, weight, table, 3, 100.0, 0.5, gt, 16)
+            return masked.square().sum() + 0.3 * msum + 0.7 * msq
+
+        loss = torch.utils.checkpoint.checkpoint(loss_of, lg, gt, use_reentrant=False) if checkpointed \
+            else loss_of(lg, gt)
+        loss.backward()
+        grads.append((lg.grad, gt.grad))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
