@@ -14,7 +14,7 @@ from tabulate import tabulate
 
 from prunebench.report.differences import acc_difference, ppl_difference
 from prunebench.report.format import (DENSE_LABEL, dataset_display_name, format_difference, format_number,
-                                      format_sd, format_sparsity_label, method_display_name, method_order, model_order,
+                                      format_sd, format_sparsity_label, is_missing, method_display_name, method_order, model_order,
                                       sparsity_label_order, task_display_name)
 from prunebench.report.frame import (CELL_KEYS, SEED_SD, accuracy_tasks, cell_value, collapse_duplicate_cells,
                                      ok_rows, ppl_cell_value, ppl_datasets, seed_count)
@@ -35,7 +35,7 @@ def _with_sd(row: pd.Series, column: str, value: float | None, scale: float = 1.
 
 
 def _seconds(rows: pd.DataFrame, column: str) -> str:
-    values = [v for v in rows[column].tolist() if v is not None and v == v] if column in rows else []
+    values = [v for v in rows[column].tolist() if not is_missing(v)] if column in rows else []
     if not values:
         return "-"
     lo, hi = round(min(values)), round(max(values))
